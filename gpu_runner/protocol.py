@@ -1,0 +1,392 @@
+"""The contract between the orchestrator and the GPU runner.
+
+Everything that crosses the wire between the Temporal side and a rented GPU is defined here: the
+job spec the runner reads, the training settings, the events it sends back, and how those events
+are signed (Standard Webhooks, one secret per run derived from a master secret).
+
+This module depends on pydantic and standardwebhooks only, so the GPU image stays small.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, ValidationError, model_validator
+from standardwebhooks import Webhook, WebhookVerificationError
+
+PROTOCOL_VERSION = 1
+MAX_EVENT_BYTES = 64 * 1024
+SIGNATURE_TOLERANCE_S = 5 * 60
+
+BaseModelFamily = Literal["sd15", "sd2", "sdxl", "flux", "sd3", "other"]
+"""Base model families; sd-scripts picks its script by family."""
+
+TrainerName = Literal["sd-scripts", "builtin"]
+
+Optimizer = Literal[
+    "AdamW", "AdamW8bit", "Lion", "Lion8bit", "Prodigy", "Adafactor", "DAdaptAdam", "SGDNesterov"
+]
+LrScheduler = Literal[
+    "constant",
+    "constant_with_warmup",
+    "cosine",
+    "cosine_with_restarts",
+    "linear",
+    "polynomial",
+]
+MixedPrecision = Literal["no", "fp16", "bf16"]
+
+RunId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")]
+Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+def base_model_family(base_model: str) -> BaseModelFamily:
+    """Map a Civitai-style base model name ("SD 1.5", "SDXL 1.0", "Pony", "Flux.1 D") to a family."""
+    name = base_model.strip().lower().replace("_", " ")
+    if name.startswith("flux"):
+        return "flux"
+    if name.startswith("sd 3") or name.startswith("sd3"):
+        return "sd3"
+    if "xl" in name or name in {"pony", "illustrious", "noobai"} or name.startswith("pony"):
+        return "sdxl"
+    if name.startswith("sd 1") or name in {"sd1", "sd15", "sd 1.5"}:
+        return "sd15"
+    if name.startswith("sd 2") or name in {"sd2", "sd21"}:
+        return "sd2"
+    return "other"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Training settings
+# --------------------------------------------------------------------------------------------
+
+_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "sd15": {
+        "resolution": 512,
+        "batch_size": 2,
+        "network_dim": 32,
+        "network_alpha": 16,
+        "unet_lr": 1e-4,
+        "text_encoder_lr": 5e-5,
+        "mixed_precision": "fp16",
+    },
+    "sd2": {
+        "resolution": 768,
+        "batch_size": 2,
+        "network_dim": 32,
+        "network_alpha": 16,
+        "unet_lr": 1e-4,
+        "text_encoder_lr": 5e-5,
+        "mixed_precision": "fp16",
+    },
+    # SDXL trains the UNet only by default: it lets sd-scripts cache text encoder outputs.
+    "sdxl": {
+        "resolution": 1024,
+        "batch_size": 1,
+        "network_dim": 32,
+        "network_alpha": 16,
+        "unet_lr": 1e-4,
+        "text_encoder_lr": 0.0,
+        "mixed_precision": "bf16",
+    },
+}
+
+
+class TrainingConfig(_Model):
+    """sd-scripts hyper-parameters. Fields left as None take the base model family's default."""
+
+    resolution: int | None = Field(default=None, ge=64, le=2048, multiple_of=64)
+    epochs: int = Field(default=10, ge=1, le=200)
+    repeats: int = Field(default=10, ge=1, le=100)
+    batch_size: int | None = Field(default=None, ge=1, le=16)
+    network_dim: int | None = Field(default=None, ge=1, le=256)
+    network_alpha: float | None = Field(default=None, gt=0, le=256)
+    unet_lr: float | None = Field(default=None, gt=0, le=1e-2)
+    text_encoder_lr: float | None = Field(default=None, ge=0, le=1e-2)
+    optimizer: Optimizer = "AdamW8bit"
+    lr_scheduler: LrScheduler = "cosine"
+    lr_warmup_steps: int = Field(default=0, ge=0, le=10_000)
+    seed: int = Field(default=42, ge=0, le=2**32 - 1)
+    mixed_precision: MixedPrecision | None = None
+    output_name: str = Field(default="lora", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+    trigger_word: str | None = Field(default=None, min_length=1, max_length=64)
+    keep_tokens: int = Field(default=1, ge=0, le=10)
+    max_train_steps: int | None = Field(default=None, ge=1, le=100_000)
+
+    @model_validator(mode="after")
+    def _alpha_not_above_dim(self) -> Self:
+        if (
+            self.network_alpha is not None
+            and self.network_dim is not None
+            and self.network_alpha > self.network_dim
+        ):
+            raise ValueError(
+                f"network_alpha ({self.network_alpha}) must not exceed network_dim "
+                f"({self.network_dim})"
+            )
+        return self
+
+    def for_family(self, family: BaseModelFamily) -> TrainingConfig:
+        """This config with every unset field filled from the family's defaults."""
+        defaults = _FAMILY_DEFAULTS.get(family, _FAMILY_DEFAULTS["sd15"])
+        filled = {k: v for k, v in defaults.items() if getattr(self, k) is None}
+        return self.model_validate({**self.model_dump(), **filled})
+
+
+# --------------------------------------------------------------------------------------------
+# Job spec
+# --------------------------------------------------------------------------------------------
+
+
+class ImagesSource(_Model):
+    url: str = Field(repr=False, description="Presigned GET of the images zip.")
+    sha256: Sha256Hex
+    bytes: int = Field(ge=0)
+    image_count: int = Field(ge=1)
+
+
+class ModelSource(_Model):
+    url: str = Field(repr=False, description="Where to download the base model.")
+    filename: str = Field(pattern=r"^[^/\\]{1,255}$")
+    sha256: Sha256Hex | None = None
+    bytes: int | None = Field(default=None, ge=0)
+    base_model: str = Field(description="As the source names it, e.g. 'SD 1.5'.")
+    family: BaseModelFamily
+    needs_civitai_key: bool = False
+
+
+class UploadTarget(_Model):
+    url: str = Field(repr=False, description="Presigned PUT for the best checkpoint.")
+    bucket: str
+    key: str
+    max_bytes: int = Field(gt=0)
+
+
+class RunnerLimits(_Model):
+    max_runtime_s: int = Field(default=12 * 3600, gt=0)
+    orphan_timeout_s: int = Field(
+        default=30 * 60, gt=0, description="Give up when the relay is unreachable this long."
+    )
+    heartbeat_interval_s: int = Field(default=60, gt=0)
+
+
+class JobSpec(_Model):
+    """What the runner needs to do one run. Written to S3; holds secrets, so never logged."""
+
+    protocol_version: int = PROTOCOL_VERSION
+    run_id: RunId
+    images: ImagesSource
+    model: ModelSource
+    civitai_api_key: str | None = Field(default=None, repr=False)
+    training: TrainingConfig
+    trainer: TrainerName = "sd-scripts"
+    events_url: str = Field(description="The relay's POST endpoint for this run.")
+    webhook_secret: str = Field(repr=False, pattern=r"^whsec_[A-Za-z0-9+/=]+$")
+    upload: UploadTarget
+    limits: RunnerLimits = RunnerLimits()
+
+    def secrets(self) -> list[str]:
+        """Every value the runner must redact from logs it sends back."""
+        values = [self.webhook_secret, self.civitai_api_key]
+        return [v for v in values if v]
+
+
+# --------------------------------------------------------------------------------------------
+# Events
+# --------------------------------------------------------------------------------------------
+
+EventType = Literal[
+    "gpu.ready",
+    "images.ready",
+    "model.ready",
+    "files.ready",
+    "training.progress",
+    "training.completed",
+    "model.uploaded",
+    "run.failed",
+    "heartbeat",
+]
+
+Stage = Literal["intake", "gpu", "images", "model", "files", "training", "upload", "runner"]
+
+
+class GpuReadyData(BaseModel):
+    gpu_name: str | None = None
+    vram_mb: int | None = None
+    driver: str | None = None
+    free_disk_bytes: int | None = None
+
+
+class ImagesReadyData(BaseModel):
+    image_count: int = Field(ge=0)
+    bytes: int = Field(ge=0)
+
+
+class ModelReadyData(BaseModel):
+    filename: str
+    bytes: int = Field(ge=0)
+    sha256_verified: bool
+
+
+class FilesReadyData(BaseModel):
+    total_steps: int | None = Field(default=None, ge=0)
+    paths: dict[str, str] = {}
+
+
+class TrainingProgressData(BaseModel):
+    step: int = Field(ge=0)
+    total: int = Field(ge=0)
+    epoch: int | None = Field(default=None, ge=0)
+    total_epochs: int | None = Field(default=None, ge=0)
+    loss: float | None = None
+    it_per_s: float | None = None
+    eta_s: float | None = None
+
+
+class TrainingCompletedData(BaseModel):
+    epoch_losses: list[float]
+    best_epoch: int = Field(ge=1)
+
+
+class ModelUploadedData(BaseModel):
+    key: str
+    bytes: int = Field(gt=0)
+    sha256: Sha256Hex
+    epoch: int = Field(ge=1)
+    loss: float | None = None
+
+
+class RunFailedData(BaseModel):
+    stage: Stage
+    code: str
+    message: str
+    log_tail: list[str] = []
+
+
+class HeartbeatData(BaseModel):
+    stage: Stage
+    bytes_done: int | None = None
+    bytes_total: int | None = None
+
+
+EVENT_DATA: dict[str, type[BaseModel]] = {
+    "gpu.ready": GpuReadyData,
+    "images.ready": ImagesReadyData,
+    "model.ready": ModelReadyData,
+    "files.ready": FilesReadyData,
+    "training.progress": TrainingProgressData,
+    "training.completed": TrainingCompletedData,
+    "model.uploaded": ModelUploadedData,
+    "run.failed": RunFailedData,
+    "heartbeat": HeartbeatData,
+}
+
+
+class RunnerEvent(_Model):
+    """One event from a runner. `seq` increases by one per event, starting at 1."""
+
+    run_id: RunId
+    seq: int = Field(ge=1)
+    type: EventType
+    at: datetime
+    data: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _data_matches_type(self) -> Self:
+        EVENT_DATA[self.type].model_validate(self.data)
+        return self
+
+    def parsed(self) -> BaseModel:
+        """The event's data as its typed model (see EVENT_DATA)."""
+        return EVENT_DATA[self.type].model_validate(self.data)
+
+    @property
+    def webhook_id(self) -> str:
+        return f"{self.run_id}:{self.seq}"
+
+
+def make_event(run_id: str, seq: int, data: BaseModel, event_type: EventType) -> RunnerEvent:
+    """Build an event stamped now, with typed data."""
+    return RunnerEvent(
+        run_id=run_id,
+        seq=seq,
+        type=event_type,
+        at=datetime.now(UTC),
+        data=data.model_dump(mode="json", exclude_none=True),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Signing (Standard Webhooks)
+# --------------------------------------------------------------------------------------------
+
+
+class SignatureError(Exception):
+    """A webhook whose signature headers are missing, malformed, wrong or outside tolerance."""
+
+
+def derive_run_secret(master_secret: str, run_id: str) -> str:
+    """The run's webhook secret: whsec_ + base64(HMAC-SHA256(master, "runner:" + run_id))."""
+    digest = hmac.new(
+        master_secret.encode("utf-8"), f"runner:{run_id}".encode(), hashlib.sha256
+    ).digest()
+    return "whsec_" + base64.b64encode(digest).decode("ascii")
+
+
+def sign_payload(
+    secret: str, msg_id: str, body: bytes, at: datetime | None = None
+) -> dict[str, str]:
+    """Standard Webhooks headers for `body` (the exact bytes that will be sent)."""
+    timestamp = at or datetime.now(UTC)
+    signature = Webhook(secret).sign(msg_id, timestamp, body.decode("utf-8"))
+    return {
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(int(timestamp.timestamp())),
+        "webhook-signature": signature,
+        "content-type": "application/json",
+    }
+
+
+def verify_payload(secret: str, headers: dict[str, str], body: bytes) -> None:
+    """Raise SignatureError unless `body` is signed with `secret` within the tolerance."""
+    try:
+        Webhook(secret).verify(body, headers, json_parse=False)
+    except (WebhookVerificationError, ValueError, binascii.Error, UnicodeDecodeError) as e:
+        # standardwebhooks raises ValueError/binascii.Error on malformed headers, not only its own.
+        raise SignatureError(str(e) or type(e).__name__) from None
+
+
+def encode_event(event: RunnerEvent) -> bytes:
+    """The canonical JSON body of an event."""
+    return event.model_dump_json().encode("utf-8")
+
+
+def sign_event(secret: str, event: RunnerEvent, at: datetime | None = None) -> tuple[bytes, dict[str, str]]:
+    """Body and headers for POSTing `event` to the relay."""
+    body = encode_event(event)
+    return body, sign_payload(secret, event.webhook_id, body, at)
+
+
+def parse_event(body: bytes) -> RunnerEvent:
+    """Parse a verified body; raises ValueError with a readable message when it is not an event."""
+    try:
+        payload = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"body is not JSON: {e}") from None
+    try:
+        return RunnerEvent.model_validate(payload)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in e.errors()
+        )
+        raise ValueError(f"body is not a valid event: {problems}") from None

@@ -1,0 +1,76 @@
+"""The one settings class. Every value comes from an environment variable prefixed `LORA_`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SEARCH_ATTRIBUTE = "LoraTrainingStatus"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LORA_", extra="ignore")
+
+    # Temporal
+    temporal_address: str = "127.0.0.1:7233"
+    temporal_namespace: str = "default"
+    task_queue: str = "loratrain"
+    temporal_ui_url: str = "http://127.0.0.1:8233"
+    # AES-256-GCM key for workflow payloads, base64 of 32 bytes. Required outside the dev stack.
+    codec_key: SecretStr | None = None
+    codec_key_id: str = "k1"
+
+    # S3 (real S3, R2, MinIO or the local moto server)
+    s3_endpoint_url: str | None = None
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: SecretStr | None = None
+    bucket: str = "loratrain"
+    job_url_ttl_s: int = 15 * 60
+    download_url_ttl_s: int = 24 * 3600
+    upload_url_ttl_s: int = 7 * 24 * 3600 - 60
+
+    # Dataset limits
+    max_image_bytes: int = 50 * 1024 * 1024
+    max_images: int = 1000
+    max_dataset_bytes: int = 5 * 1024 * 1024 * 1024
+    max_model_bytes: int = 2 * 1024 * 1024 * 1024
+
+    # Relay
+    relay_host: str = "127.0.0.1"
+    relay_port: int = 8088
+    relay_public_url: str = "http://127.0.0.1:8088"
+    webhook_master_secret: SecretStr | None = None
+    codec_cors_origins: list[str] = ["http://127.0.0.1:8233", "http://localhost:8233"]
+
+    # Civitai
+    civitai_base_url: str = "https://civitai.com"
+    civitai_api_key: SecretStr | None = None
+
+    # GPU providers
+    gpu_provider: Literal["local", "vast"] = "local"
+    local_runner_command: list[str] = Field(
+        default_factory=lambda: [sys.executable, "-m", "gpu_runner"]
+    )
+    vast_api_key: SecretStr | None = None
+    vast_base_url: str = "https://console.vast.ai"
+    runner_image: str = "ghcr.io/loratrain/gpu-runner:latest"
+
+    # Where the embedded stack keeps its state (SQLite, pid files, logs).
+    state_dir: Path = Path(".loratrain")
+
+    # HTTP timeouts for every outbound call, seconds.
+    http_timeout_s: float = 30.0
+
+    def require_master_secret(self) -> str:
+        if self.webhook_master_secret is None:
+            raise RuntimeError("LORA_WEBHOOK_MASTER_SECRET is not set")
+        return self.webhook_master_secret.get_secret_value()
+
+    @property
+    def instances_dir(self) -> Path:
+        return self.state_dir / "instances"

@@ -1,0 +1,183 @@
+"""Data that crosses the workflow boundary: the request, the status, and the shared value types."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from gpu_runner.protocol import TrainerName, TrainingConfig
+
+BucketName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RunStatusName(StrEnum):
+    PENDING = "pending"
+    PENDING_GPU = "pendingGpu"
+    PENDING_IMAGES = "pendingImages"
+    PENDING_MODEL = "pendingModel"
+    TRAINING = "training"
+    COMPLETED = "completed"
+    STALLED = "stalled"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATUSES
+
+
+TERMINAL_STATUSES = frozenset(
+    {
+        RunStatusName.COMPLETED,
+        RunStatusName.STALLED,
+        RunStatusName.FAILED,
+        RunStatusName.CANCELLED,
+    }
+)
+
+
+class S3Prefix(_Model):
+    bucket: BucketName
+    prefix: str = Field(default="", max_length=1024)
+
+
+class S3Location(_Model):
+    bucket: BucketName
+    key: str = Field(min_length=1, max_length=1024)
+
+    @property
+    def uri(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+
+class OutputLocation(_Model):
+    """Where the trained model goes; unset parts default to the worker's bucket and the run's key."""
+
+    bucket: BucketName | None = None
+    key: str | None = Field(default=None, min_length=1, max_length=1024)
+
+
+class GpuRequirements(_Model):
+    min_vram_gb: int = Field(default=16, ge=4, le=200)
+    max_dollars_per_hour: float = Field(default=1.0, gt=0, le=50)
+    gpu_names: list[str] = Field(default_factory=list, description="Empty: any GPU that fits.")
+    min_reliability: float = Field(default=0.95, ge=0, le=1)
+    disk_gb: int = Field(default=40, ge=10, le=2000)
+
+
+UserEventType = Literal[
+    "training.status",
+    "training.progress",
+    "training.completed",
+    "training.failed",
+    "training.stalled",
+    "training.cancelled",
+]
+
+
+class UserWebhook(_Model):
+    url: str = Field(pattern=r"^https?://", max_length=2048)
+    secret: str = Field(repr=False, pattern=r"^whsec_[A-Za-z0-9+/=]{16,}$")
+    events: list[UserEventType] | None = Field(default=None, description="None: every event.")
+
+    def wants(self, event_type: UserEventType) -> bool:
+        return self.events is None or event_type in self.events
+
+
+class Deadlines(_Model):
+    """Seconds each status may last without progress (see DESIGN.md, Statuses)."""
+
+    pending_s: int = Field(default=15 * 60, gt=0)
+    pending_gpu_s: int = Field(default=20 * 60, gt=0)
+    pending_images_s: int = Field(default=15 * 60, gt=0)
+    pending_model_s: int = Field(default=30 * 60, gt=0)
+    training_idle_s: int = Field(default=10 * 60, gt=0)
+    training_total_s: int = Field(default=12 * 3600, gt=0)
+
+
+class TrainingRequest(_Model):
+    """A request for one training run. The workflow id is the run id."""
+
+    images: S3Prefix
+    model: str = Field(
+        min_length=1,
+        max_length=2048,
+        description="civitai:<versionId>, an https URL, s3://bucket/key, or a local path "
+        "(local provider only).",
+    )
+    training: TrainingConfig = TrainingConfig()
+    gpu: GpuRequirements = GpuRequirements()
+    output: OutputLocation = OutputLocation()
+    webhook: UserWebhook | None = None
+    deadlines: Deadlines = Deadlines()
+    trainer: TrainerName = "sd-scripts"
+    civitai_api_key: str | None = Field(default=None, repr=False, min_length=1, max_length=256)
+    max_gpu_attempts: int = Field(default=3, ge=1, le=10)
+
+
+# --------------------------------------------------------------------------------------------
+# Status
+# --------------------------------------------------------------------------------------------
+
+
+class StatusChange(_Model):
+    status: RunStatusName
+    at: datetime
+
+
+class Progress(_Model):
+    step: int = 0
+    total: int = 0
+    epoch: int | None = None
+    total_epochs: int | None = None
+    percent: float = 0.0
+    loss: float | None = None
+    it_per_s: float | None = None
+    eta_s: float | None = None
+
+
+class GpuInfo(_Model):
+    provider: str
+    instance_id: str
+    gpu_name: str | None = None
+    dollars_per_hour: float | None = None
+    started_at: datetime | None = None
+
+
+class ModelResult(_Model):
+    location: S3Location
+    bytes: int
+    sha256: str
+    epoch: int | None = None
+    loss: float | None = None
+
+
+class RunError(_Model):
+    code: str
+    message: str
+    stage: str | None = None
+    log_tail: list[str] = Field(default_factory=list)
+
+
+class RunStatus(_Model):
+    """What the `status` query answers; `version` grows by one on every change."""
+
+    run_id: str
+    status: RunStatusName
+    version: int = 0
+    history: list[StatusChange] = Field(default_factory=list)
+    attempt: int = 0
+    progress: Progress | None = None
+    gpu: GpuInfo | None = None
+    cost_usd: float = 0.0
+    best_checkpoint: int | None = Field(default=None, description="Epoch of the lowest loss.")
+    epoch_losses: list[float] = Field(default_factory=list)
+    result: ModelResult | None = None
+    error: RunError | None = None
