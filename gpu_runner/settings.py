@@ -1,0 +1,25 @@
+"""The runner's own settings (it imports nothing from the orchestrator). Prefix LORA_."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class RunnerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LORA_", extra="ignore")
+
+    # The only value an instance is given: a presigned GET of runs/<run_id>/job.json.
+    job_url: str | None = None
+
+    # Everything below has image defaults; LORA_RUNNER_* overrides exist for tests and dev.
+    runner_workdir: Path = Path("/workspace/loratrain")
+    runner_sd_scripts_dir: Path = Path("/opt/sd-scripts")
+    runner_accelerate_command: list[str] = ["accelerate"]
+    runner_tokenizer_cache_dir: Path = Path("/opt/tokenizers")
+    runner_require_gpu: bool = True
+    runner_http_timeout_s: float = 30.0
+    runner_retry_initial_s: float = 1.0
+    runner_retry_max_s: float = 60.0
+    runner_max_unzipped_bytes: int = 6 * 1024**3
