@@ -1,0 +1,369 @@
+"""The webhook relay: signed runner events in, Temporal signals out; plus the UI's codec server.
+
+`POST /v1/runs/{run_id}/events` takes one Standard Webhooks-signed `RunnerEvent` from a GPU
+runner and delivers it to the run's workflow as the `runner_event` signal. Checks run in the
+order DESIGN.md fixes, so nothing about a run leaks to an unsigned caller: size (413), signature
+(401), body (400), run (404/410). The relay keeps no state: the run's secret is derived from the
+master secret, and Temporal says whether the run exists.
+
+`POST /codec/decode` and `/codec/encode` are a Temporal codec server (proto3-JSON `Payloads`),
+so operators can read encrypted payloads in the Temporal UI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from datetime import timedelta
+from typing import Any
+
+import uvicorn
+from cryptography.exceptions import InvalidTag
+from google.protobuf import json_format
+from google.protobuf.message import DecodeError
+from pydantic import TypeAdapter, ValidationError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Mount, Route
+from temporalio.api.common.v1 import Payload, Payloads
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
+from temporalio.service import RPCError, RPCStatusCode
+
+from gpu_runner import protocol
+
+from .converter import EncryptionCodec, codec_from_settings, data_converter
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+RUNNER_EVENT_SIGNAL = "runner_event"
+SIGNATURE_HEADERS = ("webhook-id", "webhook-timestamp", "webhook-signature")
+# What a runner (or any caller) is told to wait before retrying a 503.
+RETRY_AFTER_S = 5
+# Bounds on every Temporal call, so a stuck cluster turns into a 503, not a hung request.
+TEMPORAL_CONNECT_TIMEOUT = timedelta(seconds=5)
+TEMPORAL_RPC_TIMEOUT = timedelta(seconds=10)
+# After a failed connect, requests answer 503 at once for this long instead of each retrying.
+RECONNECT_INTERVAL_S = 1.0
+# History payloads can be large (Temporal's default blob limit is 2 MB); this bounds memory only.
+MAX_CODEC_BYTES = 16 * 1024 * 1024
+CODEC_CORS_HEADERS = ["content-type", "x-namespace", "authorization"]
+
+_RUN_ID = TypeAdapter(protocol.RunId)
+_CONTENT_LENGTH = re.compile(r"[0-9]{1,20}")
+_UNAVAILABLE = {
+    RPCStatusCode.UNAVAILABLE,
+    RPCStatusCode.DEADLINE_EXCEEDED,
+    RPCStatusCode.RESOURCE_EXHAUSTED,
+    RPCStatusCode.CANCELLED,
+    RPCStatusCode.ABORTED,
+}
+
+
+class Rejection(Exception):
+    """An answer other than success; becomes the JSON response `{"error": message, **extra}`."""
+
+    def __init__(
+        self,
+        status_code: int,
+        message: str,
+        *,
+        extra: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+        self.extra = extra or {}
+        self.headers = headers
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(
+            {"error": self.message, **self.extra}, self.status_code, headers=self.headers
+        )
+
+
+def _temporal_unavailable(reason: str) -> Rejection:
+    return Rejection(
+        503,
+        f"Temporal is unreachable ({reason}); retry later",
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
+
+
+class TemporalConnection:
+    """One Temporal client shared by all requests, connected at startup or, failing that, lazily."""
+
+    def __init__(self, settings: Settings, client: Client | None) -> None:
+        self._settings = settings
+        self._client = client
+        self._lock = asyncio.Lock()
+        self._last_attempt = float("-inf")
+        self._last_error = "not connected yet"
+
+    @property
+    def connected(self) -> bool:
+        return self._client is not None
+
+    async def get(self) -> Client:
+        """The client, connecting first if needed; raises a 503 Rejection when that fails."""
+        if self._client is not None:
+            return self._client
+        async with self._lock:
+            if self._client is not None:
+                return self._client
+            if time.monotonic() - self._last_attempt < RECONNECT_INTERVAL_S:
+                raise _temporal_unavailable(self._last_error)
+            self._last_attempt = time.monotonic()
+            try:
+                self._client = await Client.connect(
+                    self._settings.temporal_address,
+                    namespace=self._settings.temporal_namespace,
+                    data_converter=data_converter(self._settings),
+                    connect_timeout=TEMPORAL_CONNECT_TIMEOUT,
+                )
+            except Exception as e:  # the core raises RuntimeError; anything else means the same
+                self._last_error = f"cannot connect to {self._settings.temporal_address}"
+                log.warning("%s: %s", self._last_error, e)
+                raise _temporal_unavailable(self._last_error) from None
+            log.info("connected to Temporal at %s", self._settings.temporal_address)
+            return self._client
+
+
+# --------------------------------------------------------------------------------------------
+# Runner events
+# --------------------------------------------------------------------------------------------
+
+
+async def _read_limited_body(request: Request, limit: int) -> bytes:
+    """The raw body, refusing more than `limit` bytes whether or not Content-Length is sent."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not _CONTENT_LENGTH.fullmatch(declared.strip()):
+            raise Rejection(400, "Content-Length is not a number")
+        if int(declared) > limit:
+            raise Rejection(413, f"body is {int(declared)} bytes; the limit is {limit}")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise Rejection(413, f"body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _verify_signature(settings: Settings, run_id: str, request: Request, body: bytes) -> None:
+    try:
+        _RUN_ID.validate_python(run_id)
+    except ValidationError:
+        # 401 rather than 404: no runner was ever given a secret for an id that is not a valid
+        # run id, so no signature can match; answering 404 would skip the signature check.
+        raise Rejection(401, "invalid signature: not a valid run id") from None
+    secret = protocol.derive_run_secret(settings.require_master_secret(), run_id)
+    headers = {name: request.headers[name] for name in SIGNATURE_HEADERS if name in request.headers}
+    try:
+        protocol.verify_payload(secret, headers, body)
+    except protocol.SignatureError as e:
+        raise Rejection(401, f"invalid signature: {e}") from None
+
+
+def _parse_event(run_id: str, request: Request, body: bytes) -> protocol.RunnerEvent:
+    try:
+        event = protocol.parse_event(body)
+    except ValueError as e:
+        raise Rejection(400, str(e)) from None
+    if event.run_id != run_id:
+        raise Rejection(400, f"event is for run {event.run_id!r}, posted to run {run_id!r}")
+    webhook_id = request.headers["webhook-id"]  # present: the signature check needs it
+    if webhook_id != event.webhook_id:
+        raise Rejection(
+            400, f"webhook-id {webhook_id!r} does not match the event ({event.webhook_id!r})"
+        )
+    return event
+
+
+async def _signal_run(client: Client, event: protocol.RunnerEvent) -> None:
+    handle = client.get_workflow_handle(event.run_id)
+    try:
+        await handle.signal(RUNNER_EVENT_SIGNAL, event, rpc_timeout=TEMPORAL_RPC_TIMEOUT)
+    except RPCError as e:
+        if e.status == RPCStatusCode.NOT_FOUND:
+            # Temporal answers NOT_FOUND both for an unknown id and a closed run: ask which.
+            raise await _why_not_found(handle) from None
+        raise _rpc_failure("signal", event.run_id, e) from None
+    except Exception:
+        log.exception("signalling run %s failed unexpectedly", event.run_id)
+        raise _temporal_unavailable("unexpected error") from None
+
+
+async def _why_not_found(handle: WorkflowHandle[Any, Any]) -> Rejection:
+    try:
+        description = await handle.describe(rpc_timeout=TEMPORAL_RPC_TIMEOUT)
+    except RPCError as e:
+        if e.status == RPCStatusCode.NOT_FOUND:
+            return Rejection(404, f"no run {handle.id!r}")
+        return _rpc_failure("describe", handle.id, e)
+    except Exception:
+        log.exception("describing run %s failed unexpectedly", handle.id)
+        return _temporal_unavailable("unexpected error")
+    status = description.status
+    if status is None or status == WorkflowExecutionStatus.RUNNING:
+        # A new execution with this id started between the signal and the describe: retrying
+        # delivers to it.
+        return _temporal_unavailable("the run changed while delivering")
+    return Rejection(410, "run is closed", extra={"status": status.name})
+
+
+def _rpc_failure(call: str, run_id: str, error: RPCError) -> Rejection:
+    if error.status in _UNAVAILABLE:
+        log.warning("%s of run %s: Temporal unavailable: %s", call, run_id, error.status.name)
+    else:
+        log.error("%s of run %s failed: %s %s", call, run_id, error.status.name, error.message)
+    return _temporal_unavailable(error.status.name.lower() if error.status else "rpc error")
+
+
+def _events_endpoint(
+    settings: Settings, connection: TemporalConnection
+) -> Callable[[Request], Awaitable[Response]]:
+    async def post_event(request: Request) -> Response:
+        run_id = request.path_params["run_id"]
+        try:
+            async with asyncio.timeout(settings.http_timeout_s):
+                body = await _read_limited_body(request, protocol.MAX_EVENT_BYTES)
+            _verify_signature(settings, run_id, request, body)
+            event = _parse_event(run_id, request, body)
+            await _signal_run(await connection.get(), event)
+        except Rejection as rejection:
+            if rejection.status_code >= 500:
+                log.warning("event for run %s not delivered: %s", run_id, rejection.message)
+            else:
+                log.info("event rejected with %d: %s", rejection.status_code, rejection.message)
+            return rejection.response()
+        except TimeoutError:
+            return Rejection(408, "request body not received in time").response()
+        except ClientDisconnect:
+            return Rejection(400, "client disconnected before sending the body").response()
+        log.info("run %s: delivered event %d (%s)", event.run_id, event.seq, event.type)
+        return JSONResponse({"accepted": True, "id": event.webhook_id}, 202)
+
+    return post_event
+
+
+# --------------------------------------------------------------------------------------------
+# Codec server
+# --------------------------------------------------------------------------------------------
+
+
+def _codec_endpoint(
+    convert: Callable[[Sequence[Payload]], Awaitable[list[Payload]]], verb: str
+) -> Callable[[Request], Awaitable[Response]]:
+    async def endpoint(request: Request) -> Response:
+        try:
+            body = await _read_limited_body(request, MAX_CODEC_BYTES)
+            try:
+                payloads = json_format.Parse(body, Payloads())
+            except (json_format.ParseError, ValueError) as e:
+                raise Rejection(
+                    400, f'body is not {{"payloads": [...]}} in proto3 JSON: {e}'
+                ) from None
+            try:
+                converted = await convert(payloads.payloads)
+            except (InvalidTag, DecodeError, ValueError) as e:
+                raise Rejection(400, f"cannot {verb} payloads: {e or type(e).__name__}") from None
+        except Rejection as rejection:
+            return rejection.response()
+        except ClientDisconnect:
+            return Rejection(400, "client disconnected before sending the body").response()
+        return JSONResponse({"payloads": [json_format.MessageToDict(p) for p in converted]})
+
+    return endpoint
+
+
+def _codec_routes(codec: EncryptionCodec) -> list[Route]:
+    return [
+        Route("/decode", _codec_endpoint(codec.decode, "decode"), methods=["POST"]),
+        Route("/encode", _codec_endpoint(codec.encode, "encode"), methods=["POST"]),
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# App
+# --------------------------------------------------------------------------------------------
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return JSONResponse({"error": exc.detail}, exc.status_code, headers=exc.headers)
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return JSONResponse({"error": "internal error"}, 500)
+
+
+def create_app(settings: Settings, client: Client | None = None) -> Starlette:
+    """The relay as an ASGI app.
+
+    With `client` None, one Temporal client is connected at startup and shared by requests; while
+    Temporal is unreachable the relay keeps serving, answers 503, and retries on later requests.
+    Raises at once when the master secret or the codec key is missing from `settings`.
+    """
+    settings.require_master_secret()
+    codec = codec_from_settings(settings)
+    connection = TemporalConnection(settings, client)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if not connection.connected:
+            with contextlib.suppress(Rejection):  # logged; requests retry
+                await connection.get()
+        yield
+
+    async def healthz(request: Request) -> Response:
+        # Liveness only: a relay without Temporal still answers (503s) and reconnects itself.
+        return JSONResponse({"ok": True, "temporal_connected": connection.connected})
+
+    return Starlette(
+        routes=[
+            Route("/healthz", healthz, methods=["GET"]),
+            Route(
+                "/v1/runs/{run_id}/events", _events_endpoint(settings, connection), methods=["POST"]
+            ),
+            Mount(
+                "/codec",
+                routes=_codec_routes(codec),
+                # Only the codec server is called from browsers (the Temporal UI).
+                middleware=[
+                    Middleware(
+                        CORSMiddleware,
+                        allow_origins=settings.codec_cors_origins,
+                        allow_methods=["POST"],
+                        allow_headers=CODEC_CORS_HEADERS,
+                        max_age=600,
+                    )
+                ],
+            ),
+        ],
+        exception_handlers={HTTPException: _http_error, Exception: _internal_error},
+        lifespan=lifespan,
+    )
+
+
+def run_relay(settings: Settings) -> None:
+    """Serve the relay on settings.relay_host:settings.relay_port until interrupted."""
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.relay_host,
+        port=settings.relay_port,
+        timeout_graceful_shutdown=10,
+    )
+    uvicorn.Server(config).run()
