@@ -17,7 +17,7 @@ import json
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from standardwebhooks import Webhook, WebhookVerificationError
 
 PROTOCOL_VERSION = 1
@@ -47,7 +47,7 @@ Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 
 def base_model_family(base_model: str) -> BaseModelFamily:
-    """Map a Civitai-style base model name ("SD 1.5", "SDXL 1.0", "Pony", "Flux.1 D") to a family."""
+    """Map a Civitai base model name ("SD 1.5", "SDXL 1.0", "Pony", "Flux.1 D") to a family."""
     name = base_model.strip().lower().replace("_", " ")
     if name.startswith("flux"):
         return "flux"
@@ -185,6 +185,7 @@ class JobSpec(_Model):
 
     protocol_version: int = PROTOCOL_VERSION
     run_id: RunId
+    attempt: int = Field(default=1, ge=1, description="Which GPU attempt of the run this job is.")
     images: ImagesSource
     model: ModelSource
     civitai_api_key: str | None = Field(default=None, repr=False)
@@ -293,9 +294,14 @@ EVENT_DATA: dict[str, type[BaseModel]] = {
 
 
 class RunnerEvent(_Model):
-    """One event from a runner. `seq` increases by one per event, starting at 1."""
+    """One event from a runner. `seq` increases by one per event of one attempt, starting at 1.
+
+    A replaced GPU's runner starts again at seq 1, so events carry the attempt they belong to and
+    the orchestrator ignores events of attempts other than the current one.
+    """
 
     run_id: RunId
+    attempt: int = Field(default=1, ge=1)
     seq: int = Field(ge=1)
     type: EventType
     at: datetime
@@ -312,13 +318,17 @@ class RunnerEvent(_Model):
 
     @property
     def webhook_id(self) -> str:
-        return f"{self.run_id}:{self.seq}"
+        """The idempotency key: <run_id>:<attempt>:<seq>."""
+        return f"{self.run_id}:{self.attempt}:{self.seq}"
 
 
-def make_event(run_id: str, seq: int, data: BaseModel, event_type: EventType) -> RunnerEvent:
+def make_event(
+    run_id: str, seq: int, data: BaseModel, event_type: EventType, attempt: int = 1
+) -> RunnerEvent:
     """Build an event stamped now, with typed data."""
     return RunnerEvent(
         run_id=run_id,
+        attempt=attempt,
         seq=seq,
         type=event_type,
         at=datetime.now(UTC),
@@ -371,7 +381,9 @@ def encode_event(event: RunnerEvent) -> bytes:
     return event.model_dump_json().encode("utf-8")
 
 
-def sign_event(secret: str, event: RunnerEvent, at: datetime | None = None) -> tuple[bytes, dict[str, str]]:
+def sign_event(
+    secret: str, event: RunnerEvent, at: datetime | None = None
+) -> tuple[bytes, dict[str, str]]:
     """Body and headers for POSTing `event` to the relay."""
     body = encode_event(event)
     return body, sign_payload(secret, event.webhook_id, body, at)

@@ -10,7 +10,11 @@ from collections.abc import Sequence
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from temporalio.api.common.v1 import Payload
 from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.converter import DataConverter, PayloadCodec
+from temporalio.converter import (
+    DataConverter,
+    DefaultFailureConverterWithEncodedAttributes,
+    PayloadCodec,
+)
 
 from .settings import Settings
 
@@ -74,9 +78,16 @@ class EncryptionCodec(PayloadCodec):
 def codec_from_settings(settings: Settings) -> EncryptionCodec:
     if settings.codec_key is None:
         raise CodecKeyError("LORA_CODEC_KEY is not set (base64 of 32 random bytes)")
-    return EncryptionCodec(load_codec_key(settings.codec_key.get_secret_value()), settings.codec_key_id)
+    return EncryptionCodec(
+        load_codec_key(settings.codec_key.get_secret_value()), settings.codec_key_id
+    )
 
 
 def data_converter(settings: Settings) -> DataConverter:
-    """Pydantic payloads, encrypted with the settings' codec key."""
-    return dataclasses.replace(pydantic_data_converter, payload_codec=codec_from_settings(settings))
+    """Pydantic payloads and failure messages, encrypted with the settings' codec key."""
+    return dataclasses.replace(
+        pydantic_data_converter,
+        payload_codec=codec_from_settings(settings),
+        # Error messages can quote user input; keep them out of history in plain text too.
+        failure_converter_class=DefaultFailureConverterWithEncodedAttributes,
+    )
