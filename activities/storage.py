@@ -2,13 +2,76 @@
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import re
+import zipfile
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from boto3.s3.transfer import TransferConfig
+from botocore.exceptions import ClientError
 from pydantic import BaseModel, Field
 from temporalio import activity
+from temporalio.exceptions import ApplicationError
 
-from gpu_runner.protocol import RunnerLimits, TrainerName, TrainingConfig
+from gpu_runner.protocol import (
+    ImagesSource,
+    JobSpec,
+    ModelSource,
+    RunnerLimits,
+    TrainerName,
+    TrainingConfig,
+    UploadTarget,
+    derive_run_secret,
+)
+from worker.settings import Settings
 from workflows.models import OutputLocation, S3Location, S3Prefix
 
 from .civitai import ResolvedModel
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+log = logging.getLogger(__name__)
+
+# Stable ApplicationError types the workflow can match on.
+INVALID_DATASET = "InvalidDataset"
+INVALID_REQUEST = "InvalidRequest"
+UPLOAD_MISSING = "UploadMissing"
+UPLOAD_MISMATCH = "UploadMismatch"
+
+MAX_CAPTION_BYTES = 64 * 1024
+ZIP_PART_BYTES = 16 * 1024 * 1024  # fixed multipart part size: bounds memory, allows 160 GB zips
+READ_CHUNK_BYTES = 1024 * 1024
+# Every entry gets this timestamp so the same dataset always gives the same zip bytes.
+ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)
+# S3 copies above 5 GiB must be multipart; the zip of a 5 GiB dataset can be a little larger.
+_COPY_CONFIG = TransferConfig(
+    multipart_threshold=5 * 1024**3, multipart_chunksize=512 * 1024**2, use_threads=False
+)
+_CHECK_THREADS = 8  # concurrent ranged GETs while checking magic bytes
+_MAGIC_BYTES = 16
+_MESSAGE_PROBLEMS = 200  # problems spelled out in the error message; details hold up to 1,000
+_DETAIL_PROBLEMS = 1000
+
+_IMAGE_TYPES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WebP"}
+_CAPTION_SUFFIX = ".txt"
+_KNOWN_UNSUPPORTED = {
+    ".gif": "GIF",
+    ".bmp": "BMP",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+    ".heic": "HEIC",
+    ".heif": "HEIF",
+    ".avif": "AVIF",
+    ".jxl": "JPEG XL",
+    ".svg": "SVG",
+    ".psd": "PSD",
+}
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 class DatasetInput(BaseModel):
@@ -36,8 +99,11 @@ class JobSpecInput(BaseModel):
     training: TrainingConfig
     trainer: TrainerName
     output: OutputLocation
-    civitai_api_key: str | None = Field(default=None, repr=False)
+    civitai_api_key: str | None = Field(
+        default=None, repr=False, description="None: the worker's own key, if it has one."
+    )
     limits: RunnerLimits = RunnerLimits()
+    attempt: int = Field(default=1, ge=1, description="Which GPU attempt the job is for.")
 
 
 class JobSpecRef(BaseModel):
@@ -60,25 +126,560 @@ class VerifiedUpload(BaseModel):
     download_url: str = Field(repr=False)
 
 
+@dataclass(frozen=True)
+class _DatasetFile:
+    bucket: str
+    key: str
+    name: str  # relative to the prefix; the entry name in the zip
+    size: int
+    etag: str
+
+
+@dataclass(frozen=True)
+class _Dataset:
+    files: list[_DatasetFile]  # images and captions, sorted by name
+    summary: DatasetSummary
+
+
 class StorageActivities:
     """Activities over one boto3 S3 client (sync: they run on the worker's thread pool)."""
 
-    def __init__(self, s3_client, settings) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, s3_client: S3Client, settings: Settings) -> None:
         self.s3 = s3_client
         self.settings = settings
 
     @activity.defn
     def validate_images(self, input: DatasetInput) -> DatasetSummary:
-        raise NotImplementedError
+        """Check every object under the prefix; one non-retryable error lists every problem."""
+        return self._scan(input.images).summary
 
     @activity.defn
     def build_images_zip(self, input: DatasetInput) -> ImagesZip:
-        raise NotImplementedError
+        """Validate, then stream the dataset into `runs/<run_id>/images.zip` in bounded memory.
+
+        Idempotent: a zip finished by an earlier attempt (it carries the sha256 in its metadata)
+        is returned as it is.
+        """
+        location = S3Location(
+            bucket=self.settings.bucket, key=f"{_run_prefix(input.run_id)}/images.zip"
+        )
+        finished = self._finished_zip(location)
+        if finished is not None:
+            return finished
+        dataset = self._scan(input.images)
+        self._abort_stale_uploads(location)
+        sha256, size = self._stream_zip(dataset.files, location)
+        metadata = {"sha256": sha256, "image-count": str(dataset.summary.image_count)}
+        # S3 metadata cannot change after an upload, and the sha256 is known only at the end:
+        # copy the object onto itself with it. Only a zip with this metadata counts as finished.
+        self.s3.copy(
+            {"Bucket": location.bucket, "Key": location.key},
+            location.bucket,
+            location.key,
+            ExtraArgs={
+                "Metadata": metadata,
+                "MetadataDirective": "REPLACE",
+                "ContentType": "application/zip",
+            },
+            Config=_COPY_CONFIG,
+            Callback=lambda _copied: _heartbeat(size),  # a 5 GB copy takes a while
+        )
+        return ImagesZip(
+            location=location,
+            sha256=sha256,
+            bytes=size,
+            image_count=dataset.summary.image_count,
+        )
 
     @activity.defn
     def write_job_spec(self, input: JobSpecInput) -> JobSpecRef:
-        raise NotImplementedError
+        """Write `runs/<run_id>/job.json` (it holds secrets: never logged) and presign it."""
+        run_prefix = _run_prefix(input.run_id)
+        model = input.model
+        training = input.training.for_family(model.family)
+        output = S3Location(
+            bucket=input.output.bucket or self.settings.bucket,
+            key=input.output.key or f"{run_prefix}/model/{training.output_name}.safetensors",
+        )
+        civitai_api_key = input.civitai_api_key
+        if civitai_api_key is None and self.settings.civitai_api_key is not None:
+            civitai_api_key = self.settings.civitai_api_key.get_secret_value()
+        spec = JobSpec(
+            run_id=input.run_id,
+            attempt=input.attempt,
+            images=ImagesSource(
+                url=self._presign(
+                    "get_object", input.images_zip.location, self.settings.download_url_ttl_s
+                ),
+                sha256=input.images_zip.sha256,
+                bytes=input.images_zip.bytes,
+                image_count=input.images_zip.image_count,
+            ),
+            model=ModelSource(
+                url=model.url,
+                filename=model.filename,
+                sha256=model.sha256,
+                bytes=model.bytes,
+                base_model=model.base_model,
+                family=model.family,
+                needs_civitai_key=model.needs_civitai_key,
+            ),
+            civitai_api_key=civitai_api_key,
+            training=training,
+            trainer=input.trainer,
+            events_url=(
+                f"{self.settings.relay_public_url.rstrip('/')}/v1/runs/{input.run_id}/events"
+            ),
+            webhook_secret=derive_run_secret(self.settings.require_master_secret(), input.run_id),
+            upload=UploadTarget(
+                url=self._presign("put_object", output, self.settings.upload_url_ttl_s),
+                bucket=output.bucket,
+                key=output.key,
+                max_bytes=self.settings.max_model_bytes,
+            ),
+            limits=input.limits,
+        )
+        location = S3Location(bucket=self.settings.bucket, key=f"{run_prefix}/job.json")
+        self.s3.put_object(
+            Bucket=location.bucket,
+            Key=location.key,
+            Body=spec.model_dump_json().encode("utf-8"),
+            ContentType="application/json",
+        )
+        return JobSpecRef(
+            location=location,
+            job_url=self._presign("get_object", location, self.settings.job_url_ttl_s),
+            output=output,
+        )
 
     @activity.defn
     def verify_upload(self, input: VerifyUploadInput) -> VerifiedUpload:
-        raise NotImplementedError
+        """Check that the uploaded model exists with the size and sha256 the runner reported."""
+        where = input.output.uri
+        try:
+            head = self.s3.head_object(Bucket=input.output.bucket, Key=input.output.key)
+        except ClientError as e:
+            if _error_code(e) in {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}:
+                raise ApplicationError(
+                    f"the trained model is missing: nothing at {where}",
+                    type=UPLOAD_MISSING,
+                    non_retryable=True,
+                ) from None
+            raise
+        size = head["ContentLength"]
+        if size != input.bytes:
+            raise ApplicationError(
+                f"the model at {where} is {size} bytes, but the runner reported {input.bytes}",
+                type=UPLOAD_MISMATCH,
+                non_retryable=True,
+            )
+        body = self.s3.get_object(
+            Bucket=input.output.bucket, Key=input.output.key, IfMatch=head["ETag"]
+        )["Body"]
+        digest = hashlib.sha256()
+        done = 0
+        try:
+            for chunk in body.iter_chunks(READ_CHUNK_BYTES):
+                digest.update(chunk)
+                done += len(chunk)
+                _heartbeat(done)
+        finally:
+            body.close()
+        sha256 = digest.hexdigest()
+        if sha256 != input.sha256.lower():
+            raise ApplicationError(
+                f"the model at {where} has sha256 {sha256}, but the runner reported {input.sha256}",
+                type=UPLOAD_MISMATCH,
+                non_retryable=True,
+            )
+        return VerifiedUpload(
+            location=input.output,
+            bytes=size,
+            sha256=sha256,
+            download_url=self._presign(
+                "get_object", input.output, self.settings.download_url_ttl_s
+            ),
+        )
+
+    # ----------------------------------------------------------------------------------------
+    # Dataset checks
+    # ----------------------------------------------------------------------------------------
+
+    def _scan(self, images: S3Prefix) -> _Dataset:
+        """List and check the dataset; raise one InvalidDataset error naming every problem."""
+        folder = _folder(images.prefix)
+        where = f"s3://{images.bucket}/{folder}"
+        limits = self.settings
+        problems: list[tuple[str, str]] = []  # (file name, what is wrong with it)
+        files: list[_DatasetFile] = []
+        image_files: list[_DatasetFile] = []
+        caption_files: list[_DatasetFile] = []
+        for obj in self._list(images.bucket, folder, where):
+            key = obj["Key"]
+            if key.endswith("/"):  # a "directory marker" some tools create
+                continue
+            item = _DatasetFile(
+                bucket=images.bucket,
+                key=key,
+                name=key[len(folder) :],
+                size=obj["Size"],
+                etag=obj["ETag"],
+            )
+            suffix = _suffix(item.name)
+            if not _safe_name(item.name):
+                problems.append(
+                    (
+                        item.name,
+                        "unsafe file name (empty, '.' or '..' parts, backslashes or "
+                        "control characters); rename it",
+                    )
+                )
+            elif suffix in _IMAGE_TYPES:
+                if item.size == 0:
+                    problems.append((item.name, "the file is empty"))
+                elif item.size > limits.max_image_bytes:
+                    problems.append(
+                        (
+                            item.name,
+                            f"{_human(item.size)} is over the limit of "
+                            f"{_human(limits.max_image_bytes)} per image; resize it",
+                        )
+                    )
+                image_files.append(item)
+            elif suffix == _CAPTION_SUFFIX:
+                if item.size > MAX_CAPTION_BYTES:
+                    problems.append(
+                        (
+                            item.name,
+                            f"caption is {_human(item.size)}, over the limit of "
+                            f"{_human(MAX_CAPTION_BYTES)}",
+                        )
+                    )
+                caption_files.append(item)
+            else:
+                problems.append((item.name, _unsupported(suffix)))
+            files.append(item)
+
+        image_count = len(image_files)
+        total_bytes = sum(f.size for f in image_files) + sum(f.size for f in caption_files)
+        dataset_problems: list[str] = []
+        if image_count == 0:
+            dataset_problems.append(f"no images under {where}")
+        if image_count > limits.max_images:
+            dataset_problems.append(
+                f"{image_count} images under {where}, more than the limit of "
+                f"{limits.max_images}; remove some or split the dataset"
+            )
+        if total_bytes > limits.max_dataset_bytes:
+            dataset_problems.append(
+                f"the images and captions add up to {_human(total_bytes)}, more than the limit "
+                f"of {_human(limits.max_dataset_bytes)}"
+            )
+        # Reading every file of a dataset that is rejected for its size anyway would be wasted.
+        if image_count <= limits.max_images and total_bytes <= limits.max_dataset_bytes:
+            problems.extend(self._check_contents(image_files, caption_files))
+
+        if problems or dataset_problems:
+            _reject(where, sorted(problems), dataset_problems)
+        return _Dataset(
+            files=sorted(files, key=lambda f: f.name),
+            summary=DatasetSummary(
+                image_count=image_count,
+                caption_count=len(caption_files),
+                total_bytes=total_bytes,
+            ),
+        )
+
+    def _list(self, bucket: str, folder: str, where: str) -> Iterable[dict[str, Any]]:
+        paginator = self.s3.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=bucket, Prefix=folder):
+                yield from page.get("Contents", [])  # type: ignore[misc]
+                _heartbeat()
+        except ClientError as e:
+            if _error_code(e) == "NoSuchBucket":
+                raise ApplicationError(
+                    f"bucket {bucket} does not exist (images expected under {where})",
+                    [f"bucket {bucket} does not exist"],
+                    type=INVALID_DATASET,
+                    non_retryable=True,
+                ) from None
+            raise
+
+    def _check_contents(
+        self, image_files: list[_DatasetFile], caption_files: list[_DatasetFile]
+    ) -> list[tuple[str, str]]:
+        """Magic bytes of every image and UTF-8 of every caption, a few GETs at a time."""
+
+        def check_image(item: _DatasetFile) -> str | None:
+            if item.size == 0 or item.size > self.settings.max_image_bytes:
+                return None  # already reported
+            head = self.s3.get_object(
+                Bucket=item.bucket, Key=item.key, Range=f"bytes=0-{_MAGIC_BYTES - 1}"
+            )["Body"].read()
+            return _image_problem(_IMAGE_TYPES[_suffix(item.name)], _sniff(head))
+
+        def check_caption(item: _DatasetFile) -> str | None:
+            if item.size > MAX_CAPTION_BYTES:
+                return None  # already reported
+            text = self.s3.get_object(Bucket=item.bucket, Key=item.key)["Body"].read()
+            try:
+                text.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return f"caption is not UTF-8 text (byte {e.start}); save it as UTF-8"
+            return None
+
+        problems: list[tuple[str, str]] = []
+        with ThreadPoolExecutor(_CHECK_THREADS, thread_name_prefix="dataset-check") as pool:
+            checks = [(f, pool.submit(check_image, f)) for f in image_files] + [
+                (f, pool.submit(check_caption, f)) for f in caption_files
+            ]
+            for done, (item, future) in enumerate(checks, start=1):
+                problem = future.result()
+                if problem is not None:
+                    problems.append((item.name, problem))
+                if done % 50 == 0:
+                    _heartbeat()
+        return problems
+
+    # ----------------------------------------------------------------------------------------
+    # Zip
+    # ----------------------------------------------------------------------------------------
+
+    def _finished_zip(self, location: S3Location) -> ImagesZip | None:
+        try:
+            head = self.s3.head_object(Bucket=location.bucket, Key=location.key)
+        except ClientError as e:
+            if _error_code(e) in {"404", "NoSuchKey", "NotFound"}:
+                return None
+            raise
+        metadata = head.get("Metadata", {})
+        sha256 = metadata.get("sha256", "")
+        count = metadata.get("image-count", "")
+        if not (re.fullmatch(r"[0-9a-f]{64}", sha256) and count.isdigit()):
+            return None  # left by an attempt that died before it finished: build it again
+        return ImagesZip(
+            location=location, sha256=sha256, bytes=head["ContentLength"], image_count=int(count)
+        )
+
+    def _abort_stale_uploads(self, location: S3Location) -> None:
+        """Abort multipart uploads to this key left by attempts that died mid-way."""
+        listing = self.s3.list_multipart_uploads(Bucket=location.bucket, Prefix=location.key)
+        for upload in listing.get("Uploads", []):
+            if upload.get("Key") == location.key:
+                self.s3.abort_multipart_upload(
+                    Bucket=location.bucket, Key=location.key, UploadId=upload["UploadId"]
+                )
+
+    def _stream_zip(self, files: list[_DatasetFile], location: S3Location) -> tuple[str, int]:
+        """S3 objects -> zip entries -> multipart upload; returns (sha256, bytes) of the zip."""
+        upload = _MultipartUpload(self.s3, location, ZIP_PART_BYTES)
+        try:
+            # zipfile writes to a stream that cannot seek with data descriptors, so each entry
+            # passes straight through; nothing but the current part is held in memory.
+            archive = zipfile.ZipFile(upload, mode="w", compression=zipfile.ZIP_STORED)
+            for item in files:
+                info = zipfile.ZipInfo(item.name, date_time=ZIP_DATE_TIME)
+                info.compress_type = zipfile.ZIP_STORED
+                info.create_system = 3  # unix, whatever system built it
+                info.external_attr = 0o644 << 16
+                info.file_size = item.size
+                # IfMatch: the object must still be the one that was validated.
+                body = self.s3.get_object(Bucket=item.bucket, Key=item.key, IfMatch=item.etag)[
+                    "Body"
+                ]
+                try:
+                    with archive.open(info, mode="w") as entry:
+                        for chunk in body.iter_chunks(READ_CHUNK_BYTES):
+                            entry.write(chunk)
+                finally:
+                    body.close()
+                _heartbeat(upload.bytes)
+            archive.close()
+            upload.complete()
+        except BaseException:
+            upload.abort()
+            raise
+        return upload.sha256.hexdigest(), upload.bytes
+
+    # ----------------------------------------------------------------------------------------
+    # Helpers
+    # ----------------------------------------------------------------------------------------
+
+    def _presign(self, method: str, location: S3Location, ttl_s: int) -> str:
+        return self.s3.generate_presigned_url(
+            method, Params={"Bucket": location.bucket, "Key": location.key}, ExpiresIn=ttl_s
+        )
+
+
+class _MultipartUpload:
+    """A write-only file object that uploads what it is given as fixed-size multipart parts."""
+
+    def __init__(self, s3: S3Client, location: S3Location, part_bytes: int) -> None:
+        self._s3 = s3
+        self._location = location
+        self._part_bytes = part_bytes
+        self._buffer = bytearray()
+        self._parts: list[dict[str, Any]] = []
+        self.sha256 = hashlib.sha256()
+        self.bytes = 0
+        self._upload_id = s3.create_multipart_upload(
+            Bucket=location.bucket, Key=location.key, ContentType="application/zip"
+        )["UploadId"]
+
+    def write(self, data: bytes, /) -> int:
+        self.sha256.update(data)
+        self.bytes += len(data)
+        self._buffer += data
+        while len(self._buffer) >= self._part_bytes:
+            part = self._buffer[: self._part_bytes]
+            del self._buffer[: self._part_bytes]
+            self._upload_part(part)
+        return len(data)
+
+    def flush(self) -> None:
+        """Parts go out when full; zipfile calls this, there is nothing to do early."""
+
+    def close(self) -> None:
+        """`complete` or `abort` ends the upload, not zipfile."""
+
+    def complete(self) -> None:
+        if self._buffer or not self._parts:
+            self._upload_part(self._buffer)
+            self._buffer = bytearray()
+        self._s3.complete_multipart_upload(
+            Bucket=self._location.bucket,
+            Key=self._location.key,
+            UploadId=self._upload_id,
+            MultipartUpload={"Parts": self._parts},  # type: ignore[typeddict-item]
+        )
+
+    def abort(self) -> None:
+        try:
+            self._s3.abort_multipart_upload(
+                Bucket=self._location.bucket, Key=self._location.key, UploadId=self._upload_id
+            )
+        except Exception:
+            # The original error matters more; a lifecycle rule cleans up what is left.
+            log.warning("could not abort the multipart upload of %s", self._location.uri)
+
+    def _upload_part(self, part: bytearray) -> None:
+        number = len(self._parts) + 1
+        answer = self._s3.upload_part(
+            Bucket=self._location.bucket,
+            Key=self._location.key,
+            UploadId=self._upload_id,
+            PartNumber=number,
+            Body=bytes(part),
+        )
+        self._parts.append({"PartNumber": number, "ETag": answer["ETag"]})
+        _heartbeat(self.bytes)
+
+
+# --------------------------------------------------------------------------------------------
+# Pure helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _heartbeat(bytes_done: int | None = None) -> None:
+    """Report progress (zip or hash bytes so far) when running as an activity."""
+    if activity.in_activity():
+        activity.heartbeat(*([] if bytes_done is None else [bytes_done]))
+
+
+def _run_prefix(run_id: str) -> str:
+    if not _RUN_ID.fullmatch(run_id):
+        raise ApplicationError(
+            f"run id {run_id!r} is not valid: use letters, digits, '_', '.' and '-' "
+            "(at most 128, starting with a letter or digit)",
+            type=INVALID_REQUEST,
+            non_retryable=True,
+        )
+    return f"runs/{run_id}"
+
+
+def _folder(prefix: str) -> str:
+    """The prefix as a folder: 'images' covers images/a.png, not images2/a.png."""
+    folder = prefix.lstrip("/")
+    if folder and not folder.endswith("/"):
+        folder += "/"
+    return folder
+
+
+def _suffix(name: str) -> str:
+    base = name.rsplit("/", 1)[-1]
+    return "." + base.rsplit(".", 1)[-1].lower() if "." in base.lstrip(".") else ""
+
+
+def _safe_name(name: str) -> bool:
+    parts = name.split("/")
+    return not (
+        "\\" in name
+        or any(part in {"", ".", ".."} for part in parts)
+        or any(ord(c) < 32 or ord(c) == 127 for c in name)
+    )
+
+
+def _unsupported(suffix: str) -> str:
+    if suffix in _KNOWN_UNSUPPORTED:
+        return f"{_KNOWN_UNSUPPORTED[suffix]} is not a supported image type (use PNG, JPEG or WebP)"
+    what = f"{suffix} files are" if suffix else "files without an extension are"
+    return f"{what} not allowed (only .png, .jpg, .jpeg, .webp images and .txt captions)"
+
+
+def _sniff(head: bytes) -> str | None:
+    """The image type the first bytes announce, if any we know."""
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP"
+    if head[:6] in {b"GIF87a", b"GIF89a"}:
+        return "GIF"
+    if head[:2] == b"BM":
+        return "BMP"
+    if head[:4] in {b"II*\x00", b"MM\x00*"}:
+        return "TIFF"
+    if head[4:8] == b"ftyp":
+        return "HEIF/AVIF"
+    return None
+
+
+def _image_problem(named: str, actual: str | None) -> str | None:
+    if actual == named:
+        return None
+    if actual is None:
+        return f"not a {named} image (its first bytes are not a {named} signature)"
+    if actual in _IMAGE_TYPES.values():
+        return f"the file is a {actual} image but its name says {named}; fix the extension"
+    return (
+        f"the file is a {actual} image, not {named}; {actual} is not supported "
+        "(use PNG, JPEG or WebP)"
+    )
+
+
+def _human(size: int) -> str:
+    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} bytes"
+
+
+def _error_code(e: ClientError) -> str:
+    return str(e.response.get("Error", {}).get("Code", ""))
+
+
+def _reject(where: str, problems: list[tuple[str, str]], dataset_problems: list[str]) -> None:
+    lines = [f"{name}: {problem}" for name, problem in problems] + dataset_problems
+    if len(lines) == 1:
+        message = lines[0]
+    else:
+        shown = "\n".join(f"- {line}" for line in lines[:_MESSAGE_PROBLEMS])
+        more = len(lines) - _MESSAGE_PROBLEMS
+        message = f"{len(lines)} problems with the images under {where}:\n{shown}" + (
+            f"\n- ... and {more} more" if more > 0 else ""
+        )
+    raise ApplicationError(
+        message, lines[:_DETAIL_PROBLEMS], type=INVALID_DATASET, non_retryable=True
+    )

@@ -1,0 +1,170 @@
+"""Memory and speed of `build_images_zip`: peak memory must not grow with the dataset.
+
+Starts moto's S3 server on a free loopback port, uploads datasets of random "images" (PNG header
++ random bytes, which do not compress), then zips each one in a fresh child process and reports
+wall time, throughput and how far the child's peak RSS (VmHWM) rose above its RSS just before the
+call. Run from the repository root:
+
+    .venv/bin/python -m bench.zip_memory              # 100 MB and 300 MB of 1 MB files
+    .venv/bin/python -m bench.zip_memory --sizes 50,500 --file-mb 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import boto3
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+BUCKET = "bench"
+MB = 1024 * 1024
+PNG_HEADER = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="100,300", help="dataset sizes in MB, comma separated")
+    parser.add_argument("--file-mb", type=float, default=1.0, help="size of each image, MB")
+    parser.add_argument("--child", nargs=3, metavar=("ENDPOINT", "PREFIX", "RUN_ID"))
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(zip_in_this_process(*args.child)))
+        return
+
+    sizes = [int(s) for s in args.sizes.split(",")]
+    file_bytes = int(args.file_mb * MB)
+    with moto_server() as endpoint:
+        s3 = client(endpoint)
+        s3.create_bucket(Bucket=BUCKET)
+        for size in sizes:
+            count = size * MB // file_bytes
+            started = time.monotonic()
+            upload_dataset(s3, f"datasets/{size}mb", count, file_bytes)
+            print(
+                f"uploaded {count} x {file_bytes / MB:g} MB in {time.monotonic() - started:.1f} s",
+                file=sys.stderr,
+            )
+        print(
+            f"{'dataset':>10} {'files':>6} {'zip MB':>8} {'wall s':>7} {'MB/s':>7} "
+            f"{'RSS before MB':>14} {'peak RSS rise MB':>17}"
+        )
+        for size in sizes:
+            child = subprocess.run(
+                [sys.executable, "-m", "bench.zip_memory", "--child", endpoint,
+                 f"datasets/{size}mb", f"bench-{size}"],
+                cwd=ROOT, capture_output=True, text=True, check=True,
+            )  # fmt: skip
+            r = json.loads(child.stdout)
+            print(
+                f"{size:>7} MB {r['image_count']:>6} {r['zip_bytes'] / MB:>8.1f} "
+                f"{r['wall_s']:>7.2f} {r['zip_bytes'] / MB / r['wall_s']:>7.1f} "
+                f"{r['rss_before'] / MB:>14.1f} {(r['peak_rss'] - r['rss_before']) / MB:>17.1f}"
+            )
+
+
+def zip_in_this_process(endpoint: str, prefix: str, run_id: str) -> dict[str, Any]:
+    """Run build_images_zip once; report time and memory. Runs in a fresh child process."""
+    from pydantic import SecretStr
+
+    from activities.storage import DatasetInput, StorageActivities
+    from worker.settings import Settings
+    from workflows.models import S3Prefix
+
+    settings = Settings(
+        s3_endpoint_url=endpoint,
+        s3_access_key_id="bench",
+        s3_secret_access_key=SecretStr("bench"),
+        bucket=BUCKET,
+    )
+    s3 = client(endpoint)
+    s3.list_objects_v2(Bucket=BUCKET, MaxKeys=1)  # connect before measuring
+    acts = StorageActivities(s3, settings)
+    rss_before = proc_status_bytes("VmRSS")
+    started = time.monotonic()
+    result = acts.build_images_zip(
+        DatasetInput(run_id=run_id, images=S3Prefix(bucket=BUCKET, prefix=prefix))
+    )
+    wall_s = time.monotonic() - started
+    return {
+        "image_count": result.image_count,
+        "zip_bytes": result.bytes,
+        "wall_s": wall_s,
+        "rss_before": rss_before,
+        "peak_rss": proc_status_bytes("VmHWM"),  # the kernel's exact high-water mark
+    }
+
+
+def proc_status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def upload_dataset(s3: Any, prefix: str, count: int, file_bytes: int) -> None:
+    def put(i: int) -> None:
+        body = PNG_HEADER + os.urandom(file_bytes - len(PNG_HEADER))
+        s3.put_object(Bucket=BUCKET, Key=f"{prefix}/{i:05d}.png", Body=body)
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(put, range(count)))
+
+
+def client(endpoint: str) -> Any:
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="bench",
+        aws_secret_access_key="bench",
+    )
+
+
+@contextlib.contextmanager
+def moto_server() -> Iterator[str]:
+    """moto's S3 server as a child process on a free loopback port; stopped on exit."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    binary = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
+    proc = subprocess.Popen(
+        [binary, "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(endpoint, timeout=1.0)
+                break
+            except httpx.HTTPError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("moto_server did not start") from None
+                time.sleep(0.1)
+        yield endpoint
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+if __name__ == "__main__":
+    main()
