@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 from temporalio import activity
+from temporalio.exceptions import ApplicationError
 
+from worker.settings import Settings
 from workflows.models import GpuRequirements
 
-from .providers.base import GpuProvider, Instance
+from .providers.base import GpuProvider, Instance, NoOfferError, instance_label, run_id_of_label
+
+NO_GPU_OFFER = "NoGpuOffer"
+GPU_PROVIDER_MISMATCH = "GpuProviderMismatch"
 
 
 class AllocateGpuInput(BaseModel):
@@ -23,19 +28,112 @@ class InstanceRef(BaseModel):
     instance_id: str
 
 
+class RunRef(BaseModel):
+    run_id: str
+
+
+def _describe_requirements(requirements: GpuRequirements) -> str:
+    names = ", ".join(requirements.gpu_names) or "any"
+    return (
+        f"at least {requirements.min_vram_gb} GB VRAM, at most "
+        f"${requirements.max_dollars_per_hour:.2f}/h, GPUs: {names}, reliability >= "
+        f"{requirements.min_reliability:g}, disk {requirements.disk_gb} GB"
+    )
+
+
 class GpuActivities:
-    def __init__(self, provider: GpuProvider, settings) -> None:  # type: ignore[no-untyped-def]
+    """Activities over one GPU provider (sync: provider SDKs block; they run on a thread pool)."""
+
+    def __init__(self, provider: GpuProvider, settings: Settings) -> None:
         self.provider = provider
         self.settings = settings
 
     @activity.defn
     def allocate_gpu(self, input: AllocateGpuInput) -> Instance:
-        raise NotImplementedError
+        """Rent the instance for this run and attempt, or return the one an earlier try rented."""
+        label = instance_label(input.run_id, input.attempt)
+        existing = self.provider.find(label)
+        if existing is not None:
+            activity.logger.info(
+                "Run %s attempt %d already has %s instance %s (%s)",
+                input.run_id,
+                input.attempt,
+                existing.provider,
+                existing.instance_id,
+                existing.state,
+            )
+            return existing
+        try:
+            instance = self.provider.create(label, input.job_url, input.requirements)
+        except NoOfferError as e:
+            # Retryable: offers come and go, and the run's pending deadline bounds the wait.
+            raise ApplicationError(
+                f"No {self.provider.name} GPU offer matches the run's requirements "
+                f"({_describe_requirements(input.requirements)}): {e}. Retrying until one "
+                "appears; raise gpu.max_dollars_per_hour or widen gpu.gpu_names to find one "
+                "sooner.",
+                type=NO_GPU_OFFER,
+            ) from e
+        activity.logger.info(
+            "Run %s attempt %d got %s instance %s (%s, $%s/h)",
+            input.run_id,
+            input.attempt,
+            instance.provider,
+            instance.instance_id,
+            instance.gpu_name,
+            instance.dollars_per_hour,
+        )
+        return instance
 
     @activity.defn
     def get_gpu_instance(self, input: InstanceRef) -> Instance | None:
-        raise NotImplementedError
+        """The instance's current state, or None when the provider does not know it."""
+        self._check_provider(input)
+        return self.provider.get(input.instance_id)
 
     @activity.defn
     def deallocate_gpu(self, input: InstanceRef) -> bool:
-        raise NotImplementedError
+        """Destroy the instance; False (not an error) when it was already gone."""
+        self._check_provider(input)
+        destroyed = self.provider.destroy(input.instance_id)
+        activity.logger.info(
+            "Run %s: %s instance %s %s",
+            input.run_id,
+            input.provider,
+            input.instance_id,
+            "destroyed" if destroyed else "was already gone",
+        )
+        return destroyed
+
+    @activity.defn
+    def release_run_gpus(self, input: RunRef) -> list[str]:
+        """Destroy every instance labelled for this run, any attempt; the ids it destroyed.
+
+        The last word on a run's GPUs: it also finds an instance whose allocation raised after
+        the provider had already created it.
+        """
+        released = []
+        for instance in self.provider.list_instances():
+            if run_id_of_label(instance.label) != input.run_id:
+                continue
+            if self.provider.destroy(instance.instance_id):
+                released.append(instance.instance_id)
+        activity.logger.info(
+            "Run %s: released %d %s instance(s) %s",
+            input.run_id,
+            len(released),
+            self.provider.name,
+            released,
+        )
+        return released
+
+    def _check_provider(self, ref: InstanceRef) -> None:
+        if ref.provider != self.provider.name:
+            # Retryable: a worker with the right provider on this task queue can still do it,
+            # and giving up on a deallocation would leak a paid GPU.
+            raise ApplicationError(
+                f"Instance {ref.instance_id} belongs to provider {ref.provider!r}, but this "
+                f"worker runs provider {self.provider.name!r} (set LORA_GPU_PROVIDER="
+                f"{ref.provider} on a worker for this task queue).",
+                type=GPU_PROVIDER_MISMATCH,
+            )

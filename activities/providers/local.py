@@ -1,0 +1,361 @@
+"""The local GPU provider: runs the GPU runner as a child process on this machine (dev and demo).
+
+Each instance is a directory under `settings.instances_dir` named after its id:
+
+    instance.json   label, pid, process start time, created_at (written once per start)
+    exit.json       exit code, once this worker saw the process end
+    destroyed.json  present once the instance was destroyed
+    runner.log      the runner's stdout and stderr
+    work/           the runner's working directory (LORA_RUNNER_WORKDIR) unless configured
+
+Everything `find`, `get`, `destroy` and `list_instances` need is on disk, so a restarted worker
+still manages the instances an earlier one started. The process start time (field 22 of
+/proc/<pid>/stat) guards every pid against reuse.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from worker.settings import Settings
+from workflows.models import GpuRequirements
+
+from .base import Instance
+
+PROVIDER_NAME = "local"
+RECORD_FILE = "instance.json"
+EXIT_FILE = "exit.json"
+DESTROYED_FILE = "destroyed.json"
+LOG_FILE = "runner.log"
+LOCK_FILE = ".lock"
+WORK_DIR = "work"
+
+# Only these reach the runner from the worker's environment: enough to find Python and its
+# packages, nothing secret. LORA_RUNNER_* variables pass too, so tests and dev can configure it.
+INHERITED_ENV = ("PATH", "HOME", "LANG", "PYTHONPATH", "VIRTUAL_ENV")
+RUNNER_ENV_PREFIX = "LORA_RUNNER_"
+
+LOG_TAIL_LINES = 20
+LOG_TAIL_BYTES = 8 * 1024
+STOP_TIMEOUT_S = 10.0
+_POLL_S = 0.05
+
+_INSTANCE_ID = re.compile(r"^local-[0-9a-f]{16}$")
+# The checkout that holds `gpu_runner`: the runner's cwd is its instance directory, so an
+# uninstalled checkout must be on its PYTHONPATH for `python -m gpu_runner` to import.
+_SOURCE_ROOT = Path(__file__).resolve().parents[2]
+
+
+class _Record(BaseModel):
+    label: str
+    pid: int
+    start_ticks: int
+    created_at: datetime
+
+
+class _Exit(BaseModel):
+    pid: int
+    exit_code: int
+
+
+@dataclass(frozen=True)
+class _ProcStat:
+    state: str
+    pgrp: int
+    session: int
+    start_ticks: int
+
+    @property
+    def running(self) -> bool:
+        # Z: a zombie (exited, not yet reaped); X: dead.
+        return self.state not in ("Z", "X")
+
+
+def _read_stat(pid: int) -> _ProcStat | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    # Field 2 (comm) is in parentheses and may itself hold spaces or ')': split after the last.
+    fields = raw[raw.rfind(b")") + 2 :].split()
+    try:
+        return _ProcStat(
+            state=fields[0].decode("ascii", "replace"),
+            pgrp=int(fields[2]),
+            session=int(fields[3]),
+            start_ticks=int(fields[19]),
+        )
+    except (IndexError, ValueError):
+        return None
+
+
+def _same_process(record: _Record) -> _ProcStat | None:
+    """The stat of the record's process while it runs (not a zombie, not a reused pid)."""
+    stat = _read_stat(record.pid)
+    if stat is None or stat.start_ticks != record.start_ticks or not stat.running:
+        return None
+    return stat
+
+
+def _group_members(record: _Record) -> list[int]:
+    """Running processes of the runner's process group (its session, started after it)."""
+    leader = _read_stat(record.pid)
+    if leader is not None and leader.start_ticks != record.start_ticks:
+        # The pid is taken by another process, which the kernel allows only once the runner's
+        # group is empty: what looks like its group now belongs to someone else.
+        return []
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        stat = _read_stat(int(entry.name))
+        if (
+            stat is not None
+            and stat.running
+            and stat.pgrp == record.pid
+            and stat.session == record.pid
+            and stat.start_ticks >= record.start_ticks
+        ):
+            members.append(int(entry.name))
+    return members
+
+
+def _log_tail(path: Path) -> list[str]:
+    try:
+        with path.open("rb") as log:
+            log.seek(max(0, log.seek(0, os.SEEK_END) - LOG_TAIL_BYTES))
+            data = log.read()
+    except OSError:
+        return []
+    return data.decode("utf-8", "replace").splitlines()[-LOG_TAIL_LINES:]
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _write_json(path: Path, model: BaseModel) -> None:
+    """Write atomically, so a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(model.model_dump_json())
+    os.replace(tmp, path)
+
+
+def local_instance_id(label: str) -> str:
+    """Deterministic, so a retried allocation finds the instance it may already have started."""
+    return "local-" + hashlib.sha256(label.encode("utf-8")).hexdigest()[:16]
+
+
+class LocalProvider:
+    """Starts `settings.local_runner_command` as a child process in its own process group."""
+
+    name = PROVIDER_NAME
+
+    def __init__(self, settings: Settings, *, stop_timeout_s: float = STOP_TIMEOUT_S) -> None:
+        self.settings = settings
+        self.stop_timeout_s = stop_timeout_s
+        # Only to reap the children this worker started; the state of record is on disk.
+        self._children: dict[str, subprocess.Popen[bytes]] = {}
+        self._children_lock = threading.Lock()
+
+    # -- GpuProvider -------------------------------------------------------------------------
+
+    def find(self, label: str) -> Instance | None:
+        instance_id = local_instance_id(label)
+        record = self._record(instance_id)
+        if record is None or record.label != label or self._destroyed(instance_id):
+            return None
+        return self._describe(instance_id, record)
+
+    def create(self, label: str, job_url: str, requirements: GpuRequirements) -> Instance:
+        """Start the runner; `requirements` are ignored (this machine is the only offer)."""
+        instance_id = local_instance_id(label)
+        directory = self._directory(instance_id)
+        directory.mkdir(parents=True, exist_ok=True)
+        with self._locked(directory):
+            record = self._record(instance_id)
+            if record is not None and record.label == label and not self._destroyed(instance_id):
+                # Started by a concurrent or earlier attempt of the same allocation.
+                return self._describe(instance_id, record)
+            # Reusing the directory of a destroyed instance: forget its end before starting anew.
+            for name in (DESTROYED_FILE, EXIT_FILE):
+                (directory / name).unlink(missing_ok=True)
+            record = self._start(instance_id, label, job_url)
+        return self._describe(instance_id, record)
+
+    def get(self, instance_id: str) -> Instance | None:
+        record = self._record(instance_id)
+        return None if record is None else self._describe(instance_id, record)
+
+    def destroy(self, instance_id: str) -> bool:
+        if self._record(instance_id) is None:
+            return False
+        directory = self._directory(instance_id)
+        with self._locked(directory):
+            record = self._record(instance_id)
+            if record is None or self._destroyed(instance_id):
+                return False
+            self._stop(instance_id, record)
+            (directory / DESTROYED_FILE).write_text(
+                json.dumps({"pid": record.pid, "destroyed_at": datetime.now(UTC).isoformat()})
+            )
+        return True
+
+    def list_instances(self) -> list[Instance]:
+        root = self.settings.instances_dir
+        if not root.is_dir():
+            return []
+        instances = []
+        for directory in sorted(root.iterdir()):
+            record = self._record(directory.name)
+            if record is not None and not self._destroyed(directory.name):
+                instances.append(self._describe(directory.name, record))
+        return instances
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _directory(self, instance_id: str) -> Path:
+        return self.settings.instances_dir / instance_id
+
+    def _record(self, instance_id: str) -> _Record | None:
+        # The id comes from workflow input: never let it name a path outside instances_dir.
+        if not _INSTANCE_ID.fullmatch(instance_id):
+            return None
+        try:
+            text = (self._directory(instance_id) / RECORD_FILE).read_text()
+        except FileNotFoundError:
+            return None
+        return _Record.model_validate_json(text)
+
+    def _destroyed(self, instance_id: str) -> bool:
+        return (self._directory(instance_id) / DESTROYED_FILE).exists()
+
+    def _exit_code(self, instance_id: str, record: _Record) -> int | None:
+        try:
+            ended = _Exit.model_validate_json(
+                (self._directory(instance_id) / EXIT_FILE).read_text()
+            )
+        except FileNotFoundError:
+            return None
+        # An exit file of an earlier process in this directory says nothing about this one.
+        return ended.exit_code if ended.pid == record.pid else None
+
+    @contextlib.contextmanager
+    def _locked(self, directory: Path) -> Iterator[None]:
+        """Serialize create/destroy of one instance across threads and worker processes."""
+        with (directory / LOCK_FILE).open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _runner_env(self, directory: Path, job_url: str) -> dict[str, str]:
+        """The runner's environment: what it needs, none of the worker's secrets."""
+        # Reading os.environ here (not through Settings) is deliberate: this builds the child's
+        # environment, and only the names below pass (no master secret, codec key, AWS keys).
+        parent = os.environ
+        env = {name: parent[name] for name in INHERITED_ENV if name in parent}
+        env.setdefault("PATH", os.defpath)
+        if (_SOURCE_ROOT / "gpu_runner" / "__init__.py").is_file():
+            paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+            env["PYTHONPATH"] = os.pathsep.join([*paths, str(_SOURCE_ROOT)])
+        env.update({k: v for k, v in parent.items() if k.startswith(RUNNER_ENV_PREFIX)})
+        # Each instance works in its own directory unless the worker configures one.
+        env.setdefault("LORA_RUNNER_WORKDIR", str((directory / WORK_DIR).resolve()))
+        env["LORA_JOB_URL"] = job_url
+        return env
+
+    def _start(self, instance_id: str, label: str, job_url: str) -> _Record:
+        directory = self._directory(instance_id)
+        with (directory / LOG_FILE).open("ab") as log:
+            process = subprocess.Popen(
+                self.settings.local_runner_command,
+                cwd=directory,
+                env=self._runner_env(directory, job_url),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                # Its own process group, so destroy reaches everything the runner starts.
+                start_new_session=True,
+            )
+        with self._children_lock:
+            self._children[instance_id] = process
+        # Not reaped yet (only poll() does that), so /proc still has it even if it already ended.
+        stat = _read_stat(process.pid)
+        record = _Record(
+            label=label,
+            pid=process.pid,
+            start_ticks=stat.start_ticks if stat else -1,
+            created_at=datetime.now(UTC),
+        )
+        _write_json(directory / RECORD_FILE, record)
+        return record
+
+    def _reap(self) -> None:
+        """Collect this worker's children that ended, keeping their exit codes on disk."""
+        with self._children_lock:
+            for instance_id, process in list(self._children.items()):
+                code = process.poll()
+                if code is None:
+                    continue
+                del self._children[instance_id]
+                directory = self._directory(instance_id)
+                if directory.is_dir():
+                    _write_json(directory / EXIT_FILE, _Exit(pid=process.pid, exit_code=code))
+
+    def _describe(self, instance_id: str, record: _Record) -> Instance:
+        self._reap()
+        instance = Instance(
+            provider=PROVIDER_NAME,
+            instance_id=instance_id,
+            label=record.label,
+            state="running",
+            gpu_name="local",
+            dollars_per_hour=0.0,
+        )
+        if self._destroyed(instance_id):
+            return instance.model_copy(update={"state": "gone", "message": "destroyed"})
+        if _same_process(record) is not None:
+            return instance
+        code = self._exit_code(instance_id, record)
+        if code is None:
+            ended = "runner exited (exit code unknown: another worker process started it)"
+        elif code < 0:
+            ended = f"runner was killed by {_signal_name(-code)}"
+        else:
+            ended = f"runner exited with code {code}"
+        tail = _log_tail(self._directory(instance_id) / LOG_FILE)
+        if tail:
+            ended += "; last lines of runner.log:\n" + "\n".join(tail)
+        return instance.model_copy(update={"state": "exited", "message": ended})
+
+    def _stop(self, instance_id: str, record: _Record) -> None:
+        """SIGTERM the runner's process group, then SIGKILL whatever is left after the timeout."""
+        for sig, timeout_s in ((signal.SIGTERM, self.stop_timeout_s), (signal.SIGKILL, 5.0)):
+            if not _group_members(record):
+                break
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(record.pid, sig)
+            deadline = time.monotonic() + timeout_s
+            while _group_members(record) and time.monotonic() < deadline:
+                time.sleep(_POLL_S)
+        self._reap()
