@@ -20,8 +20,12 @@ from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
 from temporalio.common import SearchAttributeKey
 from temporalio.testing import WorkflowEnvironment
 
-from worker.converter import data_converter, new_codec_key
+from worker.converter import data_converter
 from worker.settings import SEARCH_ATTRIBUTE, Settings
+
+# Fixed test-only keys, so histories recorded by the integration tests replay in later runs.
+TEST_CODEC_KEY = "bG9yYXRyYWluLXRlc3QtY29kZWMta2V5LTMyLWJ5dGU="
+TEST_MASTER_SECRET = "test-master-secret"
 
 
 def free_port() -> int:
@@ -68,8 +72,8 @@ def base_settings(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) ->
         s3_access_key_id="test",
         s3_secret_access_key=SecretStr("test"),
         bucket="loratrain-test",
-        codec_key=SecretStr(new_codec_key()),
-        webhook_master_secret=SecretStr("test-master-secret"),
+        codec_key=SecretStr(TEST_CODEC_KEY),
+        webhook_master_secret=SecretStr(TEST_MASTER_SECRET),
         civitai_api_key=None,
         state_dir=tmp_path_factory.mktemp("state"),
     )
@@ -82,7 +86,11 @@ def settings(base_settings: Settings, tmp_path: Path) -> Settings:
     s3 = s3_client_for(base_settings)
     s3.create_bucket(Bucket=bucket)
     return base_settings.model_copy(
-        update={"bucket": bucket, "task_queue": f"tq-{uuid.uuid4()}", "state_dir": tmp_path / "state"}
+        update={
+            "bucket": bucket,
+            "task_queue": f"tq-{uuid.uuid4()}",
+            "state_dir": tmp_path / "state",
+        }
     )
 
 
@@ -93,7 +101,9 @@ def s3_client_for(settings: Settings):  # type: ignore[no-untyped-def]
         region_name=settings.s3_region,
         aws_access_key_id=settings.s3_access_key_id,
         aws_secret_access_key=(
-            settings.s3_secret_access_key.get_secret_value() if settings.s3_secret_access_key else None
+            settings.s3_secret_access_key.get_secret_value()
+            if settings.s3_secret_access_key
+            else None
         ),
     )
 
@@ -129,7 +139,10 @@ async def dev_env(base_settings: Settings) -> AsyncIterator[WorkflowEnvironment]
         or str(Path(sys.executable).parent / "temporal"),
         search_attributes=[SearchAttributeKey.for_keyword(SEARCH_ATTRIBUTE)],
         data_converter=data_converter(base_settings),
-        dev_server_extra_args=["--dynamic-config-value", "frontend.enableUpdateWorkflowExecution=true"],
+        dev_server_extra_args=[
+            "--dynamic-config-value",
+            "frontend.enableUpdateWorkflowExecution=true",
+        ],
     )
     try:
         yield env

@@ -58,7 +58,7 @@ class S3Location(_Model):
 
 
 class OutputLocation(_Model):
-    """Where the trained model goes; unset parts default to the worker's bucket and the run's key."""
+    """Where the trained model goes; unset parts default to the worker bucket and the run key."""
 
     bucket: BucketName | None = None
     key: str | None = Field(default=None, min_length=1, max_length=1024)

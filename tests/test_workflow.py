@@ -1,0 +1,293 @@
+"""TrainingWorkflow on the time-skipping server with the real activities (local S3, local GPUs).
+
+Runner events are sent as signals here; the relay path is covered by the integration test.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+from temporalio.client import WorkflowFailureError, WorkflowHandle
+from temporalio.exceptions import ApplicationError, CancelledError
+from temporalio.testing import WorkflowEnvironment
+
+from activities.providers.base import Instance
+from gpu_runner.protocol import RunFailedData, RunnerEvent
+from worker.settings import Settings
+from workflows.models import RunStatus, RunStatusName
+from workflows.training import TrainingWorkflow
+
+from .workflow_support import (
+    SHORT_DEADLINES,
+    SLEEPING_RUNNER,
+    RecordingProvider,
+    ScriptedEvents,
+    local_model,
+    make_request,
+    put_dataset,
+    running_worker,
+    start_run,
+    wait_for_status,
+)
+
+MODEL_BYTES = b"trained-lora-weights" * 100
+
+
+@pytest.fixture
+def run_settings(settings: Settings) -> Settings:
+    return settings.model_copy(update={"local_runner_command": SLEEPING_RUNNER})
+
+
+@pytest.fixture
+def provider(run_settings: Settings) -> RecordingProvider:
+    return RecordingProvider(run_settings)
+
+
+@pytest.fixture
+def request_factory(s3: Any, run_settings: Settings, tmp_path: Path) -> Any:
+    images = put_dataset(s3, run_settings.bucket, "uploads/cats/")
+    model = local_model(tmp_path)
+
+    def make(**overrides: Any) -> Any:
+        overrides.setdefault("deadlines", SHORT_DEADLINES)
+        return make_request(images, model, **overrides)
+
+    return make
+
+
+def assert_no_instance_left(provider: RecordingProvider) -> None:
+    assert provider.list_instances() == []
+    assert sorted(provider.destroyed) == sorted(set(provider.created))
+    for instance_id in provider.created:
+        current = provider.get(instance_id)
+        assert current is None or current.state in ("exited", "gone")
+
+
+async def finish(handle: WorkflowHandle[Any, Any]) -> tuple[RunStatus, BaseException | None]:
+    try:
+        await handle.result()
+        error = None
+    except WorkflowFailureError as e:
+        error = e.cause
+    return await handle.query(TrainingWorkflow.status), error
+
+
+async def send_all(handle: WorkflowHandle[Any, Any], events: list[RunnerEvent]) -> None:
+    for event in events:
+        await handle.signal(TrainingWorkflow.runner_event, event)
+
+
+def upload_model(s3: Any, settings: Settings, run_id: str) -> str:
+    key = f"runs/{run_id}/model/lora.safetensors"
+    s3.put_object(Bucket=settings.bucket, Key=key, Body=MODEL_BYTES)
+    return key
+
+
+# Events that move a run from pendingGpu into the named status.
+READY_EVENTS = {
+    RunStatusName.PENDING_GPU: 0,
+    RunStatusName.PENDING_IMAGES: 1,
+    RunStatusName.PENDING_MODEL: 2,
+    RunStatusName.TRAINING: 4,
+}
+
+
+@pytest.mark.parametrize("stalled_in", list(READY_EVENTS))
+async def test_stall_in_each_gpu_status_ends_stalled_with_gpu_destroyed(
+    time_skipping_env: WorkflowEnvironment,
+    run_settings: Settings,
+    provider: RecordingProvider,
+    request_factory: Any,
+    stalled_in: RunStatusName,
+) -> None:
+    client = time_skipping_env.client
+    async with running_worker(client, run_settings, provider):
+        handle = await start_run(client, run_settings, request_factory(max_gpu_attempts=2))
+        await wait_for_status(handle, RunStatusName.PENDING_GPU)
+        script = ScriptedEvents(handle.id)
+        events = script.happy_path("unused", MODEL_BYTES)[: READY_EVENTS[stalled_in]]
+        await send_all(handle, events)
+        await wait_for_status(handle, stalled_in)
+        status, error = await finish(handle)
+
+    assert status.status == RunStatusName.STALLED
+    assert status.error is not None and status.error.code == "stalled"
+    assert status.error.stage == stalled_in.value
+    assert isinstance(error, ApplicationError) and error.type == "RunStalled"
+    # A GPU that never became ready is replaced once (max_gpu_attempts=2) before the stall.
+    expected_instances = 2 if stalled_in == RunStatusName.PENDING_GPU else 1
+    assert len(provider.created) == expected_instances
+    assert_no_instance_left(provider)
+    assert [c.status for c in status.history][-1] == RunStatusName.STALLED
+
+
+async def test_stall_while_pending_when_no_gpu_can_be_rented(
+    time_skipping_env: WorkflowEnvironment,
+    run_settings: Settings,
+    request_factory: Any,
+    tmp_path: Path,
+) -> None:
+    broken = run_settings.model_copy(
+        update={"local_runner_command": [str(tmp_path / "no-such-runner")]}
+    )
+    provider = RecordingProvider(broken)
+    client = time_skipping_env.client
+    async with running_worker(client, broken, provider):
+        handle = await start_run(client, broken, request_factory())
+        status, error = await finish(handle)
+
+    assert status.status == RunStatusName.STALLED
+    assert status.error is not None and status.error.stage == "pending"
+    assert isinstance(error, ApplicationError) and error.type == "RunStalled"
+    assert provider.created == []
+    assert_no_instance_left(provider)
+
+
+async def test_runner_failure_ends_failed_with_runner_message(
+    time_skipping_env: WorkflowEnvironment,
+    run_settings: Settings,
+    provider: RecordingProvider,
+    request_factory: Any,
+) -> None:
+    client = time_skipping_env.client
+    async with running_worker(client, run_settings, provider):
+        handle = await start_run(client, run_settings, request_factory())
+        await wait_for_status(handle, RunStatusName.PENDING_GPU)
+        script = ScriptedEvents(handle.id)
+        await send_all(handle, script.happy_path("unused", MODEL_BYTES)[:4])
+        await wait_for_status(handle, RunStatusName.TRAINING)
+        failure = RunFailedData(
+            stage="training",
+            code="loss_diverged",
+            message="loss became NaN at step 7",
+            log_tail=["steps: 58%", "loss=nan"],
+        )
+        await send_all(handle, [script.next("run.failed", failure)])
+        status, error = await finish(handle)
+
+    assert status.status == RunStatusName.FAILED
+    assert status.error is not None
+    assert status.error.message == "loss became NaN at step 7"
+    assert status.error.code == "loss_diverged"
+    assert status.error.log_tail == ["steps: 58%", "loss=nan"]
+    assert isinstance(error, ApplicationError) and error.type == "RunFailed"
+    assert len(provider.created) == 1
+    assert_no_instance_left(provider)
+
+
+async def test_cancel_during_training_ends_cancelled_with_gpu_destroyed(
+    time_skipping_env: WorkflowEnvironment,
+    run_settings: Settings,
+    provider: RecordingProvider,
+    request_factory: Any,
+) -> None:
+    client = time_skipping_env.client
+    async with running_worker(client, run_settings, provider):
+        handle = await start_run(client, run_settings, request_factory())
+        await wait_for_status(handle, RunStatusName.PENDING_GPU)
+        await send_all(handle, ScriptedEvents(handle.id).happy_path("unused", MODEL_BYTES)[:5])
+        await wait_for_status(handle, RunStatusName.TRAINING)
+        await handle.cancel()
+        status, error = await finish(handle)
+
+    assert isinstance(error, CancelledError)
+    assert status.status == RunStatusName.CANCELLED
+    assert status.progress is not None and status.progress.step == 10
+    assert len(provider.created) == 1
+    assert_no_instance_left(provider)
+
+
+async def run_with_events(
+    env: WorkflowEnvironment,
+    settings: Settings,
+    provider: RecordingProvider,
+    request: Any,
+    s3: Any,
+    arrange: Any,
+) -> RunStatus:
+    client = env.client
+    async with running_worker(client, settings, provider):
+        handle = await start_run(client, settings, request)
+        await wait_for_status(handle, RunStatusName.PENDING_GPU)
+        key = upload_model(s3, settings, handle.id)
+        events = ScriptedEvents(handle.id).happy_path(key, MODEL_BYTES)
+        await send_all(handle, arrange(events))
+        status, error = await finish(handle)
+    assert error is None, error
+    return status
+
+
+async def test_duplicated_and_shuffled_events_reach_the_same_final_state(
+    time_skipping_env: WorkflowEnvironment,
+    run_settings: Settings,
+    request_factory: Any,
+    s3: Any,
+) -> None:
+    in_order = await run_with_events(
+        time_skipping_env,
+        run_settings,
+        RecordingProvider(run_settings),
+        request_factory(),
+        s3,
+        lambda events: events,
+    )
+
+    def duplicated_and_shuffled(events: list[RunnerEvent]) -> list[RunnerEvent]:
+        tripled = events * 3
+        random.Random(7).shuffle(tripled)
+        return tripled
+
+    provider = RecordingProvider(run_settings)
+    shuffled = await run_with_events(
+        time_skipping_env, run_settings, provider, request_factory(), s3, duplicated_and_shuffled
+    )
+
+    def outcome(status: RunStatus) -> dict[str, Any]:
+        return status.model_dump(
+            include={"status", "progress", "epoch_losses", "best_checkpoint", "attempt"}
+        ) | {"result": status.result and status.result.model_dump(exclude={"location"})}
+
+    assert in_order.status == RunStatusName.COMPLETED
+    assert outcome(shuffled) == outcome(in_order)
+    # The status still walks the seed's order, whatever order the events came in.
+    walked = [c.status for c in shuffled.history]
+    assert walked == [
+        RunStatusName.PENDING,
+        RunStatusName.PENDING_GPU,
+        RunStatusName.PENDING_IMAGES,
+        RunStatusName.PENDING_MODEL,
+        RunStatusName.TRAINING,
+        RunStatusName.COMPLETED,
+    ]
+    assert len(provider.created) == 1
+    assert_no_instance_left(provider)
+
+
+class RaisingAfterCreateProvider(RecordingProvider):
+    """Creates the instance, then fails the call: the provider answered garbage, say."""
+
+    def create(self, label: str, job_url: str, requirements: Any) -> Instance:
+        super().create(label, job_url, requirements)
+        raise ApplicationError(
+            "provider answered garbage", type="ProviderError", non_retryable=True
+        )
+
+
+async def test_instance_created_by_a_failing_allocation_is_not_left_behind(
+    time_skipping_env: WorkflowEnvironment,
+    run_settings: Settings,
+    request_factory: Any,
+) -> None:
+    provider = RaisingAfterCreateProvider(run_settings)
+    client = time_skipping_env.client
+    async with running_worker(client, run_settings, provider):
+        handle = await start_run(client, run_settings, request_factory())
+        status, _ = await finish(handle)
+
+    assert status.status == RunStatusName.FAILED
+    assert status.error is not None and status.error.code == "ProviderError"
+    assert len(provider.created) == 1
+    assert_no_instance_left(provider)

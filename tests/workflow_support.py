@@ -1,0 +1,179 @@
+"""Shared pieces for workflow tests: datasets in S3, a local model, a worker, scripted events."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+from temporalio.client import Client, WorkflowHandle
+from temporalio.worker import Worker
+
+from activities.providers.base import Instance
+from activities.providers.local import LocalProvider
+from gpu_runner.protocol import (
+    EventType,
+    FilesReadyData,
+    GpuReadyData,
+    ImagesReadyData,
+    ModelReadyData,
+    ModelUploadedData,
+    RunnerEvent,
+    TrainingCompletedData,
+    TrainingProgressData,
+    make_event,
+)
+from worker.main import build_worker
+from worker.settings import Settings
+from workflows.models import Deadlines, RunStatus, RunStatusName, S3Prefix, TrainingRequest
+from workflows.training import TrainingWorkflow
+
+PNG = b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\rIHDR" + bytes(64)
+JPEG = b"\xff\xd8\xff\xe0" + bytes(64)
+SLEEPING_RUNNER = [sys.executable, "-c", "import time; time.sleep(3600)"]
+
+
+def put_dataset(s3: Any, bucket: str, prefix: str, count: int = 3) -> S3Prefix:
+    for i in range(count):
+        s3.put_object(Bucket=bucket, Key=f"{prefix}img{i}.png", Body=PNG + bytes([i]))
+        s3.put_object(Bucket=bucket, Key=f"{prefix}img{i}.txt", Body=f"photo {i}".encode())
+    return S3Prefix(bucket=bucket, prefix=prefix)
+
+
+def local_model(tmp_path: Path) -> Path:
+    path = tmp_path / "base-sd15.safetensors"
+    path.write_bytes(b"{}" + bytes(1024))
+    return path
+
+
+def make_request(images: S3Prefix, model: Path, **overrides: Any) -> TrainingRequest:
+    fields: dict[str, Any] = {"images": images, "model": str(model)}
+    fields.update(overrides)
+    return TrainingRequest.model_validate(fields)
+
+
+SHORT_DEADLINES = Deadlines(
+    pending_s=120,
+    pending_gpu_s=300,
+    pending_images_s=300,
+    pending_model_s=300,
+    training_idle_s=300,
+    training_total_s=3600,
+)
+
+
+class RecordingProvider(LocalProvider):
+    """The real local provider, counting the instances it created and destroyed."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.created: list[str] = []
+        self.destroyed: list[str] = []
+
+    def create(self, label: str, job_url: str, requirements: Any) -> Instance:
+        instance = super().create(label, job_url, requirements)
+        self.created.append(instance.instance_id)
+        return instance
+
+    def destroy(self, instance_id: str) -> bool:
+        destroyed = super().destroy(instance_id)
+        if destroyed:
+            self.destroyed.append(instance_id)
+        return destroyed
+
+
+@asynccontextmanager
+async def running_worker(
+    client: Client, settings: Settings, provider: LocalProvider
+) -> AsyncIterator[Worker]:
+    with ThreadPoolExecutor(max_workers=32) as executor:
+        worker = build_worker(client, settings, executor, provider)
+        async with worker:
+            yield worker
+
+
+async def start_run(
+    client: Client, settings: Settings, request: TrainingRequest, run_id: str | None = None
+) -> WorkflowHandle[TrainingWorkflow, RunStatus]:
+    return await client.start_workflow(
+        TrainingWorkflow.run,
+        request,
+        id=run_id or f"run-{uuid.uuid4().hex[:12]}",
+        task_queue=settings.task_queue,
+    )
+
+
+async def wait_for_status(
+    handle: WorkflowHandle[Any, Any], status: RunStatusName, timeout_s: float = 20.0
+) -> RunStatus:
+    """Poll the status query in real time (no time skipping happens while polling)."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        current: RunStatus = await handle.query(TrainingWorkflow.status)
+        if current.status == status:
+            return current
+        if current.status.terminal or loop.time() > deadline:
+            raise AssertionError(f"expected {status}, run is {current.status}: {current.error}")
+        await asyncio.sleep(0.05)
+
+
+class ScriptedEvents:
+    """Builds a runner's events for one run attempt, numbered like the real runner numbers them."""
+
+    def __init__(self, run_id: str, attempt: int = 1) -> None:
+        self.run_id = run_id
+        self.attempt = attempt
+        self.seq = 0
+
+    def next(self, event_type: EventType, data: BaseModel) -> RunnerEvent:
+        self.seq += 1
+        return make_event(self.run_id, self.seq, data, event_type, attempt=self.attempt)
+
+    def happy_path(self, model_key: str, model_bytes: bytes, epochs: int = 2) -> list[RunnerEvent]:
+        losses = [0.2 - 0.05 * i for i in range(epochs)]
+        events = [
+            self.next("gpu.ready", GpuReadyData(gpu_name="Test GPU", vram_mb=24576)),
+            self.next("images.ready", ImagesReadyData(image_count=3, bytes=300)),
+            self.next(
+                "model.ready",
+                ModelReadyData(filename="base.safetensors", bytes=1026, sha256_verified=True),
+            ),
+            self.next("files.ready", FilesReadyData(total_steps=10 * epochs)),
+        ]
+        for epoch in range(1, epochs + 1):
+            events.append(
+                self.next(
+                    "training.progress",
+                    TrainingProgressData(
+                        step=10 * epoch, total=10 * epochs, epoch=epoch, loss=losses[epoch - 1]
+                    ),
+                )
+            )
+        events.append(
+            self.next(
+                "training.completed",
+                TrainingCompletedData(epoch_losses=losses, best_epoch=epochs),
+            )
+        )
+        events.append(
+            self.next(
+                "model.uploaded",
+                ModelUploadedData(
+                    key=model_key,
+                    bytes=len(model_bytes),
+                    sha256=hashlib.sha256(model_bytes).hexdigest(),
+                    epoch=epochs,
+                    loss=losses[-1],
+                ),
+            )
+        )
+        return events

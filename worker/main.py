@@ -1,0 +1,113 @@
+"""The Temporal worker process: every workflow and activity of loratrain on one task queue."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import boto3
+from botocore.config import Config
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from activities.civitai import ModelActivities
+from activities.gpu import GpuActivities
+from activities.notify import NotifyActivities
+from activities.providers.base import GpuProvider
+from activities.storage import StorageActivities
+from workflows.notify import UserWebhookWorkflow
+from workflows.training import TrainingWorkflow
+
+from .converter import data_converter
+from .settings import Settings
+
+log = logging.getLogger("loratrain.worker")
+
+WORKFLOWS: list[type] = [TrainingWorkflow, UserWebhookWorkflow]
+
+
+async def connect_client(settings: Settings) -> Client:
+    """A Temporal client with the project's data converter (pydantic + encryption)."""
+    return await Client.connect(
+        settings.temporal_address,
+        namespace=settings.temporal_namespace,
+        data_converter=data_converter(settings),
+    )
+
+
+def s3_client(settings: Settings) -> Any:
+    secret = settings.s3_secret_access_key
+    return boto3.client(
+        "s3",
+        endpoint_url=settings.s3_endpoint_url,
+        region_name=settings.s3_region,
+        aws_access_key_id=settings.s3_access_key_id,
+        aws_secret_access_key=secret.get_secret_value() if secret else None,
+        config=Config(
+            connect_timeout=settings.http_timeout_s,
+            read_timeout=settings.http_timeout_s,
+            retries={"max_attempts": 3, "mode": "standard"},
+            signature_version="s3v4",
+        ),
+    )
+
+
+def gpu_provider(settings: Settings) -> GpuProvider:
+    if settings.gpu_provider == "local":
+        from activities.providers.local import LocalProvider
+
+        return LocalProvider(settings)
+    raise ValueError(f"GPU provider {settings.gpu_provider!r} is not available yet")
+
+
+def activities_for(settings: Settings, provider: GpuProvider | None = None) -> list[Any]:
+    """Every activity, bound to clients built from `settings`."""
+    s3 = s3_client(settings)
+    storage = StorageActivities(s3, settings)
+    models = ModelActivities(s3, settings)
+    gpu = GpuActivities(provider or gpu_provider(settings), settings)
+    notify = NotifyActivities(settings)
+    return [
+        storage.validate_images,
+        storage.build_images_zip,
+        storage.write_job_spec,
+        storage.verify_upload,
+        models.resolve_model,
+        gpu.allocate_gpu,
+        gpu.get_gpu_instance,
+        gpu.deallocate_gpu,
+        gpu.release_run_gpus,
+        notify.send_user_webhook,
+    ]
+
+
+def build_worker(
+    client: Client,
+    settings: Settings,
+    executor: ThreadPoolExecutor,
+    provider: GpuProvider | None = None,
+) -> Worker:
+    return Worker(
+        client,
+        task_queue=settings.task_queue,
+        workflows=WORKFLOWS,
+        activities=activities_for(settings, provider),
+        activity_executor=executor,
+        max_concurrent_activities=32,
+    )
+
+
+async def run_worker(settings: Settings) -> None:
+    """Run the worker until cancelled (Ctrl-C)."""
+    client = await connect_client(settings)
+    with ThreadPoolExecutor(max_workers=32, thread_name_prefix="activity") as executor:
+        worker = build_worker(client, settings, executor)
+        log.info(
+            "worker polling task queue %s at %s", settings.task_queue, settings.temporal_address
+        )
+        try:
+            await worker.run()
+        except asyncio.CancelledError:
+            await worker.shutdown()
