@@ -201,9 +201,12 @@ class StorageActivities:
             bucket=input.output.bucket or self.settings.bucket,
             key=input.output.key or f"{run_prefix}/model/{training.output_name}.safetensors",
         )
-        civitai_api_key = input.civitai_api_key
-        if civitai_api_key is None and self.settings.civitai_api_key is not None:
-            civitai_api_key = self.settings.civitai_api_key.get_secret_value()
+        # The key only travels to boxes that need it to download the model.
+        civitai_api_key = None
+        if model.needs_civitai_key:
+            civitai_api_key = input.civitai_api_key
+            if civitai_api_key is None and self.settings.civitai_api_key is not None:
+                civitai_api_key = self.settings.civitai_api_key.get_secret_value()
         spec = JobSpec(
             run_id=input.run_id,
             attempt=input.attempt,
@@ -317,6 +320,8 @@ class StorageActivities:
         for obj in self._list(images.bucket, folder, where):
             key = obj["Key"]
             if key.endswith("/"):  # a "directory marker" some tools create
+                continue
+            if _is_os_clutter(key[len(folder) :]):
                 continue
             item = _DatasetFile(
                 bucket=images.bucket,
@@ -683,3 +688,12 @@ def _reject(where: str, problems: list[tuple[str, str]], dataset_problems: list[
     raise ApplicationError(
         message, lines[:_DETAIL_PROBLEMS], type=INVALID_DATASET, non_retryable=True
     )
+
+
+_OS_CLUTTER = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
+
+
+def _is_os_clutter(name: str) -> bool:
+    """Files that file managers leave beside images (macOS, Windows): skipped, not errors."""
+    parts = name.split("/")
+    return parts[-1] in _OS_CLUTTER or parts[-1].startswith("._") or "__MACOSX" in parts[:-1]

@@ -23,3 +23,10 @@ class RunnerSettings(BaseSettings):
     runner_retry_initial_s: float = 1.0
     runner_retry_max_s: float = 60.0
     runner_max_unzipped_bytes: int = 6 * 1024**3
+    # Free disk kept beyond model + images x2 (unzipped copy) for checkpoints and logs.
+    runner_disk_margin_bytes: int = 2 * 1024**3
+    # "module:callable" taking RunnerSettings and returning a Trainer; overrides the job's trainer.
+    # For tests and the embedded demo on machines without sd-scripts; unset in the GPU image.
+    runner_trainer_factory: str | None = None
+    # How long the trainer's process group gets to exit after SIGTERM before SIGKILL.
+    runner_trainer_stop_grace_s: float = 15.0

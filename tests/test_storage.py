@@ -99,6 +99,20 @@ def test_validate_counts_images_captions_and_bytes(settings: Settings, s3: Any) 
     assert summary.total_bytes == sum(len(b) for b in GOOD_FILES.values())
 
 
+def test_file_manager_clutter_is_skipped_not_rejected(settings: Settings, s3: Any) -> None:
+    upload_dataset(s3, settings.bucket, GOOD_FILES)
+    for clutter in (".DS_Store", "sub/._b.png", "__MACOSX/sub/._c.webp", "Thumbs.db"):
+        put(s3, settings.bucket, f"{PREFIX}/{clutter}", b"\x00\x05\x16\x07 metadata")
+    acts = StorageActivities(s3, settings)
+
+    summary = acts.validate_images(dataset(settings))
+    result = acts.build_images_zip(dataset(settings, run_id="run-clutter"))
+
+    assert summary.image_count == 4
+    with zipfile.ZipFile(io.BytesIO(read_object(s3, result.location))) as archive:
+        assert archive.namelist() == sorted(GOOD_FILES)
+
+
 def test_empty_prefix_is_rejected(settings: Settings, s3: Any) -> None:
     put(s3, settings.bucket, f"{PREFIX}/only-a-caption.txt", b"a cat")
 
@@ -430,6 +444,22 @@ def test_job_spec_uses_the_requested_output_and_the_worker_key(settings: Setting
     spec = JobSpec.model_validate_json(httpx.get(ref.job_url, timeout=10).content)
     assert spec.upload.key == "models/mine.safetensors"
     assert spec.civitai_api_key == worker_key
+
+
+def test_job_spec_carries_no_civitai_key_when_the_model_needs_none(
+    settings: Settings, s3: Any
+) -> None:
+    upload_dataset(s3, settings.bucket, GOOD_FILES)
+    keyed = settings.model_copy(update={"civitai_api_key": SecretStr("civitai-worker-key-1")})
+    acts = StorageActivities(s3, keyed)
+    images_zip = acts.build_images_zip(dataset(keyed, run_id="run-job"))
+    s3_model = SDXL_MODEL.model_copy(update={"needs_civitai_key": False})
+
+    ref = acts.write_job_spec(job_input(images_zip).model_copy(update={"model": s3_model}))
+
+    raw = httpx.get(ref.job_url, timeout=10).raise_for_status().text
+    assert JobSpec.model_validate_json(raw).civitai_api_key is None
+    assert CIVITAI_KEY not in raw and "civitai-worker-key-1" not in raw
 
 
 def test_job_spec_rejects_an_unsafe_run_id(settings: Settings, s3: Any) -> None:

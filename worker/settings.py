@@ -11,9 +11,15 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SEARCH_ATTRIBUTE = "LoraTrainingStatus"
 
+# Written by `loratrain dev` on its first start (codec key, master secret, local S3), so every
+# command run from the same directory talks to the embedded stack. Real env vars win over it.
+DEV_ENV_FILE = Path(".loratrain") / "dev.env"
+
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="LORA_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="LORA_", env_file=(DEV_ENV_FILE,), env_file_encoding="utf-8", extra="ignore"
+    )
 
     # Temporal
     temporal_address: str = "127.0.0.1:7233"

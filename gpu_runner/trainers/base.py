@@ -40,7 +40,12 @@ class TrainerError(Exception):
     """A failure to report as run.failed: stable code, readable message, redacted log tail."""
 
     def __init__(
-        self, code: str, message: str, *, stage: Stage = "training", log_tail: list[str] | None = None
+        self,
+        code: str,
+        message: str,
+        *,
+        stage: Stage = "training",
+        log_tail: list[str] | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
@@ -56,7 +61,9 @@ class Trainer(Protocol):
     def prepare(self, inputs: TrainingInputs) -> PreparedTraining:
         """Write the dataset layout and config files; raise TrainerError for unsupported input."""
 
-    async def train(self, prepared: PreparedTraining, on_progress: ProgressCallback) -> TrainingResult:
+    async def train(
+        self, prepared: PreparedTraining, on_progress: ProgressCallback
+    ) -> TrainingResult:
         """Run to the end and return the best checkpoint; raise TrainerError on any failure."""
 
     async def stop(self) -> None:
