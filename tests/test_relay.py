@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
+from pydantic import SecretStr
 from temporalio import workflow
 from temporalio.api.common.v1 import Payload
 from temporalio.client import WorkflowExecutionStatus, WorkflowHandle
@@ -621,3 +622,26 @@ async def test_events_endpoint_has_no_cors(relay: str, run: Run, http: httpx.Asy
 async def test_missing_master_secret_fails_at_startup(relay_settings: Settings) -> None:
     with pytest.raises(RuntimeError, match="LORA_WEBHOOK_MASTER_SECRET"):
         create_app(relay_settings.model_copy(update={"webhook_master_secret": None}))
+
+
+async def test_codec_with_a_token_refuses_callers_without_it(
+    dev_env: WorkflowEnvironment, relay_settings: Settings, http: httpx.AsyncClient
+) -> None:
+    guarded = relay_settings.model_copy(update={"codec_auth_token": SecretStr("operator-token")})
+    plain = Payload(metadata={"encoding": b"json/plain"}, data=b'"hello"')
+    [encrypted] = await codec_from_settings(relay_settings).encode([plain])
+    body = {"payloads": [payload_json(encrypted)]}
+    with serve_asgi(create_app(guarded, dev_env.client)) as base_url:
+        anonymous = await http.post(f"{base_url}/codec/decode", json=body)
+        wrong = await http.post(
+            f"{base_url}/codec/decode", json=body, headers={"authorization": "Bearer guess"}
+        )
+        operator = await http.post(
+            f"{base_url}/codec/decode",
+            json=body,
+            headers={"authorization": "Bearer operator-token"},
+        )
+    assert anonymous.status_code == 401 and wrong.status_code == 401
+    assert "payloads" not in anonymous.json()
+    assert operator.status_code == 200
+    assert operator.json() == {"payloads": [payload_json(plain)]}

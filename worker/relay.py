@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import re
 import time
@@ -264,10 +265,17 @@ def _events_endpoint(
 
 
 def _codec_endpoint(
-    convert: Callable[[Sequence[Payload]], Awaitable[list[Payload]]], verb: str
+    convert: Callable[[Sequence[Payload]], Awaitable[list[Payload]]],
+    verb: str,
+    token: str | None,
 ) -> Callable[[Request], Awaitable[Response]]:
+    expected = f"Bearer {token}".encode() if token else None
+
     async def endpoint(request: Request) -> Response:
         try:
+            given = request.headers.get("authorization", "").encode()
+            if expected is not None and not hmac.compare_digest(given, expected):
+                raise Rejection(401, "the codec server needs Authorization: Bearer <token>")
             body = await _read_limited_body(request, MAX_CODEC_BYTES)
             try:
                 payloads = json_format.Parse(body, Payloads())
@@ -288,10 +296,12 @@ def _codec_endpoint(
     return endpoint
 
 
-def _codec_routes(codec: EncryptionCodec) -> list[Route]:
+def _codec_routes(codec: EncryptionCodec, settings: Settings) -> list[Route]:
+    secret = settings.codec_auth_token
+    token = secret.get_secret_value() if secret else None
     return [
-        Route("/decode", _codec_endpoint(codec.decode, "decode"), methods=["POST"]),
-        Route("/encode", _codec_endpoint(codec.encode, "encode"), methods=["POST"]),
+        Route("/decode", _codec_endpoint(codec.decode, "decode", token), methods=["POST"]),
+        Route("/encode", _codec_endpoint(codec.encode, "encode", token), methods=["POST"]),
     ]
 
 
@@ -340,7 +350,7 @@ def create_app(settings: Settings, client: Client | None = None) -> Starlette:
             ),
             Mount(
                 "/codec",
-                routes=_codec_routes(codec),
+                routes=_codec_routes(codec, settings),
                 # Only the codec server is called from browsers (the Temporal UI).
                 middleware=[
                     Middleware(

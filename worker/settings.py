@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     relay_port: int = 8088
     relay_public_url: str = "http://127.0.0.1:8088"
     webhook_master_secret: SecretStr | None = None
+    # When set, the codec routes answer only requests with `Authorization: Bearer <token>`;
+    # set it wherever GPU boxes (the public internet) can reach the relay.
+    codec_auth_token: SecretStr | None = None
     codec_cors_origins: list[str] = ["http://127.0.0.1:8233", "http://localhost:8233"]
 
     # Civitai
