@@ -20,6 +20,8 @@ class RunnerSettings(BaseSettings):
     runner_tokenizer_cache_dir: Path = Path("/opt/tokenizers")
     runner_require_gpu: bool = True
     runner_http_timeout_s: float = 30.0
+    # At most one training.progress event this often (plus one per epoch and the last step).
+    runner_progress_interval_s: float = 10.0
     runner_retry_initial_s: float = 1.0
     runner_retry_max_s: float = 60.0
     runner_max_unzipped_bytes: int = 6 * 1024**3

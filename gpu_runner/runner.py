@@ -1,0 +1,675 @@
+"""The GPU side of a run: read the job, fetch inputs, train, upload, and report every step.
+
+Exit codes: 0 uploaded, 1 the run failed (run.failed was sent), 2 the job could not be read,
+3 the relay said the run is closed (410), 4 the relay was unreachable for the orphan timeout,
+128 + signal number when terminated (143 for SIGTERM).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import re
+import signal
+import sys
+import time
+from collections.abc import Coroutine, Iterable
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar, cast
+
+import httpx
+from pydantic import BaseModel, ValidationError
+
+from gpu_runner.archive import ArchiveError, safe_extract
+from gpu_runner.downloads import DownloadError, DownloadResult, DownloadSpec, download, redact_url
+from gpu_runner.events import EventSender
+from gpu_runner.protocol import (
+    EventType,
+    FilesReadyData,
+    GpuReadyData,
+    HeartbeatData,
+    ImagesReadyData,
+    JobSpec,
+    ModelReadyData,
+    ModelUploadedData,
+    RunFailedData,
+    Stage,
+    TrainingCompletedData,
+    TrainingProgressData,
+)
+from gpu_runner.settings import RunnerSettings
+from gpu_runner.system import free_disk_bytes, probe_gpu, required_disk_bytes
+from gpu_runner.trainers.base import (
+    PreparedTraining,
+    Trainer,
+    TrainerError,
+    TrainingInputs,
+    TrainingResult,
+)
+from gpu_runner.upload import UploadError, upload_file
+
+log = logging.getLogger("gpu_runner")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_BAD_JOB = 2
+EXIT_RUN_CLOSED = 3
+EXIT_ORPHANED = 4
+
+LOG_TAIL_LINES = 50
+JOB_FETCH_ATTEMPTS = 4
+STOP_TRAINER_TIMEOUT_S = 30.0
+TERMINATE_FLUSH_S = 8.0  # docker stop waits 10 s before SIGKILL
+_HEARTBEAT_STAGES: frozenset[Stage] = frozenset({"images", "model", "training", "upload"})
+
+_MILESTONES: frozenset[EventType] = frozenset(
+    {
+        "gpu.ready",
+        "images.ready",
+        "model.ready",
+        "files.ready",
+        "training.completed",
+        "model.uploaded",
+    }
+)
+
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------------------------
+# Redaction and logging
+# --------------------------------------------------------------------------------------------
+
+_URL_QUERY = re.compile(r"((?:https?|s3|file)://[^\s?#\"'<>]*)\?[^\s\"'<>]*")
+_AMZ_QUERY = re.compile(r"\?[^\s\"'<>]*X-Amz-[^\s\"'<>]*")
+REDACTED = "[redacted]"
+
+
+class Redactor:
+    """Removes the run's secrets and URL query strings (presigned signatures) from text."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        self._secrets: list[str] = []
+        self.add(secrets)
+
+    def add(self, secrets: Iterable[str]) -> None:
+        for secret in secrets:
+            if secret and secret not in self._secrets:
+                self._secrets.append(secret)
+        self._secrets.sort(key=len, reverse=True)  # longest first, so no partial leaks remain
+
+    def __call__(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, REDACTED)
+        text = _URL_QUERY.sub(rf"\1?{REDACTED}", text)
+        return _AMZ_QUERY.sub(f"?{REDACTED}", text)
+
+
+class RedactingFormatter(logging.Formatter):
+    def __init__(self, redactor: Redactor) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self._redact = redactor
+
+    def format(self, record: logging.LogRecord) -> str:
+        return self._redact(super().format(record))
+
+
+def configure_logging(redactor: Redactor, level: int = logging.INFO) -> None:
+    """Every log line goes to stderr through the redactor."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(RedactingFormatter(redactor))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # httpx logs each request with its full URL at INFO; keep it to warnings.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
+
+
+# --------------------------------------------------------------------------------------------
+# Job intake
+# --------------------------------------------------------------------------------------------
+
+
+class JobIntakeError(Exception):
+    """The job spec could not be fetched or is not valid; the message holds no secrets."""
+
+
+async def load_job(settings: RunnerSettings) -> JobSpec:
+    """Fetch and validate the job spec from LORA_JOB_URL (a presigned GET)."""
+    url = settings.job_url
+    if not url:
+        raise JobIntakeError("LORA_JOB_URL is not set: the runner needs the job spec's URL")
+    shown = redact_url(url)
+    delay = settings.runner_retry_initial_s
+    body = b""
+    async with httpx.AsyncClient(timeout=settings.runner_http_timeout_s) as client:
+        for attempt in range(1, JOB_FETCH_ATTEMPTS + 1):
+            try:
+                response = await client.get(url, follow_redirects=True)
+            except httpx.HTTPError as e:
+                problem = f"{type(e).__name__}"
+            else:
+                if response.status_code == 200:
+                    body = response.content
+                    break
+                if response.status_code < 500 and response.status_code != 429:
+                    raise JobIntakeError(
+                        f"cannot read the job spec at {shown}: HTTP {response.status_code} "
+                        "(the URL may have expired or the job was removed)"
+                    )
+                problem = f"HTTP {response.status_code}"
+            if attempt == JOB_FETCH_ATTEMPTS:
+                raise JobIntakeError(
+                    f"cannot read the job spec at {shown} after {attempt} attempts: {problem}"
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, settings.runner_retry_max_s)
+    try:
+        return JobSpec.model_validate_json(body)
+    except ValidationError as e:
+        # Only locations and messages: the input values may be secrets.
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in e.errors()
+        )
+        raise JobIntakeError(f"the job spec at {shown} is not valid: {problems}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+
+
+class StepFailed(Exception):
+    """A step that failed in a way to report as run.failed."""
+
+    def __init__(
+        self, stage: Stage, code: str, message: str, log_tail: list[str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.stage: Stage = stage
+        self.code = code
+        self.message = message
+        self.log_tail = log_tail or []
+
+
+def load_trainer(spec: JobSpec, settings: RunnerSettings) -> Trainer:
+    """The trainer the job asks for (or the settings' override, for tests and demos)."""
+    if settings.runner_trainer_factory:
+        module_name, _, attr = settings.runner_trainer_factory.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as e:
+            raise StepFailed(
+                "runner",
+                "trainer_unavailable",
+                f"cannot load the trainer factory {settings.runner_trainer_factory}: {e}",
+            ) from None
+        trainer = factory(settings)
+        return cast(Trainer, trainer)
+    if spec.trainer == "builtin":
+        raise StepFailed(
+            "runner",
+            "trainer_unavailable",
+            "the builtin trainer is not available yet; start the run with trainer 'sd-scripts'",
+        )
+    try:
+        from gpu_runner.trainers.sd_scripts import SdScriptsTrainer
+    except ImportError as e:
+        raise StepFailed(
+            "runner",
+            "trainer_unavailable",
+            f"the sd-scripts trainer cannot be loaded in this image: {e}",
+        ) from None
+    sd_scripts: Trainer = SdScriptsTrainer(settings)
+    return sd_scripts
+
+
+class Runner:
+    """One run attempt on this machine. `run()` returns the process exit code."""
+
+    def __init__(
+        self,
+        spec: JobSpec,
+        settings: RunnerSettings,
+        *,
+        trainer: Trainer | None = None,
+        redactor: Redactor | None = None,
+        nvidia_smi: str = "nvidia-smi",
+    ) -> None:
+        self.spec = spec
+        self.settings = settings
+        self._trainer = trainer
+        self._redact = redactor or Redactor()
+        self._redact.add(spec.secrets())
+        self._nvidia_smi = nvidia_smi
+        self.run_dir = settings.runner_workdir / spec.run_id
+        self._stage: Stage = "runner"
+        self._bytes_done: dict[str, int] = {}
+        self._bytes_total: dict[str, int | None] = {}
+        self._images_ready = asyncio.Event()
+        self._training = False
+        self._terminate_signal: int | None = None
+        self._terminated = asyncio.Event()
+        self._http = httpx.AsyncClient(timeout=settings.runner_http_timeout_s)
+        self.sender = EventSender(
+            run_id=spec.run_id,
+            attempt=spec.attempt,
+            events_url=spec.events_url,
+            secret=spec.webhook_secret,
+            client=self._http,
+            orphan_timeout_s=spec.limits.orphan_timeout_s,
+            retry_initial_s=settings.runner_retry_initial_s,
+            retry_max_s=settings.runner_retry_max_s,
+        )
+
+    # ---- control ---------------------------------------------------------------------------
+
+    def terminate(self, signum: int = signal.SIGTERM) -> None:
+        """Ask the run to stop (SIGTERM/SIGINT): the trainer is stopped, run.failed is sent."""
+        if self._terminate_signal is None:
+            self._terminate_signal = signum
+        self._terminated.set()
+
+    async def run(self, *, handle_signals: bool = False) -> int:
+        started = time.monotonic()
+        loop = asyncio.get_running_loop()
+        if handle_signals:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signum, self.terminate, signum)
+        self.sender.start()
+        heartbeats = asyncio.create_task(self._heartbeats(), name="heartbeats")
+        steps = asyncio.create_task(self._steps(), name="steps")
+        gave_up = asyncio.create_task(self.sender.gave_up.wait())
+        terminated = asyncio.create_task(self._terminated.wait())
+        try:
+            remaining = self.spec.limits.max_runtime_s - (time.monotonic() - started)
+            done, _ = await asyncio.wait(
+                {steps, gave_up, terminated},
+                timeout=max(remaining, 0),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if gave_up in done:
+                await self._halt(steps)
+                if self.sender.give_up_reason == "closed":
+                    return EXIT_RUN_CLOSED
+                return EXIT_ORPHANED
+            if steps in done:  # finished or failed on its own: report that, even if a signal came
+                error = steps.exception()
+                if error is None:
+                    return await self._flush_and_exit(EXIT_OK)
+                self._send_failure(self._as_step_failed(error))
+                return await self._flush_and_exit(EXIT_FAILED)
+            if terminated in done:
+                received = int(self._terminate_signal or signal.SIGTERM)
+                log.warning("received %s: stopping the run", signal.Signals(received).name)
+                stage = self._stage
+                await self._halt(steps)
+                self._send_failure(
+                    StepFailed(stage, "terminated", "the runner was terminated by its host")
+                )
+                await self.sender.flush(TERMINATE_FLUSH_S)
+                return 128 + received
+            # None of them: the run hit its hard runtime cap.
+            stage = self._stage
+            await self._halt(steps)
+            self._send_failure(
+                StepFailed(
+                    stage,
+                    "max_runtime_exceeded",
+                    f"the run took longer than its limit of {self.spec.limits.max_runtime_s} s",
+                )
+            )
+            return await self._flush_and_exit(EXIT_FAILED)
+        finally:
+            for task in (heartbeats, gave_up, terminated):
+                task.cancel()
+            await asyncio.gather(heartbeats, gave_up, terminated, return_exceptions=True)
+            await self.sender.close()
+            await self._http.aclose()
+            if handle_signals:
+                for signum in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(signum)
+
+    async def _flush_and_exit(self, code: int) -> int:
+        # The sender gives up by itself after the orphan timeout; the margin only guards that.
+        flush = asyncio.create_task(self.sender.flush(self.spec.limits.orphan_timeout_s + 5))
+        terminated = asyncio.create_task(self._terminated.wait())
+        done, _ = await asyncio.wait({flush, terminated}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (flush, terminated):
+            task.cancel()
+        await asyncio.gather(flush, terminated, return_exceptions=True)
+        if flush not in done:  # terminated while events were still waiting for the relay
+            log.warning("terminated before every event was delivered")
+            return 128 + int(self._terminate_signal or signal.SIGTERM)
+        if self.sender.give_up_reason == "closed":
+            return EXIT_RUN_CLOSED if code == EXIT_OK else code
+        if self.sender.give_up_reason == "orphaned":
+            return EXIT_ORPHANED
+        return code
+
+    async def _halt(self, steps: asyncio.Task[None]) -> None:
+        """Stop the trainer (no process may survive) and the steps, whatever they were doing."""
+        if self._training and self._trainer is not None:
+            try:
+                await asyncio.wait_for(self._trainer.stop(), STOP_TRAINER_TIMEOUT_S)
+            except Exception:
+                log.exception("stopping the trainer failed")
+        steps.cancel()
+        await asyncio.wait({steps}, timeout=10)
+        if steps.done() and not steps.cancelled() and steps.exception() is not None:
+            log.info("after stopping: %s", self._redact(str(steps.exception())))
+
+    def _as_step_failed(self, error: BaseException) -> StepFailed:
+        if isinstance(error, StepFailed):
+            return error
+        if isinstance(error, TrainerError):
+            return StepFailed(error.stage, error.code, error.message, error.log_tail)
+        log.error("unexpected error in stage %s", self._stage, exc_info=error)
+        return StepFailed(self._stage, "internal_error", f"{type(error).__name__}: {error}")
+
+    def _send_failure(self, failure: StepFailed) -> None:
+        message = self._redact(failure.message)
+        log.error("run failed in stage %s (%s): %s", failure.stage, failure.code, message)
+        tail = [self._redact(line) for line in failure.log_tail[-LOG_TAIL_LINES:]]
+        self._emit(
+            "run.failed",
+            RunFailedData(stage=failure.stage, code=failure.code, message=message, log_tail=tail),
+        )
+
+    def _emit(self, event_type: EventType, data: BaseModel) -> None:
+        if event_type in _MILESTONES:
+            log.info("%s %s", event_type, data.model_dump_json(exclude_none=True))
+        self.sender.emit(event_type, data)
+
+    async def _heartbeats(self) -> None:
+        interval = self.spec.limits.heartbeat_interval_s
+        while True:
+            await asyncio.sleep(interval)
+            if self._stage not in _HEARTBEAT_STAGES:
+                continue
+            totals = list(self._bytes_total.values())
+            downloading = self._stage in ("images", "model")
+            self._emit(
+                "heartbeat",
+                HeartbeatData(
+                    stage=self._stage,
+                    bytes_done=sum(self._bytes_done.values()) if downloading else None,
+                    bytes_total=(
+                        sum(t or 0 for t in totals)
+                        if downloading and totals and None not in totals
+                        else None
+                    ),
+                ),
+            )
+
+    # ---- the steps, in the seed's order ----------------------------------------------------
+
+    async def _steps(self) -> None:
+        if self._trainer is None:
+            self._trainer = load_trainer(self.spec, self.settings)
+        trainer = self._trainer
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        await self._check_machine()
+        self._stage = "images"
+        dataset_dir, model = await _all_or_none(self._fetch_images(), self._fetch_model())
+        self._stage = "files"
+        inputs = TrainingInputs(
+            run_dir=self.run_dir,
+            dataset_dir=dataset_dir,
+            model_path=model.path,
+            family=self.spec.model.family,
+            config=self.spec.training.for_family(self.spec.model.family),
+            output_dir=self.run_dir / "output",
+            secrets=self.spec.secrets(),
+        )
+        inputs.output_dir.mkdir(parents=True, exist_ok=True)
+        prepared = await asyncio.to_thread(trainer.prepare, inputs)
+        self._emit(
+            "files.ready", FilesReadyData(total_steps=prepared.total_steps, paths=prepared.paths)
+        )
+        result = await self._train(trainer, prepared)
+        self._emit(
+            "training.completed",
+            TrainingCompletedData(epoch_losses=result.epoch_losses, best_epoch=result.best_epoch),
+        )
+        await self._upload(result)
+
+    async def _check_machine(self) -> None:
+        self._stage = "gpu"
+        gpu = await probe_gpu(self._nvidia_smi)
+        free = free_disk_bytes(self.run_dir)
+        if gpu is None and self.settings.runner_require_gpu:
+            raise StepFailed(
+                "gpu",
+                "no_gpu",
+                "no NVIDIA GPU found: nvidia-smi is missing or failed on this machine",
+            )
+        needed = required_disk_bytes(
+            self.spec.model.bytes, self.spec.images.bytes, self.settings.runner_disk_margin_bytes
+        )
+        if free < needed:
+            raise StepFailed(
+                "gpu",
+                "disk_full",
+                f"not enough free disk: {free} bytes free in {self.settings.runner_workdir}, "
+                f"{needed} needed for the model, the images (zipped and unzipped) and checkpoints",
+            )
+        self._emit(
+            "gpu.ready",
+            GpuReadyData(
+                gpu_name=gpu.name if gpu else None,
+                vram_mb=gpu.vram_mb if gpu else None,
+                driver=gpu.driver if gpu else None,
+                free_disk_bytes=free,
+            ),
+        )
+
+    def _progress(self, name: str) -> Any:
+        def on_progress(done: int, total: int | None) -> None:
+            self._bytes_done[name] = done
+            self._bytes_total[name] = total
+
+        self._bytes_done[name] = 0
+        self._bytes_total[name] = None
+        return on_progress
+
+    def _model_budget(self) -> int:
+        """The most bytes the model download may write: declared size, else what the disk allows."""
+        if self.spec.model.bytes is not None:
+            return self.spec.model.bytes
+        free = free_disk_bytes(self.run_dir)
+        reserved = self.spec.images.bytes * 2 + self.settings.runner_disk_margin_bytes
+        return max(free - reserved, 0)
+
+    async def _fetch_images(self) -> Path:
+        spec = self.spec.images
+        zip_path = self.run_dir / "images.zip"
+        dataset_dir = self.run_dir / "dataset"
+        try:
+            await download(
+                self._http,
+                DownloadSpec(
+                    url=spec.url,
+                    dest=zip_path,
+                    what="images zip",
+                    sha256=spec.sha256,
+                    expected_bytes=spec.bytes,
+                    max_bytes=spec.bytes,
+                ),
+                retry_initial_s=self.settings.runner_retry_initial_s,
+                retry_max_s=self.settings.runner_retry_max_s,
+                on_progress=self._progress("images"),
+            )
+            extracted = await asyncio.to_thread(
+                safe_extract,
+                zip_path,
+                dataset_dir,
+                max_bytes=self.settings.runner_max_unzipped_bytes,
+            )
+        except DownloadError as e:
+            raise StepFailed("images", e.code, e.message) from None
+        except ArchiveError as e:
+            raise StepFailed("images", "unsafe_archive", str(e)) from None
+        zip_path.unlink(missing_ok=True)  # the unzipped copy is all training needs
+        self._emit(
+            "images.ready",
+            ImagesReadyData(image_count=extracted.image_count, bytes=extracted.bytes),
+        )
+        self._images_ready.set()
+        if self._stage == "images":
+            self._stage = "model"
+        return dataset_dir
+
+    async def _fetch_model(self) -> DownloadResult:
+        spec = self.spec.model
+        bearer = self.spec.civitai_api_key if spec.needs_civitai_key else None
+        if spec.needs_civitai_key and not bearer:
+            raise StepFailed(
+                "model",
+                "civitai_unauthorized",
+                "Civitai needs an API key to download this model, and the job has none",
+            )
+        try:
+            result = await download(
+                self._http,
+                DownloadSpec(
+                    url=spec.url,
+                    dest=self.run_dir / "model" / spec.filename,
+                    what="model",
+                    sha256=spec.sha256,
+                    expected_bytes=spec.bytes,
+                    max_bytes=self._model_budget(),
+                    bearer=bearer,
+                    civitai=spec.needs_civitai_key,
+                ),
+                retry_initial_s=self.settings.runner_retry_initial_s,
+                retry_max_s=self.settings.runner_retry_max_s,
+                on_progress=self._progress("model"),
+            )
+        except DownloadError as e:
+            raise StepFailed("model", e.code, e.message) from None
+        # model.ready follows images.ready, so the events keep the seed's order.
+        await self._images_ready.wait()
+        self._emit(
+            "model.ready",
+            ModelReadyData(
+                filename=spec.filename, bytes=result.bytes, sha256_verified=result.sha256_verified
+            ),
+        )
+        return result
+
+    async def _train(self, trainer: Trainer, prepared: PreparedTraining) -> TrainingResult:
+        self._stage = "training"
+
+        interval_s = self.settings.runner_progress_interval_s
+        last: tuple[float, int | None] | None = None  # (monotonic time, epoch) of the last sent
+
+        def on_progress(progress: TrainingProgressData) -> None:
+            # Every event becomes a signal in the run's history: send a few, never every step.
+            nonlocal last
+            now = time.monotonic()
+            if (
+                last is None
+                or progress.epoch != last[1]
+                or progress.step >= progress.total
+                or now - last[0] >= interval_s
+            ):
+                last = (now, progress.epoch)
+                self._emit("training.progress", progress)
+
+        self._training = True
+        try:
+            return await trainer.train(prepared, on_progress)
+        finally:
+            self._training = False
+
+    async def _upload(self, result: TrainingResult) -> None:
+        self._stage = "upload"
+        target = self.spec.upload
+        try:
+            uploaded = await upload_file(
+                self._http,
+                target.url,
+                result.checkpoint,
+                max_bytes=target.max_bytes,
+                retry_initial_s=self.settings.runner_retry_initial_s,
+                retry_max_s=self.settings.runner_retry_max_s,
+            )
+        except UploadError as e:
+            raise StepFailed("upload", e.code, e.message) from None
+        except FileNotFoundError:
+            raise StepFailed(
+                "upload",
+                "checkpoint_missing",
+                f"the trainer reported {result.checkpoint.name} as best, but the file is missing",
+            ) from None
+        self._emit(
+            "model.uploaded",
+            ModelUploadedData(
+                key=target.key,
+                bytes=uploaded.bytes,
+                sha256=uploaded.sha256,
+                epoch=result.best_epoch,
+                loss=result.loss,
+            ),
+        )
+
+
+async def _all_or_none(
+    first: Coroutine[Any, Any, T], second: Coroutine[Any, Any, Any]
+) -> tuple[T, Any]:
+    """Run both at once; when one fails (or we are cancelled) the other is cancelled too."""
+    tasks = [asyncio.ensure_future(first), asyncio.ensure_future(second)]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in tasks:
+            if task in done and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+        return tasks[0].result(), tasks[1].result()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Process entry point
+# --------------------------------------------------------------------------------------------
+
+
+async def _main(settings: RunnerSettings, redactor: Redactor) -> int:
+    try:
+        spec = await load_job(settings)
+    except JobIntakeError as e:
+        log.error("%s", e)
+        return EXIT_BAD_JOB
+    redactor.add(spec.secrets())
+    log.info(
+        "run %s attempt %d: trainer %s, model %s (%s)",
+        spec.run_id,
+        spec.attempt,
+        settings.runner_trainer_factory or spec.trainer,
+        spec.model.filename,
+        spec.model.family,
+    )
+    return await Runner(spec, settings, redactor=redactor).run(handle_signals=True)
+
+
+def main() -> NoReturn:
+    """`python -m gpu_runner`: run the job at LORA_JOB_URL and exit with the outcome's code."""
+    redactor = Redactor()
+    configure_logging(redactor)
+    try:
+        settings = RunnerSettings()
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()
+        )
+        log.error("invalid LORA_* settings: %s", problems)
+        sys.exit(EXIT_BAD_JOB)
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(asyncio.run(_main(settings, redactor)))
+    sys.exit(130)
