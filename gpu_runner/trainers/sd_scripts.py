@@ -1,0 +1,752 @@
+"""Train with kohya-ss sd-scripts as a child process (`accelerate launch <script> --config_file`).
+
+How it fits together:
+- `prepare` writes two TOML files: the dataset config (DreamBooth-style subsets with .txt captions)
+  and the training arguments (a typed model whose field names are sd-scripts' argparse dests,
+  because sd-scripts silently accepts unknown keys in `--config_file`).
+- `train` runs our launcher (launcher.py) under `accelerate launch`. The launcher runs the chosen
+  sd-scripts script with its NetworkTrainer's logging hooks reporting each step's loss and each
+  epoch's average loss as JSON lines. Where those hooks are missing, the launcher runs the script
+  as it is, and the epoch losses come from the tqdm bar's `avr_loss` instead (see OutputTracker).
+- Output (stdout and stderr merged, so their order is kept) is parsed for step, epoch and loss;
+  the checkpoint of the epoch with the lowest average loss is the result.
+- `stop` signals the whole process group: accelerate alone would leave the trainer running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import contextlib
+import inspect
+import json
+import math
+import os
+import re
+import signal
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict
+
+from gpu_runner.protocol import TrainingProgressData
+from gpu_runner.settings import RunnerSettings
+from gpu_runner.trainers.base import (
+    PreparedTraining,
+    ProgressCallback,
+    TrainerError,
+    TrainingInputs,
+    TrainingResult,
+)
+
+SD_SCRIPTS_COMMIT = "48d368fa557731ad0488c07304dfeba8c07910eb"
+"""The sd-scripts commit the image pins and this module's formats were checked against."""
+
+LAUNCHER_PATH = Path(__file__).with_name("launcher.py")
+EVENT_PREFIX = "@@loratrain "  # launcher.py writes its JSON lines after this marker
+LOG_TAIL_LINES = 50
+REDACTED = "***"
+
+# sd-scripts' own image extensions (library/train_util.py IMAGE_EXTENSIONS); it does not recurse.
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
+
+# What sd-scripts' strategies fetch from the HF hub unless tokenizer_cache_dir holds
+# <model id with "/" replaced by "_">; the image bakes these in (see gpu_runner/Dockerfile).
+TOKENIZER_IDS = (
+    "openai/clip-vit-large-patch14",  # SD 1.x and SDXL's first text encoder
+    "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k",  # SDXL's second text encoder
+    "stabilityai/stable-diffusion-2",  # SD 2.x (its "tokenizer" subfolder)
+)
+
+_T = TypeVar("_T")
+_UNSUPPORTED_FAMILIES = {"flux": "Flux", "sd3": "SD3"}
+
+
+# --------------------------------------------------------------------------------------------
+# Config files
+# --------------------------------------------------------------------------------------------
+
+
+class _Toml(BaseModel):
+    # sd-scripts rejects unknown dataset keys but silently ignores unknown training arguments:
+    # forbidding extras here catches a misspelt name before it reaches either.
+    model_config = ConfigDict(extra="forbid")
+
+
+class DatasetSubset(_Toml):
+    """One [[datasets.subsets]] entry (config_util's DreamBooth subset schema)."""
+
+    image_dir: str
+    num_repeats: int
+    caption_extension: str = ".txt"  # sd-scripts' default is ".caption"
+    class_tokens: str | None = None  # the caption of an image without a .txt file
+    keep_tokens: int = 0
+
+
+class DatasetGeneral(_Toml):
+    """The [general] table (config_util's dataset-level keys)."""
+
+    resolution: int
+    batch_size: int
+    enable_bucket: bool = True
+    min_bucket_reso: int
+    max_bucket_reso: int
+
+
+class DatasetEntry(_Toml):
+    subsets: list[DatasetSubset]
+
+
+class DatasetConfig(_Toml):
+    """The file passed as `dataset_config`."""
+
+    general: DatasetGeneral
+    datasets: list[DatasetEntry]
+
+
+class TrainingArguments(_Toml):
+    """The file passed as `--config_file`: field names are sd-scripts' argparse dests.
+
+    Checked against train_network.py, library/train_util.py and library/sdxl_train_util.py at
+    SD_SCRIPTS_COMMIT. sd-scripts does not type-check values read from this file, so the types
+    here are the ones its code expects.
+    """
+
+    pretrained_model_name_or_path: str
+    v2: bool = False
+    v_parameterization: bool = False
+    tokenizer_cache_dir: str
+    dataset_config: str
+    output_dir: str
+    output_name: str
+    save_model_as: Literal["safetensors"] = "safetensors"
+    save_every_n_epochs: int = 1
+    save_precision: Literal["float", "fp16", "bf16"]
+    max_train_epochs: int | None = None
+    max_train_steps: int | None = None
+    network_module: str = "networks.lora"
+    network_dim: int
+    network_alpha: float
+    network_train_unet_only: bool = False
+    learning_rate: float
+    unet_lr: float
+    text_encoder_lr: float | None = None
+    optimizer_type: str
+    lr_scheduler: str
+    lr_warmup_steps: int
+    seed: int
+    mixed_precision: Literal["no", "fp16", "bf16"]
+    no_half_vae: bool = False
+    cache_latents: bool = True
+    cache_text_encoder_outputs: bool = False
+    gradient_checkpointing: bool = True
+    sdpa: bool = True
+    max_data_loader_n_workers: int = 2
+    persistent_data_loader_workers: bool = True
+    # With a logging dir sd-scripts tracks to TensorBoard, and only then calls the
+    # step_logging/epoch_logging hooks that the launcher reports through.
+    logging_dir: str
+
+
+def dumps_toml(document: dict[str, Any]) -> str:
+    """TOML for sd-scripts' config files: scalars, lists of scalars, tables, arrays of tables."""
+    lines: list[str] = []
+    _write_table(lines, "", document)
+    return "\n".join(lines).strip() + "\n"
+
+
+def _write_table(lines: list[str], name: str, table: dict[str, Any]) -> None:
+    nested: list[tuple[str, Any]] = []
+    for key, value in table.items():
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", key):
+            raise ValueError(f"TOML key {key!r} is not a bare key")
+        if value is None:
+            continue
+        if isinstance(value, dict) or _is_table_array(value):
+            nested.append((key, value))
+        else:
+            lines.append(f"{key} = {_toml_value(value)}")
+    for key, value in nested:
+        child = f"{name}.{key}" if name else key
+        for item in [value] if isinstance(value, dict) else value:
+            lines.extend(["", f"[{child}]" if isinstance(value, dict) else f"[[{child}]]"])
+            _write_table(lines, child, item)
+
+
+def _is_table_array(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        # A JSON string is a valid TOML basic string: same quotes and escapes.
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def script_for(family: str) -> str:
+    """The sd-scripts script that trains a LoRA for this base model family."""
+    if family in _UNSUPPORTED_FAMILIES:
+        name = _UNSUPPORTED_FAMILIES[family]
+        raise TrainerError(
+            "unsupported_model",
+            f"{name} models are not supported yet: training them needs extra model files "
+            "(text encoders, VAE) that a request cannot name yet. Use an SD 1.x, SD 2.x or "
+            "SDXL-based model.",
+            stage="files",
+        )
+    return "sdxl_train_network.py" if family == "sdxl" else "train_network.py"
+
+
+def image_dirs(dataset_dir: Path) -> list[tuple[Path, int]]:
+    """Every folder under dataset_dir that holds images, with its image count (sd-scripts reads
+    one folder per subset, not recursively)."""
+    found: list[tuple[Path, int]] = []
+    for folder in sorted([dataset_dir, *(p for p in dataset_dir.rglob("*") if p.is_dir())]):
+        relative = folder.relative_to(dataset_dir).parts
+        if any(part.startswith(".") or part == "__MACOSX" for part in relative):
+            continue
+        count = sum(
+            1 for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
+        )
+        if count:
+            found.append((folder, count))
+    return found
+
+
+def dataset_config(inputs: TrainingInputs, folders: list[tuple[Path, int]]) -> DatasetConfig:
+    config = inputs.config
+    resolution = _required(config.resolution, "resolution")
+    return DatasetConfig(
+        general=DatasetGeneral(
+            resolution=resolution,
+            batch_size=_required(config.batch_size, "batch_size"),
+            min_bucket_reso=min(256, resolution),
+            max_bucket_reso=max(1024, resolution),
+        ),
+        datasets=[
+            DatasetEntry(
+                subsets=[
+                    DatasetSubset(
+                        image_dir=str(folder),
+                        num_repeats=config.repeats,
+                        class_tokens=config.trigger_word,
+                        keep_tokens=config.keep_tokens,
+                    )
+                    for folder, _ in folders
+                ]
+            )
+        ],
+    )
+
+
+def training_arguments(
+    inputs: TrainingInputs, settings: RunnerSettings, dataset_toml: Path, logging_dir: Path
+) -> TrainingArguments:
+    """Map a TrainingConfig (already filled with the family's defaults) to sd-scripts' args."""
+    config = inputs.config
+    unet_lr = _required(config.unet_lr, "unet_lr")
+    text_encoder_lr = _required(config.text_encoder_lr, "text_encoder_lr")
+    mixed_precision = _required(config.mixed_precision, "mixed_precision")
+    unet_only = text_encoder_lr == 0
+    sdxl = inputs.family == "sdxl"
+    return TrainingArguments(
+        pretrained_model_name_or_path=str(inputs.model_path),
+        v2=inputs.family == "sd2",
+        # SD 2.x at 768 px means the 768-v models, which predict v; the 512 px base ones do not.
+        v_parameterization=inputs.family == "sd2"
+        and _required(config.resolution, "resolution") >= 768,
+        tokenizer_cache_dir=str(settings.runner_tokenizer_cache_dir),
+        dataset_config=str(dataset_toml),
+        output_dir=str(inputs.output_dir),
+        output_name=config.output_name,
+        save_precision="float" if mixed_precision == "no" else "fp16",
+        # sd-scripts lets max_train_epochs override max_train_steps, so pass exactly one.
+        max_train_epochs=None if config.max_train_steps else config.epochs,
+        max_train_steps=config.max_train_steps,
+        network_dim=_required(config.network_dim, "network_dim"),
+        network_alpha=float(_required(config.network_alpha, "network_alpha")),
+        network_train_unet_only=unet_only,
+        learning_rate=unet_lr,
+        unet_lr=unet_lr,
+        text_encoder_lr=None if unet_only else text_encoder_lr,
+        optimizer_type=config.optimizer,
+        lr_scheduler=config.lr_scheduler,
+        lr_warmup_steps=config.lr_warmup_steps,
+        seed=config.seed,
+        mixed_precision=mixed_precision,
+        # SDXL's VAE overflows in fp16.
+        no_half_vae=sdxl and mixed_precision == "fp16",
+        # Only SDXL gains much from it, and sd-scripts allows it only without text encoder training.
+        cache_text_encoder_outputs=sdxl and unet_only,
+        logging_dir=str(logging_dir),
+    )
+
+
+def planned_total_steps(inputs: TrainingInputs, image_count: int) -> int:
+    """Optimizer steps sd-scripts will run: images x repeats / batch size per epoch, x epochs.
+
+    With buckets of different aspect ratios sd-scripts can need a few more batches per epoch.
+    """
+    config = inputs.config
+    if config.max_train_steps:
+        return config.max_train_steps
+    per_epoch = math.ceil(image_count * config.repeats / _required(config.batch_size, "batch_size"))
+    return per_epoch * config.epochs
+
+
+def checkpoint_name(output_name: str, epoch: int, last_epoch: int) -> str:
+    """sd-scripts' file for an epoch with save_every_n_epochs=1: the last has no epoch number."""
+    if epoch == last_epoch:
+        return f"{output_name}.safetensors"
+    return f"{output_name}-{epoch:06d}.safetensors"
+
+
+def _required(value: _T | None, name: str) -> _T:
+    if value is None:
+        raise TrainerError(
+            "invalid_config", f"training.{name} is not set (fill the config with for_family)"
+        )
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Output parsing
+# --------------------------------------------------------------------------------------------
+
+# tqdm's bar as sd-scripts draws it: desc "steps", 3 significant digits for avr_loss, e.g.
+# `steps:  25%|██▌       | 3/12 [00:04<00:14,  1.60s/it, avr_loss=1.21]`. The validation bars
+# ("validation steps", "epoch validation steps") are not training progress.
+_BAR = re.compile(
+    r"(?<!validation )steps:\s*\d+%\|[^|]*\|\s*(?P<n>\d+)/(?P<total>\d+)\s*"
+    r"\[(?P<elapsed>[^<\]]*)<(?P<remaining>[^,\]]*),\s*(?P<rate>[^,\]]*)(?P<postfix>[^\]]*)\]"
+)
+_RATE = re.compile(r"(?P<value>\d+(?:\.\d+)?)\s*(?P<unit>it/s|s/it)")
+_INTERVAL = re.compile(r"(?:(?P<d>\d+)d,\s*)?(?:(?P<h>\d+):)?(?P<m>\d+):(?P<s>\d+)")
+_AVR_LOSS = re.compile(r"avr_loss=(?P<loss>[^,\]\s]+)")
+# train_network.py: accelerator.print(f"\nepoch {epoch+1}/{num_train_epochs}\n")
+_EPOCH = re.compile(r"^epoch (?P<epoch>\d+)/(?P<total>\d+)\s*$")
+_NO_DATA = "No data found"
+_EXCEPTION = re.compile(r"^\s*(?:[\w.]+\.)?\w*(?:Error|Exception|Interrupt)\b.*")
+
+
+@dataclass(frozen=True)
+class BarState:
+    step: int
+    total: int
+    it_per_s: float | None
+    eta_s: float | None
+    avr_loss: float | None
+
+
+def parse_bar(text: str) -> BarState | None:
+    """The last training progress bar drawn in `text`, or None."""
+    matches = list(_BAR.finditer(text))
+    if not matches:
+        return None
+    m = matches[-1]
+    rate = _RATE.search(m["rate"])
+    it_per_s: float | None = None
+    if rate:
+        value = float(rate["value"])
+        it_per_s = value if rate["unit"] == "it/s" else (1.0 / value if value else None)
+    loss = _AVR_LOSS.search(m["postfix"])
+    return BarState(
+        step=int(m["n"]),
+        total=int(m["total"]),
+        it_per_s=it_per_s,
+        eta_s=parse_interval(m["remaining"]),
+        avr_loss=_float(loss["loss"]) if loss else None,
+    )
+
+
+def parse_interval(text: str) -> float | None:
+    """tqdm's [D d, ][H:]MM:SS, or None for '?'."""
+    m = _INTERVAL.fullmatch(text.strip())
+    if not m:
+        return None
+    days, hours = int(m["d"] or 0), int(m["h"] or 0)
+    return float(((days * 24 + hours) * 60 + int(m["m"])) * 60 + int(m["s"]))
+
+
+def parse_epoch(text: str) -> tuple[int, int] | None:
+    m = _EPOCH.match(text.strip())
+    return (int(m["epoch"]), int(m["total"])) if m else None
+
+
+def _float(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+class OutputTracker:
+    """Follows sd-scripts' merged stdout/stderr: progress, epoch losses, failures, a log tail.
+
+    Epoch losses: the launcher's `loss/epoch_average` (sd-scripts' own number, full precision)
+    when it reports; otherwise the bar's last `avr_loss` of each epoch. sd-scripts' LossRecorder
+    keeps one value per batch index of the epoch and overwrites them in the next epoch, so the
+    bar's `avr_loss` is a moving average over the last epoch's worth of batches, and at the end
+    of an epoch it equals that epoch's average exactly (to the bar's 3 significant digits).
+    """
+
+    def __init__(self, secrets: list[str] | None = None, tail_lines: int = LOG_TAIL_LINES) -> None:
+        self._secrets = [s for s in (secrets or []) if s]
+        self._tail: deque[str] = deque(maxlen=tail_lines)
+        self._pending = ""
+        self._line_shown = ""  # what a terminal would show of the current line
+        self.epoch: int | None = None
+        self.total_epochs: int | None = None
+        self.bar: BarState | None = None
+        self.no_data = False
+        self.diverged: str | None = None
+        self.launcher_epoch_losses: dict[int, float] = {}
+        self.bar_epoch_losses: dict[int, float] = {}
+        self.step_losses: list[float] = []  # from the launcher: sd-scripts' loss/current
+        self._last_reported: tuple[int, float | None] | None = None
+
+    def feed(self, text: str) -> list[TrainingProgressData]:
+        """Take more output; return the progress updates it holds (one per changed bar)."""
+        updates: list[TrainingProgressData] = []
+        self._pending += text
+        while True:
+            cut = min(
+                (i for i in (self._pending.find("\r"), self._pending.find("\n")) if i >= 0),
+                default=-1,
+            )
+            if cut < 0:
+                break
+            segment, separator = self._pending[:cut], self._pending[cut]
+            self._pending = self._pending[cut + 1 :]
+            self._segment(segment, updates)
+            if separator == "\n":
+                self._end_line()
+        return updates
+
+    def close(self) -> list[TrainingProgressData]:
+        """The output ended: take what is left of the last line."""
+        updates: list[TrainingProgressData] = []
+        if self._pending:
+            self._segment(self._pending, updates)
+            self._pending = ""
+        self._end_line()
+        return updates
+
+    def log_tail(self) -> list[str]:
+        return list(self._tail)
+
+    def epoch_losses(self) -> dict[int, float]:
+        """Average loss per epoch (1-based), from the best source that reported."""
+        return dict(self.launcher_epoch_losses or self.bar_epoch_losses)
+
+    def _segment(self, segment: str, updates: list[TrainingProgressData]) -> None:
+        if not segment:
+            return
+        marker = segment.find(EVENT_PREFIX)
+        if marker >= 0:
+            self._launcher_event(segment[marker + len(EVENT_PREFIX) :])
+            segment = segment[:marker]  # a bar drawn without a newline may precede it
+            if not segment.strip():
+                return
+        self._line_shown = segment
+        if _NO_DATA in segment:
+            self.no_data = True
+        epoch = parse_epoch(segment)
+        if epoch:
+            self.epoch, self.total_epochs = epoch
+            return
+        bar = parse_bar(segment)
+        if bar:
+            self._bar(bar, updates)
+
+    def _bar(self, bar: BarState, updates: list[TrainingProgressData]) -> None:
+        self.bar = bar
+        if bar.avr_loss is not None:
+            if not math.isfinite(bar.avr_loss) and not self.diverged:
+                self.diverged = f"the average loss became {bar.avr_loss} at step {bar.step}"
+            if self.epoch is not None and bar.step > 0:
+                self.bar_epoch_losses[self.epoch] = bar.avr_loss
+        key = (bar.step, bar.avr_loss)
+        if key == self._last_reported:
+            return
+        self._last_reported = key
+        loss = bar.avr_loss if bar.avr_loss is not None and math.isfinite(bar.avr_loss) else None
+        updates.append(
+            TrainingProgressData(
+                step=bar.step,
+                total=bar.total,
+                epoch=self.epoch,
+                total_epochs=self.total_epochs,
+                loss=loss,
+                it_per_s=bar.it_per_s,
+                eta_s=bar.eta_s,
+            )
+        )
+
+    def _launcher_event(self, payload: str) -> None:
+        try:
+            event = json.loads(payload)
+            kind, epoch, loss = event["event"], int(event["epoch"]), float(event["loss"])
+        except (ValueError, KeyError, TypeError):
+            return
+        if not math.isfinite(loss) and not self.diverged:
+            where = f"step {event.get('step')}" if kind == "step" else f"epoch {epoch}"
+            self.diverged = f"the loss became {loss} at {where}"
+        if kind == "step":
+            self.step_losses.append(loss)
+        elif kind == "epoch":
+            self.launcher_epoch_losses[epoch] = loss
+
+    def _end_line(self) -> None:
+        line = self._line_shown.rstrip()
+        self._line_shown = ""
+        if line.strip():
+            for secret in self._secrets:
+                line = line.replace(secret, REDACTED)
+            self._tail.append(line)
+
+
+# --------------------------------------------------------------------------------------------
+# The trainer
+# --------------------------------------------------------------------------------------------
+
+
+class SdScriptsTrainer:
+    """The Trainer that runs kohya-ss sd-scripts (see the module docstring)."""
+
+    def __init__(self, settings: RunnerSettings) -> None:
+        self.settings = settings
+        self._process: asyncio.subprocess.Process | None = None
+        self._stopping = False
+        self._group_lock = asyncio.Lock()
+
+    def prepare(self, inputs: TrainingInputs) -> PreparedTraining:
+        """Write the dataset and training TOML files; raise TrainerError for unsupported input."""
+        script = script_for(inputs.family)
+        folders = image_dirs(inputs.dataset_dir)
+        if not folders:
+            raise TrainerError(
+                "no_training_data",
+                f"no images in the dataset ({', '.join(sorted(IMAGE_EXTENSIONS))} expected)",
+                stage="files",
+            )
+        config_dir = inputs.run_dir / "sd-scripts"
+        config_dir.mkdir(parents=True, exist_ok=True)
+        inputs.output_dir.mkdir(parents=True, exist_ok=True)
+        dataset_toml = config_dir / "dataset.toml"
+        training_toml = config_dir / "training.toml"
+        logging_dir = config_dir / "logs"
+        dataset_toml.write_text(
+            dumps_toml(dataset_config(inputs, folders).model_dump(exclude_none=True)),
+            encoding="utf-8",
+        )
+        arguments = training_arguments(inputs, self.settings, dataset_toml, logging_dir)
+        training_toml.write_text(
+            dumps_toml(arguments.model_dump(exclude_none=True)), encoding="utf-8"
+        )
+        return PreparedTraining(
+            inputs=inputs,
+            total_steps=planned_total_steps(inputs, sum(count for _, count in folders)),
+            paths={
+                "script": script,
+                "dataset_config": str(dataset_toml),
+                "training_config": str(training_toml),
+                "output_dir": str(inputs.output_dir),
+            },
+        )
+
+    def command(self, prepared: PreparedTraining) -> list[str]:
+        """`accelerate launch` of our launcher, which runs the sd-scripts script."""
+        script = self.settings.runner_sd_scripts_dir / prepared.paths["script"]
+        return [
+            *self.settings.runner_accelerate_command,
+            "launch",
+            "--num_cpu_threads_per_process",
+            "1",
+            str(LAUNCHER_PATH),
+            str(script),
+            "--config_file",
+            prepared.paths["training_config"],
+        ]
+
+    async def train(
+        self, prepared: PreparedTraining, on_progress: ProgressCallback
+    ) -> TrainingResult:
+        """Run sd-scripts to the end and return the best epoch's checkpoint."""
+        inputs = prepared.inputs
+        tracker = OutputTracker(inputs.secrets)
+        # The child needs none of the runner's own settings (the job URL among them).
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LORA_")}
+        env["PYTHONUNBUFFERED"] = "1"
+        env["PYTHONIOENCODING"] = "utf-8"
+        if self._stopping:
+            raise TrainerError("trainer_stopped", "training was stopped before it started")
+        try:
+            self._process = await asyncio.create_subprocess_exec(
+                *self.command(prepared),
+                cwd=self.settings.runner_sd_scripts_dir,
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,  # its own process group, so stop() reaches every child
+            )
+        except OSError as e:
+            raise TrainerError("trainer_crashed", f"could not start sd-scripts: {e}") from e
+        try:
+            await self._follow(self._process, tracker, on_progress)
+            returncode = await self._process.wait()
+        finally:
+            await self._terminate_group()
+        return self._result(prepared, tracker, returncode)
+
+    async def stop(self) -> None:
+        """Stop training now: SIGTERM to the whole process group, SIGKILL after a grace period."""
+        self._stopping = True
+        await self._terminate_group()
+
+    async def _follow(
+        self,
+        process: asyncio.subprocess.Process,
+        tracker: OutputTracker,
+        on_progress: ProgressCallback,
+    ) -> None:
+        assert process.stdout is not None
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        while True:
+            chunk = await process.stdout.read(64 * 1024)
+            text = decoder.decode(chunk, final=not chunk)
+            updates = tracker.feed(text) if chunk else [*tracker.feed(text), *tracker.close()]
+            for update in updates:
+                result = on_progress(update)
+                if inspect.isawaitable(result):
+                    await result
+            if tracker.diverged:
+                await self._terminate_group()
+                raise TrainerError(
+                    "loss_diverged",
+                    f"training stopped: {tracker.diverged}. Try a lower learning rate, "
+                    "another optimizer, or mixed_precision bf16.",
+                    log_tail=tracker.log_tail(),
+                )
+            if not chunk:
+                return
+
+    def _result(
+        self, prepared: PreparedTraining, tracker: OutputTracker, returncode: int
+    ) -> TrainingResult:
+        inputs = prepared.inputs
+        tail = tracker.log_tail()
+        if self._stopping:
+            raise TrainerError(
+                "trainer_stopped", "training was stopped before it finished", log_tail=tail
+            )
+        if returncode != 0:
+            last_error = next(
+                (line.strip() for line in reversed(tail) if _EXCEPTION.match(line)), None
+            )
+            detail = f": {last_error}" if last_error else " (see the log tail)"
+            raise TrainerError(
+                "trainer_crashed",
+                f"sd-scripts exited with code {returncode}{detail}",
+                log_tail=tail,
+            )
+        name = inputs.config.output_name
+        checkpoints = sorted(inputs.output_dir.glob(f"{name}*.safetensors"))
+        if tracker.no_data or not checkpoints:
+            raise TrainerError(
+                "no_training_data",
+                "sd-scripts found no training data and trained nothing"
+                + (" ('No data found')" if tracker.no_data else " (it wrote no checkpoint)")
+                + ": check that the images zip holds .png/.jpg/.webp images",
+                log_tail=tail,
+            )
+        losses = tracker.epoch_losses()
+        last_epoch = tracker.total_epochs or max(losses, default=0)
+        if not losses or sorted(losses) != list(range(1, last_epoch + 1)):
+            raise TrainerError(
+                "trainer_output_unrecognised",
+                f"could not read the loss of every epoch from sd-scripts' output (read epochs "
+                f"{sorted(losses)} of {last_epoch}); is sd-scripts at commit {SD_SCRIPTS_COMMIT}?",
+                log_tail=tail,
+            )
+        epoch_losses = [losses[e] for e in range(1, last_epoch + 1)]
+        best = min(range(1, last_epoch + 1), key=lambda e: losses[e])  # earliest of equals
+        checkpoint = inputs.output_dir / checkpoint_name(name, best, last_epoch)
+        if not checkpoint.is_file():
+            raise TrainerError(
+                "checkpoint_missing",
+                f"epoch {best} had the lowest loss but its checkpoint {checkpoint.name} is missing "
+                f"(found: {', '.join(p.name for p in checkpoints)})",
+                log_tail=tail,
+            )
+        return TrainingResult(
+            epoch_losses=epoch_losses, best_epoch=best, checkpoint=checkpoint, loss=losses[best]
+        )
+
+    async def _terminate_group(self) -> None:
+        """SIGTERM the process group, wait for it to go, then SIGKILL whatever is left."""
+        process = self._process
+        if process is None:
+            return
+        async with self._group_lock:
+            group = process.pid  # start_new_session: the child leads its own group
+            if not group_alive(group):
+                return
+            signal_group(group, signal.SIGTERM)
+            deadline = time.monotonic() + self.settings.runner_trainer_stop_grace_s
+            # Polling: an emptying process group sends no event to wait for.
+            while group_alive(group) and time.monotonic() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.1)
+            if group_alive(group):
+                signal_group(group, signal.SIGKILL)
+                deadline = time.monotonic() + 10
+                while group_alive(group) and time.monotonic() < deadline:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+            with contextlib.suppress(ProcessLookupError, asyncio.TimeoutError):
+                await asyncio.wait_for(process.wait(), timeout=5)
+
+
+def signal_group(group: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, sig)
+
+
+def group_alive(group: int) -> bool:
+    """Whether any process of the group is still running (zombies do not count)."""
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    proc = Path("/proc")
+    if not sys.platform.startswith("linux") or not proc.is_dir():
+        return True
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        # pid (comm) state ppid pgrp ...: comm may hold spaces and parentheses.
+        fields = text[text.rfind(")") + 2 :].split()
+        if len(fields) > 2 and int(fields[2]) == group and fields[0] not in ("Z", "X"):
+            return True
+    return False

@@ -1,0 +1,255 @@
+"""Stand-in for kohya-ss sd-scripts' train_network.py, for tests (standard library only).
+
+It reads the same --config_file and dataset TOML as sd-scripts, reads the images and captions,
+and prints what sd-scripts prints, in its formats: `epoch N/M` on stdout, the tqdm bar with
+`avr_loss` on stderr, and checkpoints named as sd-scripts names them (save_every_n_epochs: the
+last epoch is only `<output_name>.safetensors`). Like sd-scripts, it calls the trainer's
+step_logging/epoch_logging hooks only when tracking (a logging_dir is set).
+
+Behaviour, from the environment:
+  STANDIN_MODE     ok (default) | nodata | nan | crash | slow
+  STANDIN_LOSSES   comma-separated average loss per epoch (default: a slowly falling curve)
+  STANDIN_STEP_S   seconds per step (default 0; 0.2 in nan and slow mode)
+  STANDIN_PIDS_FILE  when set: start a grandchild that sleeps, write "<trainer pid> <grandchild pid>" here
+  STANDIN_IGNORE_SIGTERM  1: the grandchild ignores SIGTERM (only SIGKILL ends it)
+  STANDIN_PLAIN    1: no trainer hooks, as an sd-scripts without them (the launcher falls back)
+"""
+
+# ruff: noqa: E501, RUF001  (sd-scripts' messages, verbatim)
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from library import train_util
+from library.train_util import logger
+
+
+class Accelerator:
+    is_main_process = True
+
+
+class NetworkTrainer:
+    def __init__(self) -> None:
+        self.is_sdxl = False
+
+    def step_logging(
+        self, accelerator: Any, logs: dict[str, Any], global_step: int, epoch: int
+    ) -> None:
+        """sd-scripts hands these to TensorBoard; the stand-in has none."""
+
+    def epoch_logging(
+        self, accelerator: Any, logs: dict[str, Any], global_step: int, epoch: int
+    ) -> None:
+        """sd-scripts hands these to TensorBoard; the stand-in has none."""
+
+    def assert_extra_args(self, args: argparse.Namespace) -> None:
+        pass
+
+    def train(self, args: argparse.Namespace) -> None:
+        mode = os.environ.get("STANDIN_MODE", "ok")
+        step_s = float(os.environ.get("STANDIN_STEP_S", "0.2" if mode in ("nan", "slow") else "0"))
+        logger.info(f"Loading dataset config from {args.dataset_config}")
+        subsets = _subsets(train_util.load_dataset_config(args.dataset_config))
+        num_train_images = 0
+        for subset in subsets:
+            images = _images(subset["image_dir"])
+            captions = _captions(images, subset.get("caption_extension", ".caption"))
+            logger.info(f"found directory {subset['image_dir']} contains {len(images)} image files")
+            if len(captions) < len(images):
+                logger.warning(f"No caption file found for {len(images) - len(captions)} images.")
+            num_train_images += len(images) * subset.get("num_repeats", 1)
+        if mode == "nodata" or num_train_images == 0:
+            logger.error(
+                "No data found. Please verify arguments (train_data_dir must be the parent of folders with images) / 画像がありません。引数指定を確認してください（train_data_dirには画像があるフォルダではなく、画像があるフォルダの親フォルダを指定する必要があります）"
+            )
+            return
+        self.assert_extra_args(args)
+        batch_size = subsets[0].get("batch_size", 1)
+        batches = math.ceil(num_train_images / batch_size)
+        if args.max_train_epochs is not None:
+            args.max_train_steps = args.max_train_epochs * batches
+            print(
+                f"override steps. steps for {args.max_train_epochs} epochs is / 指定エポックまでのステップ数: {args.max_train_steps}"
+            )
+        num_train_epochs = math.ceil(args.max_train_steps / batches)
+        print("running training / 学習開始")
+        print(f"  num train images * repeats / 学習画像の数×繰り返し回数: {num_train_images}")
+        print(f"  num batches per epoch / 1epochのバッチ数: {batches}")
+        print(f"  num epochs / epoch数: {num_train_epochs}")
+        print(f"  total optimization steps / 学習ステップ数: {args.max_train_steps}")
+        if os.environ.get("STANDIN_PIDS_FILE"):
+            _spawn_grandchild()
+
+        epoch_losses = _epoch_losses(num_train_epochs)
+        tracking = args.logging_dir is not None and hasattr(self, "step_logging")
+        accelerator = Accelerator()
+        recorder = train_util.LossRecorder()
+        progress_bar = train_util.ProgressBar(args.max_train_steps)
+        global_step = 0
+        for epoch in range(num_train_epochs):
+            print(f"\nepoch {epoch + 1}/{num_train_epochs}\n")
+            for step in range(batches):
+                time.sleep(step_s)
+                if mode == "crash" and epoch == 1:
+                    raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB (stand-in)")
+                # Per-batch losses spread around the epoch's average, which they keep exactly.
+                loss = epoch_losses[epoch] + 0.001 * (2 * step - (batches - 1))
+                if mode == "nan" and (epoch, step) >= (0, 2):
+                    loss = math.nan
+                progress_bar.update(1)
+                global_step += 1
+                recorder.add(epoch=epoch, step=step, loss=loss)
+                progress_bar.set_postfix(avr_loss=recorder.moving_average)
+                if tracking:
+                    logs = {
+                        "loss/current": loss,
+                        "loss/average": recorder.moving_average,
+                        "lr/unet": args.unet_lr,
+                    }
+                    self.step_logging(accelerator, logs, global_step, epoch + 1)
+                if global_step >= args.max_train_steps:
+                    break
+            if tracking:
+                self.epoch_logging(
+                    accelerator,
+                    {"loss/epoch_average": recorder.moving_average},
+                    global_step,
+                    epoch + 1,
+                )
+            if (epoch + 1) % args.save_every_n_epochs == 0 and (epoch + 1) < num_train_epochs:
+                _save(args, f"{args.output_name}-{epoch + 1:06d}.safetensors", epoch + 1)
+        _save(args, f"{args.output_name}.safetensors", num_train_epochs)
+        logger.info("model saved.")
+
+
+def _subsets(config: dict[str, Any]) -> list[dict[str, Any]]:
+    general = config.get("general", {})
+    return [
+        {**general, **{k: v for k, v in dataset.items() if k != "subsets"}, **subset}
+        for dataset in config.get("datasets", [])
+        for subset in dataset.get("subsets", [])
+    ]
+
+
+def _images(image_dir: str) -> list[Path]:
+    folder = Path(image_dir)
+    if not folder.is_dir():
+        logger.warning(f"not directory: {image_dir}")
+        return []
+    return sorted(p for p in folder.iterdir() if p.suffix in train_util.IMAGE_EXTENSIONS)
+
+
+def _captions(images: list[Path], extension: str) -> dict[Path, str]:
+    return {
+        image: image.with_suffix(extension).read_text(encoding="utf-8").splitlines()[0].strip()
+        for image in images
+        if image.with_suffix(extension).is_file()
+    }
+
+
+def _epoch_losses(epochs: int) -> list[float]:
+    given = [float(x) for x in os.environ.get("STANDIN_LOSSES", "").split(",") if x.strip()]
+    default = [0.2 - 0.01 * e for e in range(epochs)]
+    return [given[e] if e < len(given) else default[e] for e in range(epochs)]
+
+
+def _save(args: argparse.Namespace, name: str, epoch: int) -> None:
+    """A valid .safetensors file without tensors; its metadata says which epoch it holds."""
+    os.makedirs(args.output_dir, exist_ok=True)
+    path = os.path.join(args.output_dir, name)
+    print(f"\nsaving checkpoint: {path}")
+    header = json.dumps(
+        {"__metadata__": {"ss_epoch": str(epoch), "ss_output_name": args.output_name}}
+    ).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header)
+
+
+def _spawn_grandchild() -> None:
+    """A process that outlives its parent unless the whole process group is signalled."""
+    code = "import signal, time\n"
+    if os.environ.get("STANDIN_IGNORE_SIGTERM") == "1":
+        code += "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    code += "time.sleep(600)\n"
+    child = subprocess.Popen([sys.executable, "-c", code])
+    pids_file = os.environ.get("STANDIN_PIDS_FILE")
+    if pids_file:
+        Path(pids_file).write_text(f"{os.getpid()} {child.pid}\n")
+
+
+def setup_parser() -> argparse.ArgumentParser:
+    """The options loratrain passes, named as in sd-scripts' argparse (train_util, train_network)."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config_file", type=str, default=None)
+    for flag in (
+        "v2",
+        "v_parameterization",
+        "network_train_unet_only",
+        "no_half_vae",
+        "cache_latents",
+        "cache_text_encoder_outputs",
+        "gradient_checkpointing",
+        "sdpa",
+        "xformers",
+        "persistent_data_loader_workers",
+    ):
+        parser.add_argument(f"--{flag}", action="store_true")
+    for name in (
+        "pretrained_model_name_or_path",
+        "tokenizer_cache_dir",
+        "dataset_config",
+        "output_dir",
+        "output_name",
+        "save_precision",
+        "network_module",
+        "optimizer_type",
+        "lr_scheduler",
+        "mixed_precision",
+        "logging_dir",
+    ):
+        parser.add_argument(f"--{name}", type=str, default=None)
+    parser.add_argument(
+        "--save_model_as",
+        type=str,
+        default="safetensors",
+        choices=[None, "ckpt", "pt", "safetensors"],
+    )
+    for name, default in (
+        ("save_every_n_epochs", None),
+        ("max_train_epochs", None),
+        ("max_train_steps", 1600),
+        ("network_dim", None),
+        ("lr_warmup_steps", 0),
+        ("seed", None),
+        ("max_data_loader_n_workers", 8),
+    ):
+        parser.add_argument(f"--{name}", type=int, default=default)
+    for name, rate in (("network_alpha", 1.0), ("learning_rate", 2.0e-6), ("unet_lr", None)):
+        parser.add_argument(f"--{name}", type=float, default=rate)
+    parser.add_argument("--text_encoder_lr", type=float, default=None, nargs="*")
+    return parser
+
+
+if os.environ.get("STANDIN_PLAIN") == "1":
+    del NetworkTrainer.step_logging, NetworkTrainer.epoch_logging
+
+
+if __name__ == "__main__":
+    parser = setup_parser()
+
+    args = parser.parse_args()
+    train_util.verify_command_line_training_args(args)
+    args = train_util.read_config_from_file(args, parser)
+
+    trainer = NetworkTrainer()
+    trainer.train(args)

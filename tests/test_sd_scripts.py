@@ -1,0 +1,490 @@
+"""The sd-scripts trainer: config files, output parsing, and runs of the stand-in as a real child.
+
+The stand-in (tests/sd_scripts_standin) reads the same TOML files as sd-scripts and prints its
+formats; see its train_network.py for the STANDIN_* switches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import re
+import runpy
+import struct
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gpu_runner.protocol import BaseModelFamily, TrainingConfig, TrainingProgressData
+from gpu_runner.settings import RunnerSettings
+from gpu_runner.trainers import launcher, sd_scripts
+from gpu_runner.trainers.base import TrainerError, TrainingInputs, TrainingResult
+from gpu_runner.trainers.sd_scripts import (
+    OutputTracker,
+    SdScriptsTrainer,
+    TrainingArguments,
+    checkpoint_name,
+    parse_bar,
+    parse_epoch,
+    parse_interval,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+STANDIN = REPO / "tests" / "sd_scripts_standin"
+# The stand-in's copy of sd-scripts' dataset schema (library/config_util.py ConfigSanitizer).
+SCHEMA = runpy.run_path(str(STANDIN / "library" / "train_util.py"))
+PNG = b"\x89PNG\r\n\x1a\n" + b"\0" * 64
+
+
+def standin_settings(tmp_path: Path, grace_s: float = 5.0) -> RunnerSettings:
+    """Settings that run the stand-in; the runner's end-to-end tests use the same two values."""
+    return RunnerSettings(
+        runner_workdir=tmp_path,
+        runner_accelerate_command=[sys.executable, str(STANDIN / "accelerate")],
+        runner_sd_scripts_dir=STANDIN,
+        runner_tokenizer_cache_dir=tmp_path / "tokenizers",
+        runner_trainer_stop_grace_s=grace_s,
+    )
+
+
+def make_inputs(
+    tmp_path: Path,
+    family: BaseModelFamily = "sd15",
+    images: int = 2,
+    secrets: list[str] | None = None,
+    dataset_name: str = "dataset",
+    **config: Any,
+) -> TrainingInputs:
+    dataset = tmp_path / dataset_name
+    (dataset / "nested").mkdir(parents=True, exist_ok=True)
+    for i in range(images):
+        (dataset / f"img{i}.png").write_bytes(PNG)
+        (dataset / f"img{i}.txt").write_text(f"a photo of thing {i}\n")
+    (dataset / "nested" / "more.jpg").write_bytes(b"\xff\xd8\xff" + b"\0" * 64)
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(b"not read by the stand-in")
+    defaults: dict[str, Any] = {"epochs": 3, "repeats": 1, "batch_size": 1, "optimizer": "AdamW"}
+    return TrainingInputs(
+        run_dir=tmp_path / "run",
+        dataset_dir=dataset,
+        model_path=model,
+        family=family,
+        config=TrainingConfig(**{**defaults, **config}).for_family(family),
+        output_dir=tmp_path / "run" / "output",
+        secrets=secrets or [],
+    )
+
+
+class Progress:
+    def __init__(self) -> None:
+        self.updates: list[TrainingProgressData] = []
+        self.first = asyncio.Event()
+
+    async def __call__(self, update: TrainingProgressData) -> None:
+        self.updates.append(update)
+        if update.step > 0:
+            self.first.set()
+
+
+def running(pid: int) -> bool:
+    """Whether pid is a live process (a zombie is not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2 :].split()[0] not in ("Z", "X")
+
+
+def checkpoint_epoch(path: Path) -> int:
+    data = path.read_bytes()
+    (size,) = struct.unpack("<Q", data[:8])
+    return int(json.loads(data[8 : 8 + size])["__metadata__"]["ss_epoch"])
+
+
+async def run_standin(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, inputs: TrainingInputs, **env: str
+) -> tuple[TrainingResult, Progress]:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    trainer = SdScriptsTrainer(standin_settings(tmp_path))
+    progress = Progress()
+    result = await trainer.train(trainer.prepare(inputs), progress)
+    return result, progress
+
+
+# --------------------------------------------------------------------------------------------
+# Config files
+# --------------------------------------------------------------------------------------------
+
+
+def test_dataset_toml_uses_only_sd_scripts_keys_and_txt_captions(tmp_path: Path) -> None:
+    inputs = make_inputs(tmp_path, trigger_word="sks", resolution=512, repeats=7, keep_tokens=1)
+    prepared = SdScriptsTrainer(standin_settings(tmp_path)).prepare(inputs)
+
+    dataset = tomllib.loads(Path(prepared.paths["dataset_config"]).read_text())
+    assert set(dataset) == {"general", "datasets"}
+    assert set(dataset["general"]) <= SCHEMA["GENERAL_KEYS"]
+    assert dataset["general"]["resolution"] == 512
+    assert dataset["general"]["batch_size"] == 1
+    subsets = dataset["datasets"][0]["subsets"]
+    assert set(dataset["datasets"][0]) <= SCHEMA["DATASET_KEYS"]
+    # One subset per folder holding images: sd-scripts does not look into subfolders.
+    assert [s["image_dir"] for s in subsets] == [
+        str(inputs.dataset_dir),
+        str(inputs.dataset_dir / "nested"),
+    ]
+    for subset in subsets:
+        assert set(subset) <= SCHEMA["SUBSET_KEYS"]
+        assert subset["caption_extension"] == ".txt"  # sd-scripts' default is .caption
+        assert subset["num_repeats"] == 7
+        assert subset["class_tokens"] == "sks"
+        assert subset["keep_tokens"] == 1
+    # 3 images x 7 repeats / batch 1, 3 epochs.
+    assert prepared.total_steps == 63
+
+
+def test_training_toml_is_the_typed_model_mapped_from_the_config(tmp_path: Path) -> None:
+    settings = standin_settings(tmp_path)
+    inputs = make_inputs(tmp_path, epochs=4, network_dim=8, network_alpha=4, seed=7)
+    prepared = SdScriptsTrainer(settings).prepare(inputs)
+
+    args = tomllib.loads(Path(prepared.paths["training_config"]).read_text())
+    assert set(args) <= set(TrainingArguments.model_fields)
+    assert TrainingArguments.model_validate(args)  # round-trips through the typed model
+    assert prepared.paths["script"] == "train_network.py"
+    assert args["pretrained_model_name_or_path"] == str(inputs.model_path)
+    assert args["dataset_config"] == prepared.paths["dataset_config"]
+    assert args["output_dir"] == str(inputs.output_dir)
+    assert args["output_name"] == "lora"
+    assert args["save_model_as"] == "safetensors"
+    assert args["save_every_n_epochs"] == 1
+    assert args["max_train_epochs"] == 4
+    assert "max_train_steps" not in args  # sd-scripts lets epochs override steps anyway
+    assert args["network_module"] == "networks.lora"
+    assert (args["network_dim"], args["network_alpha"]) == (8, 4.0)
+    assert (args["unet_lr"], args["text_encoder_lr"]) == (1e-4, 5e-5)
+    assert args["network_train_unet_only"] is False
+    assert args["optimizer_type"] == "AdamW"
+    assert (args["lr_scheduler"], args["seed"]) == ("cosine", 7)
+    assert (args["mixed_precision"], args["save_precision"]) == ("fp16", "fp16")
+    assert args["tokenizer_cache_dir"] == str(settings.runner_tokenizer_cache_dir)
+    assert args["logging_dir"]  # the launcher's hooks only run while sd-scripts tracks
+    assert args["v2"] is False
+    assert args["cache_text_encoder_outputs"] is False
+
+
+def test_sdxl_trains_the_unet_only_and_caches_text_encoder_outputs(tmp_path: Path) -> None:
+    prepared = SdScriptsTrainer(standin_settings(tmp_path)).prepare(make_inputs(tmp_path, "sdxl"))
+    args = tomllib.loads(Path(prepared.paths["training_config"]).read_text())
+    assert prepared.paths["script"] == "sdxl_train_network.py"
+    assert args["network_train_unet_only"] is True
+    assert args["cache_text_encoder_outputs"] is True
+    assert "text_encoder_lr" not in args
+    assert args["mixed_precision"] == "bf16"
+
+
+def test_sd2_at_768_is_a_v_parameterization_model(tmp_path: Path) -> None:
+    prepared = SdScriptsTrainer(standin_settings(tmp_path)).prepare(make_inputs(tmp_path, "sd2"))
+    args = tomllib.loads(Path(prepared.paths["training_config"]).read_text())
+    assert (args["v2"], args["v_parameterization"]) == (True, True)
+
+
+def test_max_train_steps_replaces_epochs(tmp_path: Path) -> None:
+    inputs = make_inputs(tmp_path, max_train_steps=5)
+    prepared = SdScriptsTrainer(standin_settings(tmp_path)).prepare(inputs)
+    args = tomllib.loads(Path(prepared.paths["training_config"]).read_text())
+    assert args["max_train_steps"] == 5
+    assert "max_train_epochs" not in args
+    assert prepared.total_steps == 5
+
+
+@pytest.mark.parametrize(("family", "name"), [("flux", "Flux"), ("sd3", "SD3")])
+def test_flux_and_sd3_are_not_supported_yet(
+    tmp_path: Path, family: BaseModelFamily, name: str
+) -> None:
+    with pytest.raises(TrainerError) as raised:
+        SdScriptsTrainer(standin_settings(tmp_path)).prepare(make_inputs(tmp_path, family))
+    assert raised.value.code == "unsupported_model"
+    assert raised.value.message.startswith(f"{name} models are not supported yet")
+
+
+def test_a_dataset_without_images_is_refused_before_training(tmp_path: Path) -> None:
+    inputs = make_inputs(tmp_path, images=0)
+    (inputs.dataset_dir / "nested" / "more.jpg").unlink()
+    with pytest.raises(TrainerError) as raised:
+        SdScriptsTrainer(standin_settings(tmp_path)).prepare(inputs)
+    assert raised.value.code == "no_training_data"
+
+
+def test_toml_strings_are_escaped(tmp_path: Path) -> None:
+    text = sd_scripts.dumps_toml({"a": 'quote " and \\ and é', "t": {"x": 1e-05, "on": True}})
+    assert tomllib.loads(text) == {"a": 'quote " and \\ and é', "t": {"x": 1e-05, "on": True}}
+
+
+# --------------------------------------------------------------------------------------------
+# Output parsing
+# --------------------------------------------------------------------------------------------
+
+BAR = "steps:  25%|██▌       | 3/12 [00:04<00:14,  1.60s/it, avr_loss=1.21]"
+
+
+def test_bar_in_seconds_per_iteration() -> None:
+    bar = parse_bar(BAR)
+    assert bar is not None
+    assert (bar.step, bar.total, bar.avr_loss, bar.eta_s) == (3, 12, 1.21, 14.0)
+    assert bar.it_per_s == pytest.approx(1 / 1.6)
+
+
+def test_bar_in_iterations_per_second_and_before_the_first_step() -> None:
+    bar = parse_bar(
+        "steps:  50%|█████     | 600/1200 [01:02:03<1:00:00,  2.51it/s, avr_loss=0.0938]"
+    )
+    assert bar is not None
+    assert (bar.step, bar.it_per_s, bar.eta_s, bar.avr_loss) == (600, 2.51, 3600.0, 0.0938)
+    start = parse_bar("steps:   0%|          | 0/12 [00:00<?, ?it/s]")
+    assert start is not None
+    assert (start.step, start.it_per_s, start.eta_s, start.avr_loss) == (0, None, None, None)
+
+
+def test_validation_bars_are_not_training_progress() -> None:
+    assert parse_bar("epoch validation steps:  50%|█| 2/4 [00:01<00:01, 1.9it/s]") is None
+    assert parse_bar("validation steps:  50%|█| 2/4 [00:01<00:01, 1.9it/s]") is None
+
+
+def test_intervals_and_epoch_lines() -> None:
+    assert parse_interval("00:14") == 14
+    assert parse_interval("1:02:03") == 3723
+    assert parse_interval("2d, 01:00:00") == 2 * 86400 + 3600
+    assert parse_interval("?") is None
+    assert parse_epoch("epoch 2/10") == (2, 10)
+    assert parse_epoch("epoch 2/10 steps") is None
+
+
+def test_tracker_reads_carriage_returns_glued_lines_and_epoch_ends() -> None:
+    tracker = OutputTracker(secrets=["hunter2"])
+    stream = (
+        "running training / 学習開始\n"
+        "\nepoch 1/2\n\n"
+        "\rsteps:   0%|          | 0/4 [00:00<?, ?it/s]"
+        "\rsteps:  25%|██▌       | 1/4 [00:01<00:03,  1.00s/it, avr_loss=0.5]"
+        "\rsteps:  50%|█████     | 2/4 [00:02<00:02,  1.00s/it, avr_loss=0.45]"
+        # a log line glued to the bar, as when sd-scripts logs without a newline first
+        "\rsteps:  50%|█████     | 2/4 [00:02<00:02,  1.00s/it, avr_loss=0.45]INFO saving hunter2\n"
+        "\nepoch 2/2\n\n"
+        "\rsteps:  75%|███████▌  | 3/4 [00:03<00:01,  1.00s/it, avr_loss=0.41]"
+    )
+    updates = []
+    for i in range(0, len(stream), 7):  # in small chunks, as a pipe may deliver it
+        updates += tracker.feed(stream[i : i + 7])
+    updates += tracker.feed("\rsteps: 100%|██████████| 4/4 [00:04<00:00,  1.00s/it, avr_loss=0.3]")
+    updates += tracker.close()
+
+    assert [(u.step, u.epoch, u.loss) for u in updates] == [
+        (0, 1, None),
+        (1, 1, 0.5),
+        (2, 1, 0.45),
+        (3, 2, 0.41),
+        (4, 2, 0.3),
+    ]
+    assert updates[-1].total == 4 and updates[-1].total_epochs == 2
+    assert tracker.epoch_losses() == {1: 0.45, 2: 0.3}
+    tail = tracker.log_tail()
+    assert tail[-2] == "epoch 2/2"
+    assert "INFO saving ***" in tail[-3]  # redacted, and only the last redraw of a line kept
+    assert tail[-1].startswith("steps: 100%")
+    assert "hunter2" not in "".join(tail)
+
+
+def test_tracker_prefers_the_launchers_exact_losses() -> None:
+    tracker = OutputTracker()
+    tracker.feed("\nepoch 1/1\n\rsteps: 100%|█| 1/1 [00:01<00:00, 1.00it/s, avr_loss=0.123]")
+    tracker.feed(
+        launcher.EVENT_PREFIX + '{"event": "step", "epoch": 1, "step": 1, "loss": 0.1234567}\n'
+    )
+    tracker.feed(
+        launcher.EVENT_PREFIX + '{"event": "epoch", "epoch": 1, "step": 1, "loss": 0.1234567}\n'
+    )
+    assert tracker.epoch_losses() == {1: 0.1234567}
+    assert tracker.step_losses == [0.1234567]
+    assert launcher.EVENT_PREFIX == sd_scripts.EVENT_PREFIX
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "\rsteps:  25%|██▌       | 3/12 [00:04<00:14,  1.60s/it, avr_loss=nan]",
+        launcher.EVENT_PREFIX + '{"event": "step", "epoch": 1, "step": 3, "loss": "inf"}\n',
+    ],
+)
+def test_tracker_notices_a_loss_that_is_not_finite(line: str) -> None:
+    tracker = OutputTracker()
+    tracker.feed(line + "\n")
+    assert tracker.diverged and "step 3" in tracker.diverged
+
+
+def test_checkpoint_names_follow_sd_scripts_last_epoch_rule() -> None:
+    assert checkpoint_name("lora", 1, 3) == "lora-000001.safetensors"
+    assert checkpoint_name("lora", 3, 3) == "lora.safetensors"
+
+
+# --------------------------------------------------------------------------------------------
+# Runs of the stand-in
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("losses", "best", "file"),
+    [
+        ("0.51234,0.30987,0.4", 2, "lora-000002.safetensors"),
+        ("0.5,0.4,0.30987", 3, "lora.safetensors"),
+    ],
+)
+async def test_the_best_epochs_checkpoint_is_the_result(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, losses: str, best: int, file: str
+) -> None:
+    inputs = make_inputs(tmp_path, repeats=2)
+    result, progress = await run_standin(tmp_path, monkeypatch, inputs, STANDIN_LOSSES=losses)
+
+    assert result.best_epoch == best
+    assert result.checkpoint == inputs.output_dir / file
+    assert checkpoint_epoch(result.checkpoint) == best
+    # The launcher's numbers: sd-scripts' loss/epoch_average at full precision (the bar has 3
+    # significant digits: 0.512, 0.31).
+    expected = [float(x) for x in losses.split(",")]
+    assert result.epoch_losses == pytest.approx(expected, abs=1e-12)
+    assert result.loss == pytest.approx(expected[best - 1], abs=1e-12)
+    # 3 images x 2 repeats / batch 1 = 6 steps an epoch, 3 epochs.
+    steps = [u.step for u in progress.updates]
+    assert steps == sorted(steps) and steps[-1] == 18
+    assert {u.total for u in progress.updates} == {18}
+    assert progress.updates[-1].epoch == 3 and progress.updates[-1].total_epochs == 3
+
+
+async def test_without_the_launcher_hooks_the_bar_gives_the_epoch_losses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inputs = make_inputs(tmp_path, repeats=2)
+    result, _ = await run_standin(
+        tmp_path, monkeypatch, inputs, STANDIN_PLAIN="1", STANDIN_LOSSES="0.51234,0.30987,0.4"
+    )
+    # The bar shows 3 significant digits of the same averages.
+    assert result.epoch_losses == [0.512, 0.31, 0.4]
+    assert result.best_epoch == 2
+    assert result.checkpoint.name == "lora-000002.safetensors"
+
+
+async def test_sdxl_runs_its_own_script(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    inputs = make_inputs(tmp_path, "sdxl", epochs=2, resolution=64)
+    result, _ = await run_standin(tmp_path, monkeypatch, inputs, STANDIN_LOSSES="0.2,0.3")
+    assert (result.best_epoch, result.checkpoint.name) == (1, "lora-000001.safetensors")
+
+
+async def test_no_data_found_with_exit_0_is_no_training_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(TrainerError) as raised:
+        await run_standin(tmp_path, monkeypatch, make_inputs(tmp_path), STANDIN_MODE="nodata")
+    assert raised.value.code == "no_training_data"
+    assert any("No data found" in line for line in raised.value.log_tail)
+
+
+async def test_a_nan_loss_stops_the_whole_process_group_early(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inputs = make_inputs(tmp_path, repeats=10, epochs=10)  # 300 steps of 0.2 s if not stopped
+    pids_file = tmp_path / "pids"
+    started = time.monotonic()
+    with pytest.raises(TrainerError) as raised:
+        await run_standin(
+            tmp_path, monkeypatch, inputs, STANDIN_MODE="nan", STANDIN_PIDS_FILE=str(pids_file)
+        )
+    assert raised.value.code == "loss_diverged"
+    assert "nan" in raised.value.message
+    assert time.monotonic() - started < 20
+    assert not any(running(int(pid)) for pid in pids_file.read_text().split())
+    assert not (inputs.output_dir / "lora.safetensors").exists()
+
+
+async def test_a_crash_is_trainer_crashed_with_the_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inputs = make_inputs(tmp_path, secrets=["s3cr3t-value"], dataset_name="data-s3cr3t-value")
+    with pytest.raises(TrainerError) as raised:
+        await run_standin(tmp_path, monkeypatch, inputs, STANDIN_MODE="crash")
+    error = raised.value
+    assert error.code == "trainer_crashed"
+    assert "RuntimeError: CUDA out of memory" in error.message
+    assert any(line.startswith("Traceback") for line in error.log_tail)
+    assert any("RuntimeError: CUDA out of memory" in line for line in error.log_tail)
+    assert len(error.log_tail) <= 50
+    assert any("data-***" in line for line in error.log_tail)  # "found directory <path>"
+    assert "s3cr3t-value" not in "\n".join(error.log_tail)
+
+
+@pytest.mark.parametrize("ignore_sigterm", [False, True])
+async def test_stop_leaves_no_process_of_the_group(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ignore_sigterm: bool
+) -> None:
+    pids_file = tmp_path / "pids"
+    monkeypatch.setenv("STANDIN_MODE", "slow")
+    monkeypatch.setenv("STANDIN_PIDS_FILE", str(pids_file))
+    monkeypatch.setenv("STANDIN_IGNORE_SIGTERM", "1" if ignore_sigterm else "0")
+    trainer = SdScriptsTrainer(standin_settings(tmp_path, grace_s=1.0))
+    prepared = trainer.prepare(make_inputs(tmp_path, repeats=10, epochs=10))
+    progress = Progress()
+    training = asyncio.create_task(trainer.train(prepared, progress))
+    await asyncio.wait_for(progress.first.wait(), timeout=30)
+    pids = [int(pid) for pid in pids_file.read_text().split()]
+    assert all(running(pid) for pid in pids)
+
+    await trainer.stop()
+
+    assert not any(running(pid) for pid in pids)  # the trainer and its grandchild
+    with pytest.raises(TrainerError) as raised:
+        await training
+    assert raised.value.code == "trainer_stopped"
+
+
+def test_launcher_falls_back_to_the_script_without_trainer_hooks(tmp_path: Path) -> None:
+    script = tmp_path / "plain.py"
+    script.write_text("import sys\nprint('ran', sys.argv[1:])\n")
+    completed = subprocess.run(
+        [sys.executable, str(sd_scripts.LAUNCHER_PATH), str(script), "--config_file", "x.toml"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert "ran ['--config_file', 'x.toml']" in completed.stdout
+    assert "running plain.py as it is" in completed.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# The image
+# --------------------------------------------------------------------------------------------
+
+
+def test_dockerfile_pins_what_the_runner_expects() -> None:
+    dockerfile = (REPO / "gpu_runner" / "Dockerfile").read_text()
+    defaults = RunnerSettings.model_fields
+
+    def arg(name: str) -> str:
+        m = re.search(rf"^ARG {name}=(\S+)$", dockerfile, re.MULTILINE)
+        assert m, f"Dockerfile has no ARG {name}"
+        return m.group(1)
+
+    assert arg("SD_SCRIPTS_COMMIT") == sd_scripts.SD_SCRIPTS_COMMIT
+    assert re.fullmatch(r"[0-9a-f]{40}", sd_scripts.SD_SCRIPTS_COMMIT)
+    assert Path(arg("SD_SCRIPTS_DIR")) == defaults["runner_sd_scripts_dir"].default
+    assert Path(arg("TOKENIZER_DIR")) == defaults["runner_tokenizer_cache_dir"].default
+    for model_id in sd_scripts.TOKENIZER_IDS:
+        assert model_id in dockerfile
+    assert '"-m", "gpu_runner"]' in dockerfile
+    assert math.isfinite(defaults["runner_trainer_stop_grace_s"].default)
