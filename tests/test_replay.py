@@ -15,16 +15,18 @@ from worker.converter import data_converter
 from worker.main import WORKFLOWS
 from worker.settings import Settings
 
-HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
+HISTORIES = {
+    path.stem: path.read_text() for path in (Path(__file__).parent / "histories").glob("*.json")
+}
 
 
 def test_recorded_histories_exist() -> None:
-    assert {p.stem for p in HISTORIES} >= {"completed-run-1", "baddata-run-1"}
+    assert set(HISTORIES) >= {"completed-run-1", "baddata-run-1"}
 
 
-@pytest.mark.parametrize("path", HISTORIES, ids=[p.stem for p in HISTORIES])
-async def test_recorded_history_replays(path: Path, base_settings: Settings) -> None:
-    history = WorkflowHistory.from_json(path.stem, path.read_text())
+@pytest.mark.parametrize("workflow_id", sorted(HISTORIES))
+async def test_recorded_history_replays(workflow_id: str, base_settings: Settings) -> None:
+    history = WorkflowHistory.from_json(workflow_id, HISTORIES[workflow_id])
     replayer = Replayer(workflows=WORKFLOWS, data_converter=data_converter(base_settings))
     result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
     assert result.replay_failure is None, result.replay_failure
