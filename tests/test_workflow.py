@@ -17,10 +17,11 @@ from temporalio.testing import WorkflowEnvironment
 from activities.providers.base import Instance
 from gpu_runner.protocol import RunFailedData, RunnerEvent
 from worker.settings import Settings
-from workflows.models import RunStatus, RunStatusName
+from workflows.models import RunStatus, RunStatusName, S3Prefix
 from workflows.training import TrainingWorkflow
 
 from .workflow_support import (
+    PNG,
     SHORT_DEADLINES,
     SLEEPING_RUNNER,
     RecordingProvider,
@@ -291,3 +292,60 @@ async def test_instance_created_by_a_failing_allocation_is_not_left_behind(
     assert status.error is not None and status.error.code == "ProviderError"
     assert len(provider.created) == 1
     assert_no_instance_left(provider)
+
+
+GIF = b"GIF89a\x01\x00\x01\x00\x80\x00\x00" + bytes(20)
+
+# Each bad dataset: the files under the prefix, the settings changed, the names the error must list.
+BAD_DATASETS: dict[str, tuple[dict[str, bytes], dict[str, Any], list[str]]] = {
+    "empty prefix": ({}, {}, ["no images under"]),
+    "a GIF": ({"ok.png": PNG, "cat.gif": GIF}, {}, ["cat.gif"]),
+    "not really a PNG": ({"ok.png": PNG, "fake.png": b"plain text"}, {}, ["fake.png"]),
+    "too many files": (
+        {f"img{i}.png": PNG for i in range(4)},
+        {"max_images": 3},
+        ["4 images", "limit of 3"],
+    ),
+    "a file over the limit": (
+        {"ok.png": PNG, "huge.png": PNG + bytes(4096)},
+        {"max_image_bytes": 1024},
+        ["huge.png"],
+    ),
+    "several problems at once": (
+        {"ok.png": PNG, "a.gif": GIF, "b.png": b"text", "c.bmp": b"BM" + bytes(8)},
+        {},
+        ["a.gif", "b.png", "c.bmp"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_DATASETS))
+async def test_bad_dataset_fails_the_run_before_any_gpu(
+    time_skipping_env: WorkflowEnvironment,
+    run_settings: Settings,
+    s3: Any,
+    tmp_path: Path,
+    case: str,
+) -> None:
+    files, limits, named = BAD_DATASETS[case]
+    prefix = "uploads/bad/"
+    for name, body in files.items():
+        s3.put_object(Bucket=run_settings.bucket, Key=prefix + name, Body=body)
+    limited = run_settings.model_copy(update=limits)
+    provider = RecordingProvider(limited)
+    request = make_request(
+        S3Prefix(bucket=limited.bucket, prefix=prefix),
+        local_model(tmp_path),
+        deadlines=SHORT_DEADLINES,
+    )
+    async with running_worker(time_skipping_env.client, limited, provider):
+        handle = await start_run(time_skipping_env.client, limited, request)
+        status, error = await finish(handle)
+
+    assert status.status == RunStatusName.FAILED
+    assert status.error is not None and status.error.code == "InvalidDataset"
+    for name in named:
+        assert name in status.error.message, status.error.message
+    assert isinstance(error, ApplicationError) and error.type == "RunFailed"
+    assert provider.created == []
+    assert [c.status for c in status.history] == [RunStatusName.PENDING, RunStatusName.FAILED]
