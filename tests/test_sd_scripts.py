@@ -149,6 +149,23 @@ def test_dataset_toml_uses_only_sd_scripts_keys_and_txt_captions(tmp_path: Path)
     assert prepared.total_steps == 63
 
 
+def test_the_trigger_word_starts_every_caption(tmp_path: Path) -> None:
+    inputs = make_inputs(tmp_path, trigger_word="sks")
+    (inputs.dataset_dir / "img1.txt").write_text("sks, already tagged\n")
+
+    SdScriptsTrainer(standin_settings(tmp_path)).prepare(inputs)
+
+    captions = {
+        p.relative_to(inputs.dataset_dir).as_posix(): p.read_text()
+        for p in inputs.dataset_dir.rglob("*.txt")
+    }
+    assert captions == {
+        "img0.txt": "sks, a photo of thing 0",
+        "img1.txt": "sks, already tagged",
+        "nested/more.txt": "sks",  # an image without a caption gets the trigger word alone
+    }
+
+
 def test_training_toml_is_the_typed_model_mapped_from_the_config(tmp_path: Path) -> None:
     settings = standin_settings(tmp_path)
     inputs = make_inputs(tmp_path, epochs=4, network_dim=8, network_alpha=4, seed=7)

@@ -214,6 +214,27 @@ def script_for(family: str) -> str:
     return "sdxl_train_network.py" if family == "sdxl" else "train_network.py"
 
 
+def put_trigger_word_first(folders: list[tuple[Path, int]], trigger_word: str) -> None:
+    """Make the trigger word the first token of every image's caption (written where missing).
+
+    sd-scripts uses class_tokens only for images without a caption file, and its caption_prefix
+    would double the word on those; so the captions themselves are rewritten (keep_tokens keeps
+    the first token in place).
+    """
+    for folder, _ in folders:
+        for image in sorted(folder.iterdir()):
+            if not image.is_file() or image.suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            caption_file = image.with_suffix(".txt")
+            caption = (
+                caption_file.read_text(encoding="utf-8").strip() if caption_file.exists() else ""
+            )
+            first = caption.split(",", 1)[0].strip()
+            if first != trigger_word:
+                caption = f"{trigger_word}, {caption}" if caption else trigger_word
+            caption_file.write_text(caption, encoding="utf-8")
+
+
 def image_dirs(dataset_dir: Path) -> list[tuple[Path, int]]:
     """Every folder under dataset_dir that holds images, with its image count (sd-scripts reads
     one folder per subset, not recursively)."""
@@ -547,6 +568,8 @@ class SdScriptsTrainer:
                 f"no images in the dataset ({', '.join(sorted(IMAGE_EXTENSIONS))} expected)",
                 stage="files",
             )
+        if inputs.config.trigger_word:
+            put_trigger_word_first(folders, inputs.config.trigger_word)
         config_dir = inputs.run_dir / "sd-scripts"
         config_dir.mkdir(parents=True, exist_ok=True)
         inputs.output_dir.mkdir(parents=True, exist_ok=True)
