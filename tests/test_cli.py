@@ -23,11 +23,13 @@ import pytest
 from temporalio.testing import WorkflowEnvironment
 from typer.testing import CliRunner, Result
 
+from activities.providers.base import instance_label
+from activities.providers.local import LocalProvider
 from worker.cli import app
 from worker.converter import new_codec_key
 from worker.devstack import DevStack, PortsInUse
 from worker.settings import Settings
-from workflows.models import RunStatus, RunStatusName
+from workflows.models import GpuRequirements, RunStatus, RunStatusName
 
 from .conftest import free_port
 
@@ -288,6 +290,21 @@ def test_stack_refuses_to_start_when_a_port_is_taken(workdir: Path, busy_port: i
         f"port {busy_port} (Temporal UI) is already in use: is another `loratrain dev` running?"
     )
     assert not (workdir / ".loratrain").exists()
+
+
+def test_stopping_the_stack_gives_local_gpus_back(workdir: Path) -> None:
+    settings = Settings(
+        state_dir=workdir / ".loratrain",
+        local_runner_command=[sys.executable, "-c", "import time; time.sleep(3600)"],
+    )
+    provider = LocalProvider(settings)
+    instance = provider.create(instance_label("left-running", 1), "http://job", GpuRequirements())
+    assert provider.get(instance.instance_id).state == "running"  # type: ignore[union-attr]
+
+    DevStack(settings).stop()
+
+    assert provider.list_instances() == []
+    assert provider.get(instance.instance_id).state == "gone"  # type: ignore[union-attr]
 
 
 def test_dev_names_the_taken_port_and_starts_nothing(workdir: Path, busy_port: int) -> None:

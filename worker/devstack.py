@@ -376,7 +376,19 @@ class DevStack:
             # Also sweeps up anything a child left behind in its group.
             _signal_group(child, signal.SIGKILL)
             child.popen.wait()
+        self._destroy_local_gpus()
         self.pids_path.unlink(missing_ok=True)
+
+    def _destroy_local_gpus(self) -> None:
+        """Local runners live in groups of their own: give those "GPUs" back too. A run still
+        open finds its instance gone on the next start and rents another."""
+        if self.settings.gpu_provider != "local":
+            return
+        from activities.providers.local import LocalProvider
+
+        provider = LocalProvider(self.settings)
+        for instance in provider.list_instances():
+            provider.destroy(instance.instance_id)
 
     def __enter__(self) -> DevStack:
         self.start()

@@ -67,7 +67,6 @@ class Settings(BaseSettings):
     )
     vast_api_key: SecretStr | None = None
     vast_base_url: str = "https://console.vast.ai"
-    runner_image: str = "ghcr.io/loratrain/gpu-runner:latest"
 
     # Where the embedded stack keeps its state (SQLite, pid files, logs).
     state_dir: Path = Path(".loratrain")
