@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from pydantic import BaseModel, Field
 from temporalio import activity
+from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError, RPCStatusCode
 
 from worker.settings import Settings
 from workflows.models import GpuRequirements
@@ -13,6 +17,17 @@ from .providers.base import GpuProvider, Instance, NoOfferError, instance_label,
 
 NO_GPU_OFFER = "NoGpuOffer"
 GPU_PROVIDER_MISMATCH = "GpuProviderMismatch"
+RUN_LOOKUP_TIMEOUT = timedelta(seconds=10)
+_CLOSED_STATUSES = frozenset(
+    {
+        WorkflowExecutionStatus.COMPLETED,
+        WorkflowExecutionStatus.FAILED,
+        WorkflowExecutionStatus.CANCELED,
+        WorkflowExecutionStatus.TERMINATED,
+        WorkflowExecutionStatus.CONTINUED_AS_NEW,
+        WorkflowExecutionStatus.TIMED_OUT,
+    }
+)
 
 
 class AllocateGpuInput(BaseModel):
@@ -127,6 +142,19 @@ class GpuActivities:
         )
         return released
 
+    @activity.defn
+    def list_labelled_instances(self) -> list[Instance]:
+        """Every instance of the provider whose label names a run of this system (for the reaper).
+
+        Instances whose label does not parse as loratrain:<run_id>:<attempt> are left out: what
+        cannot be tied to a run is never destroyed on a guess.
+        """
+        return [
+            instance
+            for instance in self.provider.list_instances()
+            if run_id_of_label(instance.label) is not None
+        ]
+
     def _check_provider(self, ref: InstanceRef) -> None:
         if ref.provider != self.provider.name:
             # Retryable: a worker with the right provider on this task queue can still do it,
@@ -137,3 +165,28 @@ class GpuActivities:
                 f"{ref.provider} on a worker for this task queue).",
                 type=GPU_PROVIDER_MISMATCH,
             )
+
+
+class RunLookupActivities:
+    """Asks Temporal about runs (for the reaper); async, since the Temporal client is."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    @activity.defn
+    async def run_is_open(self, input: RunRef) -> bool:
+        """True while the run's workflow is running; False when it is closed or never existed.
+
+        Any other RPC error raises, so the activity retries: an unanswered question never counts
+        as "closed", which would destroy a live run's GPU.
+        """
+        try:
+            description = await self.client.get_workflow_handle(input.run_id).describe(
+                rpc_timeout=RUN_LOOKUP_TIMEOUT
+            )
+        except RPCError as e:
+            if e.status == RPCStatusCode.NOT_FOUND:
+                return False
+            raise
+        # Closed means one of these; any other status (or none reported) counts as open.
+        return description.status not in _CLOSED_STATUSES

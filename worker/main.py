@@ -3,21 +3,36 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from typing import Any
 
 import boto3
 from botocore.config import Config
-from temporalio.client import Client
+from temporalio.client import (
+    Client,
+    Schedule,
+    ScheduleActionStartWorkflow,
+    ScheduleAlreadyRunningError,
+    ScheduleHandle,
+    ScheduleIntervalSpec,
+    ScheduleOverlapPolicy,
+    SchedulePolicy,
+    ScheduleSpec,
+    ScheduleUpdate,
+    ScheduleUpdateInput,
+)
 from temporalio.worker import Worker
 
 from activities.civitai import ModelActivities
-from activities.gpu import GpuActivities
+from activities.gpu import GpuActivities, RunLookupActivities
 from activities.notify import NotifyActivities
 from activities.providers.base import GpuProvider
 from activities.storage import StorageActivities
 from workflows.notify import UserWebhookWorkflow
+from workflows.reaper import ReaperWorkflow
 from workflows.training import TrainingWorkflow
 
 from .converter import data_converter
@@ -25,7 +40,13 @@ from .settings import Settings
 
 log = logging.getLogger("loratrain.worker")
 
-WORKFLOWS: list[type] = [TrainingWorkflow, UserWebhookWorkflow]
+WORKFLOWS: list[type] = [TrainingWorkflow, UserWebhookWorkflow, ReaperWorkflow]
+
+REAPER_SCHEDULE_ID = "loratrain-reaper"
+REAPER_INTERVAL = timedelta(minutes=5)
+# A pass that hangs must not block the reaper forever (the schedule skips while one runs).
+REAPER_RUN_TIMEOUT = timedelta(minutes=30)
+SCHEDULE_RPC_TIMEOUT = timedelta(seconds=10)
 
 
 async def connect_client(settings: Settings) -> Client:
@@ -79,6 +100,7 @@ def activities_for(settings: Settings, provider: GpuProvider | None = None) -> l
         gpu.get_gpu_instance,
         gpu.deallocate_gpu,
         gpu.release_run_gpus,
+        gpu.list_labelled_instances,
         notify.send_user_webhook,
     ]
 
@@ -93,7 +115,7 @@ def build_worker(
         client,
         task_queue=settings.task_queue,
         workflows=WORKFLOWS,
-        activities=activities_for(settings, provider),
+        activities=[*activities_for(settings, provider), RunLookupActivities(client).run_is_open],
         activity_executor=executor,
         max_concurrent_activities=32,
     )
@@ -102,6 +124,11 @@ def build_worker(
 async def run_worker(settings: Settings) -> None:
     """Run the worker until cancelled (Ctrl-C)."""
     client = await connect_client(settings)
+    try:
+        await ensure_reaper_schedule(client, settings)
+    except Exception:
+        # The worker is still useful without it; the next worker start tries again.
+        log.exception("could not create or update the reaper schedule %s", REAPER_SCHEDULE_ID)
     with ThreadPoolExecutor(max_workers=32, thread_name_prefix="activity") as executor:
         worker = build_worker(client, settings, executor)
         log.info(
@@ -111,3 +138,41 @@ async def run_worker(settings: Settings) -> None:
             await worker.run()
         except asyncio.CancelledError:
             await worker.shutdown()
+
+
+def reaper_schedule(settings: Settings) -> Schedule:
+    """ReaperWorkflow every REAPER_INTERVAL on the worker's task queue, one pass at a time."""
+    return Schedule(
+        action=ScheduleActionStartWorkflow(
+            ReaperWorkflow.run,
+            id=REAPER_SCHEDULE_ID,
+            task_queue=settings.task_queue,
+            execution_timeout=REAPER_RUN_TIMEOUT,
+        ),
+        spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=REAPER_INTERVAL)]),
+        policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
+    )
+
+
+async def ensure_reaper_schedule(client: Client, settings: Settings) -> ScheduleHandle:
+    """Create the reaper's schedule, or bring an existing one up to date; safe to call often.
+
+    Every worker calls it at startup, so concurrent calls are expected: the loser of the create
+    race updates instead. An operator's pause (and its note) survives the update.
+    """
+    desired = reaper_schedule(settings)
+    try:
+        return await client.create_schedule(
+            REAPER_SCHEDULE_ID, desired, rpc_timeout=SCHEDULE_RPC_TIMEOUT
+        )
+    except ScheduleAlreadyRunningError:
+        pass
+
+    def update(current: ScheduleUpdateInput) -> ScheduleUpdate:
+        return ScheduleUpdate(
+            schedule=dataclasses.replace(desired, state=current.description.schedule.state)
+        )
+
+    handle = client.get_schedule_handle(REAPER_SCHEDULE_ID)
+    await handle.update(update, rpc_timeout=SCHEDULE_RPC_TIMEOUT)
+    return handle
