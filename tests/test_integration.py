@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -20,10 +19,7 @@ from temporalio.api.history.v1 import History
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
-from temporalio.worker import Replayer
 
-from worker.converter import data_converter
-from worker.main import WORKFLOWS
 from worker.relay import create_app
 from worker.settings import Settings
 from workflows.models import RunStatus, RunStatusName, UserWebhook
@@ -33,6 +29,7 @@ from .http_support import serve_asgi
 from .webhook_receiver import WebhookReceiver
 from .workflow_support import (
     RecordingProvider,
+    check_replays,
     local_model,
     make_request,
     put_dataset,
@@ -42,7 +39,6 @@ from .workflow_support import (
 
 ROOT = Path(__file__).resolve().parent.parent
 STANDIN = ROOT / "tests" / "sd_scripts_standin"
-HISTORIES = ROOT / "tests" / "histories"
 USER_SECRET = "whsec_" + "dXNlci13ZWJob29rLXNlY3JldC1mb3ItdGVzdHM="
 CIVITAI_KEY = "civitai-key-0123456789abcdef-do-not-leak"
 SEED_ORDER = [
@@ -112,17 +108,6 @@ async def watch(handle: WorkflowHandle[Any, Any]) -> list[RunStatusName]:
             return seen
 
 
-async def check_replays(
-    client: Client, settings: Settings, handle: WorkflowHandle[Any, Any]
-) -> None:
-    history = await handle.fetch_history()
-    replayer = Replayer(workflows=WORKFLOWS, data_converter=data_converter(settings))
-    await replayer.replay_workflow(history)
-    if os.environ.get("LORA_RECORD_HISTORIES"):
-        HISTORIES.mkdir(exist_ok=True)
-        (HISTORIES / f"{handle.id}.json").write_text(history.to_json())
-
-
 async def test_run_completes_on_the_real_stack(stack: Stack, s3: Any, tmp_path: Path) -> None:
     images = put_dataset(s3, stack.settings.bucket, "uploads/cats/", count=4)
     request = make_request(
@@ -180,7 +165,7 @@ async def test_run_completes_on_the_real_stack(stack: Stack, s3: Any, tmp_path: 
     assert CIVITAI_KEY.encode().hex() not in raw
     assert USER_SECRET not in raw
 
-    await check_replays(stack.client, stack.settings, handle)
+    await check_replays(stack.settings, handle)
 
 
 async def test_bad_dataset_fails_before_any_gpu(stack: Stack, s3: Any, tmp_path: Path) -> None:
@@ -207,4 +192,4 @@ async def test_bad_dataset_fails_before_any_gpu(stack: Stack, s3: Any, tmp_path:
     assert hooks[0].verified
     assert "cat.gif" in hooks[0].json["data"]["error"]["message"]
 
-    await check_replays(stack.client, stack.settings, handle)
+    await check_replays(stack.settings, handle)

@@ -36,7 +36,7 @@ from worker.settings import Settings
 from workflows.models import GpuRequirements
 from workflows.reaper import REAP_INCOMPLETE, ReaperSummary, ReaperWorkflow
 
-from .workflow_support import SLEEPING_RUNNER, RecordingProvider, running_worker
+from .workflow_support import SLEEPING_RUNNER, RecordingProvider, check_replays, running_worker
 
 
 @workflow.defn(name="FinishedRun")
@@ -105,12 +105,15 @@ async def stand_in_runs(client: Client, task_queue: str) -> AsyncIterator[None]:
         yield
 
 
-async def reap(client: Client, settings: Settings) -> ReaperSummary:
-    return await client.execute_workflow(
+async def reap(client: Client, settings: Settings, reaper_id: str | None = None) -> ReaperSummary:
+    handle = await client.start_workflow(
         ReaperWorkflow.run,
-        id=f"reaper-{uuid.uuid4().hex[:8]}",
+        id=reaper_id or f"reaper-{uuid.uuid4().hex[:8]}",
         task_queue=settings.task_queue,
     )
+    summary = await handle.result()
+    await check_replays(settings, handle, record=reaper_id is not None)
+    return summary
 
 
 async def test_reaper_destroys_instances_of_closed_and_unknown_runs_and_keeps_open_ones(
@@ -142,7 +145,7 @@ async def test_reaper_destroys_instances_of_closed_and_unknown_runs_and_keeps_op
         assert all(process_alive(provider, i.instance_id) for i in provider.list_instances())
 
         with no_skipping():
-            summary = await reap(client, run_settings)
+            summary = await reap(client, run_settings, "reaper-pass-1")
 
         orphans = sorted([unknown.instance_id] + [i.instance_id for i in finished])
         assert sorted(summary.destroyed) == orphans

@@ -21,7 +21,7 @@ HISTORIES = {
 
 
 def test_recorded_histories_exist() -> None:
-    assert set(HISTORIES) >= {"completed-run-1", "baddata-run-1"}
+    assert set(HISTORIES) >= {"completed-run-1", "baddata-run-1", "reaper-pass-1"}
 
 
 @pytest.mark.parametrize("workflow_id", sorted(HISTORIES))

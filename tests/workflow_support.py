@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 import uuid
 from collections.abc import AsyncIterator
@@ -13,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel
 from temporalio.client import Client, WorkflowHandle
-from temporalio.worker import Worker
+from temporalio.worker import Replayer, Worker
 
 from activities.providers.base import Instance
 from activities.providers.local import LocalProvider
@@ -29,7 +30,8 @@ from gpu_runner.protocol import (
     TrainingProgressData,
     make_event,
 )
-from worker.main import build_worker
+from worker.converter import data_converter
+from worker.main import WORKFLOWS, build_worker
 from worker.settings import Settings
 from workflows.models import Deadlines, RunStatus, RunStatusName, S3Prefix, TrainingRequest
 from workflows.training import TrainingWorkflow
@@ -177,3 +179,19 @@ class ScriptedEvents:
             )
         )
         return events
+
+
+HISTORIES = Path(__file__).parent / "histories"
+
+
+async def check_replays(
+    settings: Settings, handle: WorkflowHandle[Any, Any], record: bool = True
+) -> None:
+    """Replay a finished run's history now; with LORA_RECORD_HISTORIES=1 also keep it in
+    tests/histories/ for tests/test_replay.py to replay against later code."""
+    history = await handle.fetch_history()
+    replayer = Replayer(workflows=WORKFLOWS, data_converter=data_converter(settings))
+    await replayer.replay_workflow(history)
+    if record and os.environ.get("LORA_RECORD_HISTORIES"):
+        HISTORIES.mkdir(exist_ok=True)
+        (HISTORIES / f"{handle.id}.json").write_text(history.to_json())
