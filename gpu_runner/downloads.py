@@ -248,14 +248,7 @@ def _copy_local(source: Path, spec: DownloadSpec, on_progress: ProgressFn | None
                 partial.write(chunk)
     finally:
         partial.close()
-    digest = partial.hasher.hexdigest()
-    try:
-        verified = _verify(spec, digest)
-    except DownloadError:
-        part.unlink(missing_ok=True)
-        raise
-    part.replace(spec.dest)
-    return DownloadResult(spec.dest, partial.written, digest, verified)
+    return _finish(spec, part, partial)
 
 
 async def download(
@@ -299,6 +292,11 @@ async def download(
                 delay = min(delay * 2, retry_max_s)
     finally:
         partial.close()
+    return _finish(spec, part, partial)
+
+
+def _finish(spec: DownloadSpec, part: Path, partial: _PartialFile) -> DownloadResult:
+    """Check the finished .part file's sha256, then move it into place (or delete it)."""
     digest = partial.hasher.hexdigest()
     try:
         verified = _verify(spec, digest)

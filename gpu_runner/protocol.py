@@ -398,7 +398,11 @@ def parse_event(body: bytes) -> RunnerEvent:
     try:
         return RunnerEvent.model_validate(payload)
     except ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in e.errors()
-        )
-        raise ValueError(f"body is not a valid event: {problems}") from None
+        raise ValueError(f"body is not a valid event: {describe_invalid(e)}") from None
+
+
+def describe_invalid(error: ValidationError) -> str:
+    """Where and what, never the input values (they may be secrets)."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in error.errors()
+    )

@@ -38,6 +38,7 @@ from gpu_runner.protocol import (
     Stage,
     TrainingCompletedData,
     TrainingProgressData,
+    describe_invalid,
 )
 from gpu_runner.settings import RunnerSettings
 from gpu_runner.system import free_disk_bytes, probe_gpu, required_disk_bytes
@@ -170,11 +171,9 @@ async def load_job(settings: RunnerSettings) -> JobSpec:
     try:
         return JobSpec.model_validate_json(body)
     except ValidationError as e:
-        # Only locations and messages: the input values may be secrets.
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in e.errors()
-        )
-        raise JobIntakeError(f"the job spec at {shown} is not valid: {problems}") from None
+        raise JobIntakeError(
+            f"the job spec at {shown} is not valid: {describe_invalid(e)}"
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------

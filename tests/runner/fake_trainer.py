@@ -6,7 +6,6 @@ Point the runner at one with LORA_RUNNER_TRAINER_FACTORY=tests.runner.fake_train
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import inspect
 import os
 import signal
@@ -22,17 +21,13 @@ from gpu_runner.trainers.base import (
     TrainingInputs,
     TrainingResult,
 )
+from tests.fake_civitai import model_bytes
 
 CHECKPOINT_BYTES = 300_000
 
 
 def checkpoint_bytes(epoch: int) -> bytes:
-    out = bytearray()
-    counter = 0
-    while len(out) < CHECKPOINT_BYTES:
-        out += hashlib.sha256(f"epoch-{epoch}:{counter}".encode()).digest()
-        counter += 1
-    return bytes(out[:CHECKPOINT_BYTES])
+    return model_bytes(f"epoch-{epoch}", CHECKPOINT_BYTES)
 
 
 def epoch_loss(epoch: int) -> float:

@@ -26,6 +26,7 @@ from gpu_runner.protocol import (
     UploadTarget,
     derive_run_secret,
 )
+from tests.fake_civitai import model_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
 MASTER_SECRET = "test-master-secret"
@@ -38,12 +39,7 @@ def sha256(data: bytes) -> str:
 
 
 def pseudo_random(label: str, size: int) -> bytes:
-    out = bytearray()
-    counter = 0
-    while len(out) < size:
-        out += hashlib.sha256(f"{label}:{counter}".encode()).digest()
-        counter += 1
-    return bytes(out[:size])
+    return model_bytes(label, size)
 
 
 # --------------------------------------------------------------------------------------------
