@@ -147,6 +147,7 @@ class TrainingWorkflow:
         images_zip, model = await self._within(
             self._request.deadlines.pending_s, self._prepare_inputs(), "preparing the run"
         )
+        last_reason = ""
         for attempt in range(1, self._request.max_gpu_attempts + 1):
             await self._rent_gpu(attempt, images_zip, model)
             try:
@@ -317,6 +318,7 @@ class TrainingWorkflow:
                 sha256=uploaded.sha256,
             ),
             start_to_close_timeout=timedelta(minutes=30),
+            heartbeat_timeout=timedelta(minutes=2),
             retry_policy=RETRY_FOREVER,
         )
         self._status.result = ModelResult(
