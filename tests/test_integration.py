@@ -28,6 +28,7 @@ from workflows.training import TrainingWorkflow
 from .http_support import serve_asgi
 from .webhook_receiver import WebhookReceiver
 from .workflow_support import (
+    SEED_ORDER,
     RecordingProvider,
     check_replays,
     local_model,
@@ -41,14 +42,6 @@ ROOT = Path(__file__).resolve().parent.parent
 STANDIN = ROOT / "tests" / "sd_scripts_standin"
 USER_SECRET = "whsec_" + "dXNlci13ZWJob29rLXNlY3JldC1mb3ItdGVzdHM="
 CIVITAI_KEY = "civitai-key-0123456789abcdef-do-not-leak"
-SEED_ORDER = [
-    RunStatusName.PENDING,
-    RunStatusName.PENDING_GPU,
-    RunStatusName.PENDING_IMAGES,
-    RunStatusName.PENDING_MODEL,
-    RunStatusName.TRAINING,
-    RunStatusName.COMPLETED,
-]
 
 
 @dataclass

@@ -38,6 +38,15 @@ from workflows.training import TrainingWorkflow
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\rIHDR" + bytes(64)
 JPEG = b"\xff\xd8\xff\xe0" + bytes(64)
+# The seed's order of statuses, which every completed run's history walks.
+SEED_ORDER = [
+    RunStatusName.PENDING,
+    RunStatusName.PENDING_GPU,
+    RunStatusName.PENDING_IMAGES,
+    RunStatusName.PENDING_MODEL,
+    RunStatusName.TRAINING,
+    RunStatusName.COMPLETED,
+]
 SLEEPING_RUNNER = [sys.executable, "-c", "import time; time.sleep(3600)"]
 
 
