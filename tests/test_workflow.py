@@ -82,6 +82,18 @@ async def send_all(handle: WorkflowHandle[Any, Any], events: list[RunnerEvent]) 
         await handle.signal(TrainingWorkflow.runner_event, event)
 
 
+async def start_and_reach(
+    client: Any, settings: Settings, request: Any, status: RunStatusName, ready_events: int
+) -> tuple[WorkflowHandle[Any, Any], ScriptedEvents]:
+    """Start a run, play the first `ready_events` of a happy path, wait until it is in `status`."""
+    handle = await start_run(client, settings, request)
+    await wait_for_status(handle, RunStatusName.PENDING_GPU)
+    script = ScriptedEvents(handle.id)
+    await send_all(handle, script.happy_path("unused", MODEL_BYTES)[:ready_events])
+    await wait_for_status(handle, status)
+    return handle, script
+
+
 def upload_model(s3: Any, settings: Settings, run_id: str) -> str:
     key = f"runs/{run_id}/model/lora.safetensors"
     s3.put_object(Bucket=settings.bucket, Key=key, Body=MODEL_BYTES)
@@ -107,12 +119,13 @@ async def test_stall_in_each_gpu_status_ends_stalled_with_gpu_destroyed(
 ) -> None:
     client = time_skipping_env.client
     async with running_worker(client, run_settings, provider):
-        handle = await start_run(client, run_settings, request_factory(max_gpu_attempts=2))
-        await wait_for_status(handle, RunStatusName.PENDING_GPU)
-        script = ScriptedEvents(handle.id)
-        events = script.happy_path("unused", MODEL_BYTES)[: READY_EVENTS[stalled_in]]
-        await send_all(handle, events)
-        await wait_for_status(handle, stalled_in)
+        handle, _ = await start_and_reach(
+            client,
+            run_settings,
+            request_factory(max_gpu_attempts=2),
+            stalled_in,
+            READY_EVENTS[stalled_in],
+        )
         status, error = await finish(handle)
 
     assert status.status == RunStatusName.STALLED
@@ -156,11 +169,9 @@ async def test_runner_failure_ends_failed_with_runner_message(
 ) -> None:
     client = time_skipping_env.client
     async with running_worker(client, run_settings, provider):
-        handle = await start_run(client, run_settings, request_factory())
-        await wait_for_status(handle, RunStatusName.PENDING_GPU)
-        script = ScriptedEvents(handle.id)
-        await send_all(handle, script.happy_path("unused", MODEL_BYTES)[:4])
-        await wait_for_status(handle, RunStatusName.TRAINING)
+        handle, script = await start_and_reach(
+            client, run_settings, request_factory(), RunStatusName.TRAINING, 4
+        )
         failure = RunFailedData(
             stage="training",
             code="loss_diverged",
@@ -188,10 +199,9 @@ async def test_cancel_during_training_ends_cancelled_with_gpu_destroyed(
 ) -> None:
     client = time_skipping_env.client
     async with running_worker(client, run_settings, provider):
-        handle = await start_run(client, run_settings, request_factory())
-        await wait_for_status(handle, RunStatusName.PENDING_GPU)
-        await send_all(handle, ScriptedEvents(handle.id).happy_path("unused", MODEL_BYTES)[:5])
-        await wait_for_status(handle, RunStatusName.TRAINING)
+        handle, _ = await start_and_reach(
+            client, run_settings, request_factory(), RunStatusName.TRAINING, 5
+        )
         await handle.cancel()
         status, error = await finish(handle)
 

@@ -21,6 +21,7 @@ from tests.runner.support import (
     CIVITAI_KEY,
     MASTER_SECRET,
     Job,
+    RunnerProcess,
     bomb_zip,
     make_job,
     make_zip,
@@ -271,13 +272,21 @@ def test_relay_down_then_back_loses_nothing(
     assert sum(1 for a in recorder.answers if a.status == 503) >= 6
 
 
-def _wait_for_child(recorder: RecordingRelay, job: Job, workdir: Path) -> int:
+def _runner_in_training(
+    recorder: RecordingRelay, job: Job, tmp_path: Path
+) -> tuple[RunnerProcess, int]:
+    """The runner as a process with a trainer that never ends, once its child process runs."""
+    workdir = tmp_path / "work"
+    env = runner_env(
+        job.job_url, workdir, trainer_factory="tests.runner.fake_trainer:HangingTrainer"
+    )
+    runner = start_runner(env, tmp_path / "runner.log")
     recorder.wait_for_type("training.progress", timeout_s=30)
     pid_file = workdir / job.spec.run_id / "output" / "child.pid"
     assert wait_until(pid_file.exists, 5)
     pid = int(pid_file.read_text())
     assert pid_alive(pid)
-    return pid
+    return runner, pid
 
 
 def test_410_stops_the_runner_and_its_trainer_promptly(
@@ -285,12 +294,7 @@ def test_410_stops_the_runner_and_its_trainer_promptly(
 ) -> None:
     recorder, _ = relay
     job = job_for()
-    workdir = tmp_path / "work"
-    env = runner_env(
-        job.job_url, workdir, trainer_factory="tests.runner.fake_trainer:HangingTrainer"
-    )
-    runner = start_runner(env, tmp_path / "runner.log")
-    child = _wait_for_child(recorder, job, workdir)
+    runner, child = _runner_in_training(recorder, job, tmp_path)
 
     recorder.closed = True
     started = time.monotonic()
@@ -306,12 +310,7 @@ def test_sigterm_stops_the_trainer_and_reports(
 ) -> None:
     recorder, _ = relay
     job = job_for()
-    workdir = tmp_path / "work"
-    env = runner_env(
-        job.job_url, workdir, trainer_factory="tests.runner.fake_trainer:HangingTrainer"
-    )
-    runner = start_runner(env, tmp_path / "runner.log")
-    child = _wait_for_child(recorder, job, workdir)
+    runner, child = _runner_in_training(recorder, job, tmp_path)
 
     runner.proc.send_signal(signal.SIGTERM)
     assert runner.wait(timeout_s=20) == 143, runner.log
@@ -326,12 +325,7 @@ def test_max_runtime_stops_the_run(
 ) -> None:
     recorder, _ = relay
     job = job_for(limits=RunnerLimits(max_runtime_s=3, orphan_timeout_s=20, heartbeat_interval_s=1))
-    workdir = tmp_path / "work"
-    env = runner_env(
-        job.job_url, workdir, trainer_factory="tests.runner.fake_trainer:HangingTrainer"
-    )
-    runner = start_runner(env, tmp_path / "runner.log")
-    child = _wait_for_child(recorder, job, workdir)
+    runner, child = _runner_in_training(recorder, job, tmp_path)
     assert runner.wait(timeout_s=20) == 1, runner.log
     assert not pid_alive(child)
     (failed,) = recorder.of_type("run.failed")
