@@ -35,6 +35,8 @@ class AllocateGpuInput(BaseModel):
     attempt: int
     job_url: str = Field(repr=False)
     requirements: GpuRequirements
+    # Machines that already failed in this run: never offered again.
+    exclude_machine_ids: list[str] = []
 
 
 class InstanceRef(BaseModel):

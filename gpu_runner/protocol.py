@@ -278,6 +278,8 @@ class HeartbeatData(BaseModel):
     stage: Stage
     bytes_done: int | None = None
     bytes_total: int | None = None
+    # The trainer's last step, so the workflow tells "alive but stuck" from "alive and training".
+    step: int | None = Field(default=None, ge=0)
 
 
 EVENT_DATA: dict[str, type[BaseModel]] = {

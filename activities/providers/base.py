@@ -34,6 +34,10 @@ class Instance(BaseModel):
     gpu_name: str | None = None
     dollars_per_hour: float | None = None
     message: str | None = None
+    # Where the instance runs (Vast: machine and host ids, the offer's country); None locally.
+    machine_id: str | None = None
+    host_id: str | None = None
+    country: str | None = None
 
 
 class NoOfferError(Exception):
