@@ -42,8 +42,23 @@ INVALID_DATASET = "InvalidDataset"
 INVALID_REQUEST = "InvalidRequest"
 UPLOAD_MISSING = "UploadMissing"
 UPLOAD_MISMATCH = "UploadMismatch"
+UPLOAD_UNREADABLE = "UploadUnreadable"
+_ACCESS_ERRORS = frozenset(
+    {
+        "403",
+        "AccessDenied",
+        "Forbidden",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "PermanentRedirect",
+        "301",
+        "AuthorizationHeaderMalformed",
+        "IllegalLocationConstraintException",
+    }
+)
 
 MAX_CAPTION_BYTES = 64 * 1024
+MAX_LOG_BYTES = 16 * 1024 * 1024  # the runner uploads only the end of a longer log
 ZIP_PART_BYTES = 16 * 1024 * 1024  # fixed multipart part size: bounds memory, allows 160 GB zips
 READ_CHUNK_BYTES = 1024 * 1024
 # Every entry gets this timestamp so the same dataset always gives the same zip bytes.
@@ -77,6 +92,8 @@ _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 class DatasetInput(BaseModel):
     run_id: str
     images: S3Prefix
+    # The run's first execution id: a reused run id never finds the previous run's zip.
+    execution: str = ""
 
 
 class DatasetSummary(BaseModel):
@@ -104,12 +121,21 @@ class JobSpecInput(BaseModel):
     )
     limits: RunnerLimits = RunnerLimits()
     attempt: int = Field(default=1, ge=1, description="Which GPU attempt the job is for.")
+    execution: str = ""
+    # None: the worker's settings. The workflow sizes them to the run's deadlines.
+    job_url_ttl_s: int | None = Field(default=None, gt=0)
+    upload_url_ttl_s: int | None = Field(default=None, gt=0, le=7 * 24 * 3600)
 
 
 class JobSpecRef(BaseModel):
     location: S3Location
     job_url: str = Field(repr=False)
     output: S3Location
+
+
+class RunKeyInput(BaseModel):
+    run_id: str
+    execution: str = ""
 
 
 class VerifyUploadInput(BaseModel):
@@ -161,7 +187,8 @@ class StorageActivities:
         is returned as it is.
         """
         location = S3Location(
-            bucket=self.settings.bucket, key=f"{_run_prefix(input.run_id)}/images.zip"
+            bucket=self.settings.bucket,
+            key=f"{run_prefix(input.run_id, input.execution)}/images.zip",
         )
         finished = self._finished_zip(location)
         if finished is not None:
@@ -193,14 +220,16 @@ class StorageActivities:
 
     @activity.defn
     def write_job_spec(self, input: JobSpecInput) -> JobSpecRef:
-        """Write `runs/<run_id>/job.json` (it holds secrets: never logged) and presign it."""
-        run_prefix = _run_prefix(input.run_id)
+        """Write `runs/<run_id>/<execution>/job-<attempt>.json` (it holds secrets: never logged)
+        and presign it for as long as the GPU may take to boot."""
+        prefix = run_prefix(input.run_id, input.execution)
         model = input.model
         training = input.training.for_family(model.family)
         output = S3Location(
             bucket=input.output.bucket or self.settings.bucket,
-            key=input.output.key or f"{run_prefix}/model/{training.output_name}.safetensors",
+            key=input.output.key or f"{prefix}/model/{training.output_name}.safetensors",
         )
+        log = run_log_location(self.settings.bucket, input.run_id, input.attempt)
         # The key only travels to boxes that need it to download the model.
         civitai_api_key = None
         if model.needs_civitai_key:
@@ -235,14 +264,22 @@ class StorageActivities:
             ),
             webhook_secret=derive_run_secret(self.settings.require_master_secret(), input.run_id),
             upload=UploadTarget(
-                url=self._presign("put_object", output, self.settings.upload_url_ttl_s),
+                url=self._presign(
+                    "put_object", output, input.upload_url_ttl_s or self.settings.upload_url_ttl_s
+                ),
                 bucket=output.bucket,
                 key=output.key,
                 max_bytes=self.settings.max_model_bytes,
             ),
+            log_upload=UploadTarget(
+                url=self._presign("put_object", log, self.settings.upload_url_ttl_s),
+                bucket=log.bucket,
+                key=log.key,
+                max_bytes=MAX_LOG_BYTES,
+            ),
             limits=input.limits,
         )
-        location = S3Location(bucket=self.settings.bucket, key=f"{run_prefix}/job.json")
+        location = _job_location(self.settings.bucket, prefix, input)
         self.s3.put_object(
             Bucket=location.bucket,
             Key=location.key,
@@ -251,9 +288,29 @@ class StorageActivities:
         )
         return JobSpecRef(
             location=location,
-            job_url=self._presign("get_object", location, self.settings.job_url_ttl_s),
+            job_url=self._presign(
+                "get_object", location, input.job_url_ttl_s or self.settings.job_url_ttl_s
+            ),
             output=output,
         )
+
+    @activity.defn
+    def delete_job_specs(self, input: RunKeyInput) -> int:
+        """Delete the run's job specs (Civitai key, run secret) once the run is closed; how many.
+
+        Idempotent: nothing left to delete is success.
+        """
+        prefix = run_prefix(input.run_id, input.execution) + "/"
+        keys = [
+            item["Key"]
+            for item in self._list(self.settings.bucket, prefix, prefix)
+            if item["Key"][len(prefix) :].startswith("job")
+            and item["Key"].endswith(".json")
+            and "/" not in item["Key"][len(prefix) :]
+        ]
+        for key in keys:
+            self.s3.delete_object(Bucket=self.settings.bucket, Key=key)
+        return len(keys)
 
     @activity.defn
     def verify_upload(self, input: VerifyUploadInput) -> VerifiedUpload:
@@ -266,6 +323,14 @@ class StorageActivities:
                 raise ApplicationError(
                     f"the trained model is missing: nothing at {where}",
                     type=UPLOAD_MISSING,
+                    non_retryable=True,
+                ) from None
+            if _error_code(e) in _ACCESS_ERRORS:
+                # Retrying cannot fix credentials, permissions or a wrong region.
+                raise ApplicationError(
+                    f"cannot read the trained model at {where}: {_error_code(e)} "
+                    "(check the worker's S3 credentials, bucket policy and region)",
+                    type=UPLOAD_UNREADABLE,
                     non_retryable=True,
                 ) from None
             raise
@@ -592,6 +657,21 @@ def _heartbeat(bytes_done: int | None = None) -> None:
         activity.heartbeat(*([] if bytes_done is None else [bytes_done]))
 
 
+def run_prefix(run_id: str, execution: str = "") -> str:
+    """`runs/<run_id>/<execution>`: each run's keys apart, even when a run id is reused."""
+    if execution and not _RUN_ID.fullmatch(execution):
+        raise ApplicationError(
+            f"execution id {execution!r} is not valid", type=INVALID_REQUEST, non_retryable=True
+        )
+    return f"{_run_prefix(run_id)}/{execution}" if execution else _run_prefix(run_id)
+
+
+def _job_location(bucket: str, prefix: str, input: JobSpecInput) -> S3Location:
+    # Runs from before per-execution keys wrote one job.json per run.
+    name = f"job-{input.attempt}.json" if input.execution else "job.json"
+    return S3Location(bucket=bucket, key=f"{prefix}/{name}")
+
+
 def _run_prefix(run_id: str) -> str:
     if not _RUN_ID.fullmatch(run_id):
         raise ApplicationError(
@@ -601,6 +681,15 @@ def _run_prefix(run_id: str) -> str:
             non_retryable=True,
         )
     return f"runs/{run_id}"
+
+
+def run_log_location(bucket: str, run_id: str, attempt: int) -> S3Location:
+    """Where a GPU attempt's runner uploads the run's log (`loratrain logs` reads them all)."""
+    return S3Location(bucket=bucket, key=f"{run_logs_prefix(run_id)}attempt-{attempt}.log")
+
+
+def run_logs_prefix(run_id: str) -> str:
+    return f"{_run_prefix(run_id)}/logs/"
 
 
 def _folder(prefix: str) -> str:

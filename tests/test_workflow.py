@@ -94,8 +94,9 @@ async def start_and_reach(
     return handle, script
 
 
-def upload_model(s3: Any, settings: Settings, run_id: str) -> str:
-    key = f"runs/{run_id}/model/lora.safetensors"
+def upload_model(s3: Any, settings: Settings, handle: WorkflowHandle[Any, Any]) -> str:
+    """Upload where the run's job told the runner to: under the run's first execution."""
+    key = f"runs/{handle.id}/{handle.first_execution_run_id}/model/lora.safetensors"
     s3.put_object(Bucket=settings.bucket, Key=key, Body=MODEL_BYTES)
     return key
 
@@ -224,7 +225,7 @@ async def run_with_events(
     async with running_worker(client, settings, provider):
         handle = await start_run(client, settings, request)
         await wait_for_status(handle, RunStatusName.PENDING_GPU)
-        key = upload_model(s3, settings, handle.id)
+        key = upload_model(s3, settings, handle)
         events = ScriptedEvents(handle.id).happy_path(key, MODEL_BYTES)
         await send_all(handle, arrange(events))
         status, error = await finish(handle)
@@ -273,8 +274,8 @@ async def test_duplicated_and_shuffled_events_reach_the_same_final_state(
 class RaisingAfterCreateProvider(RecordingProvider):
     """Creates the instance, then fails the call: the provider answered garbage, say."""
 
-    def create(self, label: str, job_url: str, requirements: Any) -> Instance:
-        super().create(label, job_url, requirements)
+    def create(self, label: str, job_url: str, requirements: Any, **options: Any) -> Instance:
+        super().create(label, job_url, requirements, **options)
         raise ApplicationError(
             "provider answered garbage", type="ProviderError", non_retryable=True
         )

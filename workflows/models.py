@@ -70,6 +70,14 @@ class GpuRequirements(_Model):
     gpu_names: list[str] = Field(default_factory=list, description="Empty: any GPU that fits.")
     min_reliability: float = Field(default=0.95, ge=0, le=1)
     disk_gb: int = Field(default=40, ge=10, le=2000)
+    min_download_mbps: float = Field(default=200, ge=0, le=100_000)
+    countries: list[Annotated[str, Field(pattern=r"^[A-Z]{2}$")]] = Field(
+        default_factory=list, description="ISO codes of the only countries allowed; empty: any."
+    )
+    blocked_countries: list[Annotated[str, Field(pattern=r"^[A-Z]{2}$")]] = Field(
+        default_factory=list,
+        description="ISO codes never rented in (Civitai geofences some regions).",
+    )
 
 
 UserEventType = Literal[
@@ -120,6 +128,18 @@ class TrainingRequest(_Model):
     trainer: TrainerName = "sd-scripts"
     civitai_api_key: str | None = Field(default=None, repr=False, min_length=1, max_length=256)
     max_gpu_attempts: int = Field(default=3, ge=1, le=10)
+    max_cost_usd: float | None = Field(
+        default=None,
+        gt=0,
+        le=100_000,
+        description="The run ends failed (cost_cap), its GPU destroyed, before this is spent.",
+    )
+    continue_as_new_after_events: int = Field(
+        default=5000,
+        ge=200,
+        le=9000,
+        description="History events per execution before the run continues as new (operations).",
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -149,6 +169,9 @@ class GpuInfo(_Model):
     gpu_name: str | None = None
     dollars_per_hour: float | None = None
     started_at: datetime | None = None
+    machine_id: str | None = None
+    host_id: str | None = None
+    country: str | None = None
 
 
 class ModelResult(_Model):
@@ -180,4 +203,10 @@ class RunStatus(_Model):
     best_checkpoint: int | None = Field(default=None, description="Epoch of the lowest loss.")
     epoch_losses: list[float] = Field(default_factory=list)
     result: ModelResult | None = None
+    download_url: str | None = Field(
+        default=None, repr=False, description="Presigned GET of the verified model."
+    )
+    gpu_failures: list[str] = Field(
+        default_factory=list, description="Why each replaced GPU was given up, in order."
+    )
     error: RunError | None = None

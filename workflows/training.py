@@ -4,30 +4,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime, timedelta
 from typing import Any, NoReturn, TypeVar
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeKey
 from temporalio.exceptions import ActivityError, ApplicationError
-from temporalio.workflow import ParentClosePolicy
+from temporalio.exceptions import TimeoutError as ActivityTimeoutError
+from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
-    from activities.civitai import ModelActivities, ResolvedModel, ResolveModelInput
+    from activities.civitai import ModelActivities, ResolveModelInput
     from activities.gpu import AllocateGpuInput, GpuActivities, InstanceRef, RunRef
-    from activities.notify import UserWebhookInput
     from activities.providers.base import Instance
     from activities.storage import (
         DatasetInput,
-        ImagesZip,
         JobSpecInput,
+        RunKeyInput,
         StorageActivities,
         VerifiedUpload,
         VerifyUploadInput,
     )
     from gpu_runner.protocol import (
         GpuReadyData,
+        HeartbeatData,
         ModelUploadedData,
         RunFailedData,
         RunnerEvent,
@@ -36,6 +37,7 @@ with workflow.unsafe.imports_passed_through():
         TrainingProgressData,
     )
 
+    from .deadlines import Deadline, status_deadline
     from .models import (
         GpuInfo,
         ModelResult,
@@ -43,26 +45,38 @@ with workflow.unsafe.imports_passed_through():
         RunError,
         RunStatus,
         RunStatusName,
-        S3Location,
         StatusChange,
         TrainingRequest,
         UserEventType,
     )
-    from .notify import UserWebhookWorkflow
+    from .state import SEEN_WINDOW, GpuSpan, PreparedInputs, RunState
     from .status import Fact, derive_status, statuses_between
+    from .training_v1 import LegacyTrainingRun
+    from .webhooks import UserWebhooks
 
 LORA_STATUS = SearchAttributeKey.for_keyword("LoraTrainingStatus")
+# Runs started before this patch finish on LegacyTrainingRun (README: shipping workflow changes).
+LIFECYCLE_V2 = "lifecycle-v2"
 
-# Named retry policies: most side effects retry until the status deadline calls a stall.
+# Named retry policies: side effects retry until the status deadline calls a stall; giving a
+# GPU back never gives up.
 RETRY_UNTIL_DEADLINE = RetryPolicy(
     initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30)
 )
 RETRY_FOREVER = RetryPolicy(
     initial_interval=timedelta(seconds=1), maximum_interval=timedelta(minutes=1)
 )
-INSTANCE_POLL_INTERVAL = timedelta(seconds=30)
-PROGRESS_WEBHOOK_MIN_INTERVAL = timedelta(seconds=30)
-PROGRESS_WEBHOOK_MIN_PERCENT = 5.0
+# A provider that does not answer one instance check is asked again at the next one.
+INSTANCE_CHECK_RETRY = RetryPolicy(maximum_attempts=3)
+# How often the provider is asked whether the instance still lives, in every status: a dead
+# host is replaced within this (DESIGN.md: under 30 s from death to the next allocation).
+INSTANCE_CHECK_INTERVAL = timedelta(seconds=20)
+VERIFY_WINDOW = timedelta(minutes=30)
+WEBHOOK_HANDOVER = timedelta(minutes=1)
+# Stop before a cost cap is crossed, leaving the destroy this much of the GPU's time.
+COST_CAP_MARGIN = timedelta(minutes=2)
+# Presigned URLs for the GPU: the job must be readable for as long as a boot may take.
+JOB_URL_MARGIN_S = 10 * 60
 
 _TERMINAL_WEBHOOKS: dict[RunStatusName, UserEventType] = {
     RunStatusName.COMPLETED: "training.completed",
@@ -84,96 +98,112 @@ class _RunnerFailed(Exception):
         self.failure = failure
 
 
+class _CostCap(Exception):
+    """The next minutes of GPU time would cross the run's max_cost_usd."""
+
+
 class _ReplaceGpu(Exception):
-    """The GPU never became ready: destroy it and try another offer."""
+    """This GPU will not finish the run: destroy it and try another offer."""
+
+
+class _ContinueAsNew(Exception):
+    """The history is long enough: hand the run over to a fresh execution."""
 
 
 @workflow.defn(name="TrainingWorkflow")
 class TrainingWorkflow:
     @workflow.init
-    def __init__(self, request: TrainingRequest) -> None:
+    def __init__(self, request: TrainingRequest, carried: RunState | None = None) -> None:
+        # The SDK applies type hints only when the payload count matches: a start carries one
+        # payload (the request), continue-as-new two, so a start's request arrives as a dict.
+        request = TrainingRequest.model_validate(request)
+        self._legacy = None if workflow.patched(LIFECYCLE_V2) else LegacyTrainingRun(request)
         self._request = request
-        self._run_id = workflow.info().workflow_id
-        self._facts: set[Fact] = set()
-        self._attempt = 0
-        self._seen_events: set[tuple[int, int]] = set()
-        self._last_progress_seq = 0
-        self._events_received = 0
-        self._last_event_at = workflow.now()
-        self._runner_failure: RunFailedData | None = None
-        self._uploaded: ModelUploadedData | None = None
-        self._instance: Instance | None = None
-        self._gpu_spans: list[tuple[float, datetime, datetime | None]] = []
-        self._output: S3Location | None = None
-        self._download_url: str | None = None
-        self._webhooks: list[tuple[UserEventType, datetime, dict[str, Any]]] = []
-        self._webhooks_sent = 0
-        self._last_progress_webhook: tuple[datetime, float] | None = None
-        self._status = RunStatus(
-            run_id=self._run_id,
-            status=RunStatusName.PENDING,
-            history=[StatusChange(status=RunStatusName.PENDING, at=workflow.now())],
+        info = workflow.info()
+        self._run_id = info.workflow_id
+        self._state = carried or RunState(
+            execution=info.first_execution_run_id,
+            status=RunStatus(
+                run_id=self._run_id,
+                status=RunStatusName.PENDING,
+                history=[StatusChange(status=RunStatusName.PENDING, at=workflow.now())],
+            ),
         )
+        self._facts = set(self._state.facts)
+        self._webhooks = UserWebhooks(
+            request.webhook, self._run_id, self._state.execution, self._state.webhooks
+        )
+        # Bumped whenever the main loop must look again (status, failure, history length);
+        # progress alone only changes the query's answer and wakes nothing.
+        self._wake = 0
+        self._closing = False
 
     # ----------------------------------------------------------------------------------------
     # The run
     # ----------------------------------------------------------------------------------------
 
     @workflow.run
-    async def run(self, request: TrainingRequest) -> RunStatus:
+    async def run(self, request: TrainingRequest, carried: RunState | None = None) -> RunStatus:
         """Validate, zip, rent a GPU, follow it to a verified model; give the GPU back always."""
-        notifier = asyncio.create_task(self._deliver_webhooks())
-        self._announce(RunStatusName.PENDING)
+        if self._legacy is not None:
+            return await self._legacy.run(self._request)
+        notifier = asyncio.create_task(self._webhooks.deliver_forever())
+        if carried is None:
+            self._announce(RunStatusName.PENDING)
+        else:
+            self._state.executions += 1
+            workflow.upsert_search_attributes(
+                [LORA_STATUS.value_set(self._state.status.status.value)]
+            )
+            self._bump()
         cancelled = False
         try:
             await self._train()
         except asyncio.CancelledError:
             cancelled = True
             self._end(RunStatusName.CANCELLED, RunError(code="cancelled", message="cancelled"))
+        except _ContinueAsNew:
+            await self._continue_as_new()
         except Exception as exc:
             if isinstance(exc, workflow.NondeterminismError):
                 raise
             self._end_with(exc)
         else:
             self._end(RunStatusName.COMPLETED)
-        # Compensation runs on every path above: nothing labelled for this run survives it.
-        await self._release_gpus()
-        await workflow.wait_condition(lambda: self._webhooks_sent == len(self._webhooks))
+        # Compensation on every path above: nothing labelled for this run survives it, and a
+        # cancel that arrives meanwhile waits for it.
+        cancelled = await self._shielded(self._compensate()) or cancelled
+        await self._webhooks.drain(WEBHOOK_HANDOVER)
         notifier.cancel()
-        await workflow.wait_condition(workflow.all_handlers_finished)
+        await self._answer_waiters()
         return self._finish(cancelled)
 
     async def _train(self) -> None:
-        images_zip, model = await self._within(
-            self._request.deadlines.pending_s, self._prepare_inputs(), "preparing the run"
-        )
-        last_reason = ""
-        for attempt in range(1, self._request.max_gpu_attempts + 1):
-            await self._rent_gpu(attempt, images_zip, model)
+        if self._state.prepared is None:
+            await self._before_deadline(self._prepare_and_rent(), "preparing the run")
+        while True:
+            if self._state.instance is None:
+                await self._before_deadline(self._rent(), "renting a GPU")
             try:
-                await self._wait_for_gpu_ready()
+                await self._follow_gpu_until_uploaded()
             except _ReplaceGpu as reason:
-                workflow.logger.warning("replacing GPU (attempt %d): %s", attempt, reason)
-                last_reason = str(reason)
-                await self._give_back_current_gpu()
+                await self._replace_gpu(str(reason))
                 continue
-            await self._follow_runner_until_uploaded()
             await self._verify_upload()
             return
-        raise _Stalled(
-            f"no GPU became ready after {self._request.max_gpu_attempts} attempts "
-            f"(last: {last_reason})"
-        )
 
-    async def _prepare_inputs(self) -> tuple[ImagesZip, ResolvedModel]:
+    async def _prepare_and_rent(self) -> None:
         """Fail fast: a bad dataset or an unknown model never costs a GPU."""
-        dataset = DatasetInput(run_id=self._run_id, images=self._request.images)
+        dataset = DatasetInput(
+            run_id=self._run_id, execution=self._state.execution, images=self._request.images
+        )
         _, model = await asyncio.gather(
             workflow.execute_activity_method(
                 StorageActivities.validate_images,
                 dataset,
                 start_to_close_timeout=timedelta(minutes=5),
                 retry_policy=RETRY_UNTIL_DEADLINE,
+                summary="validate the dataset",
             ),
             workflow.execute_activity_method(
                 ModelActivities.resolve_model,
@@ -184,6 +214,7 @@ class TrainingWorkflow:
                 ),
                 start_to_close_timeout=timedelta(minutes=2),
                 retry_policy=RETRY_UNTIL_DEADLINE,
+                summary="resolve the base model",
             ),
         )
         images_zip = await workflow.execute_activity_method(
@@ -192,122 +223,157 @@ class TrainingWorkflow:
             start_to_close_timeout=timedelta(minutes=30),
             heartbeat_timeout=timedelta(minutes=2),
             retry_policy=RETRY_UNTIL_DEADLINE,
+            summary="zip the dataset",
         )
-        return images_zip, model
+        self._state.prepared = PreparedInputs(images_zip=images_zip, model=model)
+        self._state.status.attempt = 1
+        await self._rent()
 
-    async def _rent_gpu(self, attempt: int, images_zip: ImagesZip, model: ResolvedModel) -> None:
-        self._attempt = attempt
-        self._status.attempt = attempt
-        self._runner_failure = None
-        request = self._request
+    async def _rent(self) -> None:
+        """Write this attempt's job and rent an instance for it."""
+        state, request = self._state, self._request
+        prepared = state.prepared
+        assert prepared is not None
+        attempt = state.status.attempt
         deadlines = request.deadlines
-
-        async def rent() -> Instance:
-            job = await workflow.execute_activity_method(
-                StorageActivities.write_job_spec,
-                JobSpecInput(
-                    run_id=self._run_id,
-                    attempt=attempt,
-                    images_zip=images_zip,
-                    model=model,
-                    training=request.training,
-                    trainer=request.trainer,
-                    output=request.output,
-                    civitai_api_key=request.civitai_api_key,
-                    limits=RunnerLimits(
-                        max_runtime_s=deadlines.pending_images_s
-                        + deadlines.pending_model_s
-                        + deadlines.training_total_s,
-                    ),
-                ),
-                start_to_close_timeout=timedelta(minutes=1),
-                retry_policy=RETRY_UNTIL_DEADLINE,
-            )
-            self._output = job.output
-            return await workflow.execute_activity_method(
-                GpuActivities.allocate_gpu,
-                AllocateGpuInput(
-                    run_id=self._run_id,
-                    attempt=attempt,
-                    job_url=job.job_url,
-                    requirements=request.gpu,
-                ),
-                start_to_close_timeout=timedelta(minutes=3),
-                retry_policy=RETRY_UNTIL_DEADLINE,
-            )
-
-        instance = await self._within(deadlines.pending_s, rent(), "renting a GPU")
-        self._instance = instance
-        self._gpu_spans.append((instance.dollars_per_hour or 0.0, workflow.now(), None))
-        self._status.gpu = GpuInfo(
+        runtime_s = (
+            deadlines.pending_images_s + deadlines.pending_model_s + deadlines.training_total_s
+        )
+        job = await workflow.execute_activity_method(
+            StorageActivities.write_job_spec,
+            JobSpecInput(
+                run_id=self._run_id,
+                execution=state.execution,
+                attempt=attempt,
+                images_zip=prepared.images_zip,
+                model=prepared.model,
+                training=request.training,
+                trainer=request.trainer,
+                output=request.output,
+                civitai_api_key=request.civitai_api_key,
+                limits=RunnerLimits(max_runtime_s=runtime_s),
+                job_url_ttl_s=deadlines.pending_gpu_s + JOB_URL_MARGIN_S,
+                # The upload URL lives only as long as this attempt's training can.
+                upload_url_ttl_s=min(deadlines.pending_gpu_s + runtime_s, 7 * 24 * 3600 - 60),
+            ),
+            start_to_close_timeout=timedelta(minutes=1),
+            retry_policy=RETRY_UNTIL_DEADLINE,
+            summary=f"write the job for GPU attempt {attempt}",
+        )
+        state.output = job.output
+        instance = await workflow.execute_activity_method(
+            GpuActivities.allocate_gpu,
+            AllocateGpuInput(
+                run_id=self._run_id,
+                attempt=attempt,
+                job_url=job.job_url,
+                requirements=request.gpu,
+                exclude_machine_ids=state.excluded_machines,
+                download_bytes=prepared.images_zip.bytes + (prepared.model.bytes or 0),
+            ),
+            start_to_close_timeout=timedelta(minutes=3),
+            heartbeat_timeout=timedelta(minutes=1),
+            retry_policy=RETRY_UNTIL_DEADLINE,
+            # A cancelled allocation is waited for, so the release after it sees what it rented.
+            cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+            summary=f"rent GPU attempt {attempt}",
+        )
+        state.instance = instance
+        state.gpu_spans.append(
+            GpuSpan(dollars_per_hour=instance.dollars_per_hour or 0.0, start=workflow.now())
+        )
+        state.status.gpu = GpuInfo(
             provider=instance.provider,
             instance_id=instance.instance_id,
             gpu_name=instance.gpu_name,
             dollars_per_hour=instance.dollars_per_hour,
             started_at=workflow.now(),
+            machine_id=instance.machine_id,
+            host_id=instance.host_id,
+            country=instance.country,
         )
         self._learn(Fact.GPU_CREATED)
 
-    async def _wait_for_gpu_ready(self) -> None:
-        """pendingGpu: wait for gpu.ready, watching that the instance is still alive."""
-        instance = self._instance
-        assert instance is not None
-        deadline = workflow.now() + timedelta(seconds=self._request.deadlines.pending_gpu_s)
-        while Fact.GPU_READY not in self._facts:
-            if self._runner_failure is not None:
-                raise _ReplaceGpu(f"the runner failed on this host: {self._runner_failure.message}")
-            remaining = deadline - workflow.now()
-            if remaining <= timedelta(0):
-                raise _ReplaceGpu(f"GPU not ready within {self._request.deadlines.pending_gpu_s} s")
-            if await self._wait(
-                lambda: Fact.GPU_READY in self._facts or self._runner_failure is not None,
-                min(remaining, INSTANCE_POLL_INTERVAL),
-            ):
-                continue
-            current = await workflow.execute_activity_method(
-                GpuActivities.get_gpu_instance,
-                self._instance_ref(instance),
-                start_to_close_timeout=timedelta(minutes=1),
-                retry_policy=RETRY_UNTIL_DEADLINE,
-            )
-            if current is None or current.state in ("exited", "gone"):
-                state = "gone" if current is None else current.state
-                detail = f": {current.message}" if current and current.message else ""
-                raise _ReplaceGpu(f"instance {instance.instance_id} {state}{detail}")
-
-    async def _follow_runner_until_uploaded(self) -> None:
-        """pendingImages .. training: each status must end before its deadline."""
-        deadlines = self._request.deadlines
+    async def _follow_gpu_until_uploaded(self) -> None:
+        """pendingGpu .. training: one deadline per status, the instance checked all along."""
+        next_check = workflow.now() + INSTANCE_CHECK_INTERVAL
         while Fact.MODEL_UPLOADED not in self._facts:
+            if self._should_continue_as_new():
+                raise _ContinueAsNew()
             self._raise_if_runner_failed()
-            status = self._status.status
-            seen = self._events_received
-            if status == RunStatusName.TRAINING:
-                started = self._entered_at(status)
-                idle_until = self._last_event_at + timedelta(seconds=deadlines.training_idle_s)
-                total_until = started + timedelta(seconds=deadlines.training_total_s)
-                if workflow.now() >= total_until:
-                    raise _Stalled(f"training did not finish within {deadlines.training_total_s} s")
-                if workflow.now() >= idle_until:
-                    raise _Stalled(f"no event from the GPU for {deadlines.training_idle_s} s")
-                until = min(idle_until, total_until)
-                await self._wait(lambda: self._events_received != seen, until - workflow.now())  # noqa: B023
+            deadline = self._deadline()
+            now = workflow.now()
+            if now >= deadline.at:
+                if deadline.replace_gpu:
+                    limit_s = self._request.deadlines.pending_gpu_s
+                    raise _ReplaceGpu(f"GPU not ready within {limit_s} s")
+                raise _Stalled(deadline.message)
+            cost_cap_at = self._cost_cap_at()
+            if cost_cap_at is not None and now >= cost_cap_at:
+                raise _CostCap()
+            if now >= next_check:
+                await self._check_instance()
+                next_check = workflow.now() + INSTANCE_CHECK_INTERVAL
                 continue
-            limit_s = {
-                RunStatusName.PENDING_IMAGES: deadlines.pending_images_s,
-                RunStatusName.PENDING_MODEL: deadlines.pending_model_s,
-            }[status]
-            until = self._entered_at(status) + timedelta(seconds=limit_s)
-            if workflow.now() >= until:
-                raise _Stalled(f"{status.value} lasted longer than {limit_s} s")
-            await self._wait(
-                lambda: self._status.status != status or self._runner_failure is not None,  # noqa: B023
-                until - workflow.now(),
+            wake, summary = min(
+                (deadline.at, deadline.summary),
+                (next_check, "check the GPU instance"),
+                (cost_cap_at or deadline.at, "cost cap"),
             )
+            seen = self._wake
+            await self._wait(lambda: self._wake != seen, wake - now, summary)  # noqa: B023
         self._raise_if_runner_failed()
 
+    async def _check_instance(self) -> None:
+        """A dead or exited instance is replaced at once, whatever the status."""
+        instance = self._state.instance
+        assert instance is not None
+        try:
+            current = await workflow.execute_local_activity_method(
+                GpuActivities.get_gpu_instance,
+                self._instance_ref(instance),
+                start_to_close_timeout=timedelta(seconds=30),
+                retry_policy=INSTANCE_CHECK_RETRY,
+                summary="check the GPU instance",
+            )
+        except ActivityError:
+            workflow.logger.warning("run %s: instance check failed; next one soon", self._run_id)
+            return
+        if Fact.MODEL_UPLOADED in self._facts or self._state.runner_failure is not None:
+            return  # the runner ends its process after these: not a death
+        if current is None or current.state in ("exited", "gone"):
+            state = "gone" if current is None else current.state
+            detail = f": {current.message}" if current and current.message else ""
+            raise _ReplaceGpu(f"instance {instance.instance_id} {state}{detail}")
+
+    async def _replace_gpu(self, reason: str) -> None:
+        state = self._state
+        instance = state.instance
+        assert instance is not None
+        where = instance.gpu_name or instance.provider
+        if instance.machine_id:
+            where += f" on machine {instance.machine_id}"
+            state.excluded_machines.append(instance.machine_id)
+        state.status.gpu_failures.append(f"attempt {state.status.attempt} ({where}): {reason}")
+        workflow.logger.warning(
+            "run %s: replacing GPU attempt %d: %s", self._run_id, state.status.attempt, reason
+        )
+        await self._give_back(instance)
+        if state.status.attempt >= self._request.max_gpu_attempts:
+            raise _Stalled(
+                f"no GPU finished the run after {state.status.attempt} attempts: "
+                + "; ".join(state.status.gpu_failures)
+            )
+        # A new GPU starts from nothing: its own attempt number, facts, events and liveness.
+        state.status.attempt += 1
+        self._facts.clear()
+        state.seen_seqs, state.last_progress_seq, state.last_step = [], 0, 0
+        state.last_step_at, state.runner_failure = None, None
+        state.status.progress = None
+        self._enter(RunStatusName.PENDING_GPU)
+
     async def _verify_upload(self) -> None:
-        uploaded, output = self._uploaded, self._output
+        uploaded, output = self._state.uploaded, self._state.output
         assert uploaded is not None and output is not None
         verified: VerifiedUpload = await workflow.execute_activity_method(
             StorageActivities.verify_upload,
@@ -318,57 +384,104 @@ class TrainingWorkflow:
                 sha256=uploaded.sha256,
             ),
             start_to_close_timeout=timedelta(minutes=30),
+            schedule_to_close_timeout=VERIFY_WINDOW,
             heartbeat_timeout=timedelta(minutes=2),
-            retry_policy=RETRY_FOREVER,
+            retry_policy=RETRY_UNTIL_DEADLINE,
+            summary="verify the uploaded model",
         )
-        self._status.result = ModelResult(
+        self._state.status.result = ModelResult(
             location=verified.location,
             bytes=verified.bytes,
             sha256=verified.sha256,
             epoch=uploaded.epoch,
             loss=uploaded.loss,
         )
-        self._download_url = verified.download_url
+        self._state.status.download_url = verified.download_url
+
+    # ----------------------------------------------------------------------------------------
+    # Continue-as-new and closing
+    # ----------------------------------------------------------------------------------------
+
+    def _should_continue_as_new(self) -> bool:
+        info = workflow.info()
+        return (
+            info.is_continue_as_new_suggested()
+            or info.get_current_history_length() >= self._request.continue_as_new_after_events
+        )
+
+    async def _continue_as_new(self) -> NoReturn:
+        """Hand the run (GPU included) to a fresh execution with the same state."""
+        await self._webhooks.drain(WEBHOOK_HANDOVER)
+        await self._answer_waiters()
+        self._state.facts = sorted(self._facts)
+        workflow.continue_as_new(args=[self._request, self._state])
+
+    async def _answer_waiters(self) -> None:
+        """Every wait_for_change in flight gets an answer before this execution ends."""
+        self._closing = True
+        await workflow.wait_condition(workflow.all_handlers_finished)
 
     # ----------------------------------------------------------------------------------------
     # GPU lifecycle
     # ----------------------------------------------------------------------------------------
 
-    async def _give_back_current_gpu(self) -> None:
-        instance = self._instance
-        if instance is None:
-            return
+    async def _give_back(self, instance: Instance) -> None:
         await workflow.execute_activity_method(
             GpuActivities.deallocate_gpu,
             self._instance_ref(instance),
             start_to_close_timeout=timedelta(minutes=2),
             retry_policy=RETRY_FOREVER,
+            summary=f"destroy GPU instance {instance.instance_id}",
         )
         self._close_gpu_span()
-        self._instance = None
+        self._state.instance = None
         self._facts.discard(Fact.GPU_CREATED)
 
-    async def _release_gpus(self) -> None:
-        """Destroy every instance labelled for this run, including one whose rental raised."""
+    async def _compensate(self) -> None:
+        """Destroy every instance labelled for this run, and forget the run's job secrets."""
         await workflow.execute_activity_method(
             GpuActivities.release_run_gpus,
             RunRef(run_id=self._run_id),
             start_to_close_timeout=timedelta(minutes=2),
             retry_policy=RETRY_FOREVER,
+            summary="give every GPU of the run back",
         )
         self._close_gpu_span()
-        self._instance = None
+        self._state.instance = None
         self._bump()
+        await workflow.execute_activity_method(
+            StorageActivities.delete_job_specs,
+            RunKeyInput(run_id=self._run_id, execution=self._state.execution),
+            start_to_close_timeout=timedelta(minutes=1),
+            retry_policy=RETRY_FOREVER,
+            summary="delete the run's job specs (they hold secrets)",
+        )
 
     def _close_gpu_span(self) -> None:
-        if self._gpu_spans and self._gpu_spans[-1][2] is None:
-            rate, start, _ = self._gpu_spans[-1]
-            self._gpu_spans[-1] = (rate, start, workflow.now())
+        spans = self._state.gpu_spans
+        if spans and spans[-1].end is None:
+            spans[-1].end = workflow.now()
 
     def _instance_ref(self, instance: Instance) -> InstanceRef:
         return InstanceRef(
             run_id=self._run_id, provider=instance.provider, instance_id=instance.instance_id
         )
+
+    def _cost_usd(self) -> float:
+        now = workflow.now()
+        hours = sum(
+            span.dollars_per_hour * ((span.end or now) - span.start).total_seconds() / 3600
+            for span in self._state.gpu_spans
+        )
+        return round(hours, 4)
+
+    def _cost_cap_at(self) -> datetime | None:
+        """When the run must stop so that the cap is not crossed, while a GPU is held."""
+        cap, instance = self._request.max_cost_usd, self._state.instance
+        if cap is None or instance is None or not instance.dollars_per_hour:
+            return None
+        left_h = (cap - self._cost_usd()) / instance.dollars_per_hour
+        return workflow.now() + timedelta(hours=left_h) - COST_CAP_MARGIN
 
     # ----------------------------------------------------------------------------------------
     # Runner events
@@ -377,45 +490,60 @@ class TrainingWorkflow:
     @workflow.signal
     def runner_event(self, event: RunnerEvent) -> None:
         """Sent only by the relay, after it verified the runner's signature."""
-        key = (event.attempt, event.seq)
+        if self._legacy is not None:
+            self._legacy.runner_event(event)
+            return
+        state = self._state
         if (
             event.run_id != self._run_id
-            or event.attempt != self._attempt
-            or key in self._seen_events
-            or self._status.status.terminal
+            or event.attempt != state.status.attempt
+            or event.seq in state.seen_seqs
+            or state.status.status.terminal
         ):
             return
-        self._seen_events.add(key)
-        self._events_received += 1
-        self._last_event_at = workflow.now()
+        state.seen_seqs = [*state.seen_seqs[-(SEEN_WINDOW - 1) :], event.seq]
         self._apply(event)
-        self._bump()
+        if self._should_continue_as_new():
+            self._wake += 1
 
     def _apply(self, event: RunnerEvent) -> None:
         data = event.parsed()
+        state = self._state
         if isinstance(data, GpuReadyData):
-            if self._status.gpu is not None and data.gpu_name:
-                self._status.gpu.gpu_name = data.gpu_name
+            if state.status.gpu is not None and data.gpu_name:
+                state.status.gpu.gpu_name = data.gpu_name
             self._learn(Fact.GPU_READY)
         elif isinstance(data, TrainingProgressData):
-            if event.seq > self._last_progress_seq:
-                self._last_progress_seq = event.seq
+            self._note_step(data.step)
+            if event.seq > state.last_progress_seq:
+                state.last_progress_seq = event.seq
                 self._record_progress(data)
+        elif isinstance(data, HeartbeatData):
+            if data.step is not None:
+                self._note_step(data.step)
         elif isinstance(data, TrainingCompletedData):
-            self._status.epoch_losses = data.epoch_losses
-            self._status.best_checkpoint = data.best_epoch
+            state.status.epoch_losses = data.epoch_losses
+            state.status.best_checkpoint = data.best_epoch
             self._learn(Fact.TRAINING_COMPLETED)
         elif isinstance(data, ModelUploadedData):
-            self._uploaded = data
+            state.uploaded = data
             self._learn(Fact.MODEL_UPLOADED)
         elif isinstance(data, RunFailedData):
-            self._runner_failure = data
+            state.runner_failure = data
+            self._wake += 1
+            self._bump()
         elif event.type in (Fact.IMAGES_READY, Fact.MODEL_READY, Fact.FILES_READY):
             self._learn(Fact(event.type))
 
+    def _note_step(self, step: int) -> None:
+        """Liveness is a step that advanced, not a message that arrived."""
+        if step > self._state.last_step:
+            self._state.last_step = step
+            self._state.last_step_at = workflow.now()
+
     def _record_progress(self, data: TrainingProgressData) -> None:
         percent = round(100.0 * data.step / data.total, 1) if data.total else 0.0
-        self._status.progress = Progress(
+        progress = Progress(
             step=data.step,
             total=data.total,
             epoch=data.epoch,
@@ -425,18 +553,17 @@ class TrainingWorkflow:
             it_per_s=data.it_per_s,
             eta_s=data.eta_s,
         )
-        last = self._last_progress_webhook
-        now = workflow.now()
-        if last is None or (
-            now - last[0] >= PROGRESS_WEBHOOK_MIN_INTERVAL
-            and percent - last[1] >= PROGRESS_WEBHOOK_MIN_PERCENT
-        ):
-            self._last_progress_webhook = (now, percent)
-            self._queue_webhook("training.progress", self._status.progress.model_dump(mode="json"))
+        self._state.status.progress = progress
+        self._bump()
+        self._webhooks.queue_progress(progress, self._state.status.version)
 
     def _raise_if_runner_failed(self) -> None:
-        if self._runner_failure is not None:
-            raise _RunnerFailed(self._runner_failure)
+        failure = self._state.runner_failure
+        if failure is None:
+            return
+        if Fact.GPU_READY not in self._facts:
+            raise _ReplaceGpu(f"the runner failed on this host: {failure.message}")
+        raise _RunnerFailed(failure)
 
     # ----------------------------------------------------------------------------------------
     # Status
@@ -444,72 +571,115 @@ class TrainingWorkflow:
 
     @workflow.query
     def status(self) -> RunStatus:
+        if self._legacy is not None:
+            return self._legacy.status()
         return self._snapshot()
 
     @workflow.update
     async def wait_for_change(self, after_version: int) -> RunStatus:
-        """Long poll: answers as soon as the status version passes `after_version`."""
-        await workflow.wait_condition(lambda: self._status.version > after_version)
+        """Long poll: answers once the version passes `after_version`, or the execution ends."""
+        if self._legacy is not None:
+            return await self._legacy.wait_for_change(after_version)
+        await workflow.wait_condition(
+            lambda: self._state.status.version > after_version or self._closing
+        )
         return self._snapshot()
 
     @wait_for_change.validator
     def _validate_wait_for_change(self, after_version: int) -> None:
-        if after_version < 0:
-            raise ValueError("after_version must be >= 0")
+        if self._legacy is not None:
+            self._legacy.validate_wait_for_change(after_version)
+            return
+        version = self._state.status.version
+        if not 0 <= after_version <= version:
+            raise ValueError(
+                f"after_version must be between 0 and the run's version {version}, "
+                f"not {after_version}"
+            )
 
     def _snapshot(self) -> RunStatus:
-        return self._status.model_copy(update={"cost_usd": self._cost_usd()}, deep=True)
+        return self._state.status.model_copy(update={"cost_usd": self._cost_usd()}, deep=True)
 
-    def _cost_usd(self) -> float:
-        now = workflow.now()
-        hours = sum(
-            rate * ((end or now) - start).total_seconds() / 3600
-            for rate, start, end in self._gpu_spans
+    def _deadline(self) -> Deadline:
+        status = self._state.status.status
+        return status_deadline(
+            status, self._entered_at(status), self._request.deadlines, self._state.last_step_at
         )
-        return round(hours, 4)
 
     def _learn(self, fact: Fact) -> None:
         self._facts.add(fact)
         target = derive_status(self._facts)
-        current = self._status.status
+        current = self._state.status.status
         if target == current or current.terminal:
             return
         for status in statuses_between(current, target):
             self._enter(status)
 
     def _enter(self, status: RunStatusName) -> None:
-        self._status.status = status
-        self._status.history.append(StatusChange(status=status, at=workflow.now()))
+        self._state.status.status = status
+        self._state.status.history.append(StatusChange(status=status, at=workflow.now()))
+        self._wake += 1
         self._announce(status)
 
     def _announce(self, status: RunStatusName) -> None:
         workflow.upsert_search_attributes([LORA_STATUS.value_set(status.value)])
         self._bump()
-        self._queue_webhook("training.status", {"status": status.value})
+        self._webhooks.queue(
+            "training.status", {"status": status.value, "version": self._state.status.version}
+        )
 
     def _entered_at(self, status: RunStatusName) -> datetime:
-        return next(c.at for c in reversed(self._status.history) if c.status == status)
+        return next(c.at for c in reversed(self._state.status.history) if c.status == status)
 
     def _bump(self) -> None:
-        self._status.version += 1
+        self._state.status.version += 1
+        workflow.set_current_details(self._details())
+
+    def _details(self) -> str:
+        """What the Temporal UI shows as the run's current details."""
+        st = self._state.status
+        lines = [f"**{st.status.value}** (GPU attempt {st.attempt})"]
+        if st.progress is not None:
+            p = st.progress
+            epoch = f"epoch {p.epoch}/{p.total_epochs}, " if p.epoch and p.total_epochs else ""
+            loss = f", loss {p.loss:.4f}" if p.loss is not None else ""
+            eta = f", ETA {int(p.eta_s)} s" if p.eta_s is not None else ""
+            lines.append(f"{epoch}step {p.step}/{p.total} ({p.percent:.0f} %){loss}{eta}")
+        if st.gpu is not None:
+            rate = f" at ${st.gpu.dollars_per_hour:.3f}/h" if st.gpu.dollars_per_hour else ""
+            lines.append(f"GPU: {st.gpu.gpu_name or st.gpu.provider}{rate}")
+        lines.append(f"cost so far: ${self._cost_usd():.4f}")
+        if st.error is not None:
+            lines.append(f"error ({st.error.code}): {st.error.message}")
+        return "  \n".join(lines)
 
     def _end(self, status: RunStatusName, error: RunError | None = None) -> None:
-        self._status.error = error
+        self._state.status.error = error
         self._enter(status)
-        event_type = _TERMINAL_WEBHOOKS[status]
         payload: dict[str, Any] = {"status": status.value}
         if error is not None:
             payload["error"] = error.model_dump(mode="json")
-        if self._status.result is not None:
-            payload["model"] = self._status.result.model_dump(mode="json")
-            payload["download_url"] = self._download_url
-        self._queue_webhook(event_type, payload)
+        if self._state.status.result is not None:
+            payload["model"] = self._state.status.result.model_dump(mode="json")
+            payload["download_url"] = self._state.status.download_url
+        self._webhooks.queue(_TERMINAL_WEBHOOKS[status], payload)
 
     def _end_with(self, exc: Exception) -> None:
-        stage = self._status.status.value
+        stage = self._state.status.status.value
         if isinstance(exc, _Stalled):
             self._end(
                 RunStatusName.STALLED, RunError(code="stalled", message=str(exc), stage=stage)
+            )
+        elif isinstance(exc, _CostCap):
+            cap = self._request.max_cost_usd
+            self._end(
+                RunStatusName.FAILED,
+                RunError(
+                    code="cost_cap",
+                    message=f"stopped before the run's cost cap of ${cap} was crossed "
+                    f"(${self._cost_usd():.4f} spent)",
+                    stage=stage,
+                ),
             )
         elif isinstance(exc, _RunnerFailed):
             failure = exc.failure
@@ -528,6 +698,11 @@ class TrainingWorkflow:
                 RunStatusName.FAILED,
                 RunError(code=cause.type or "error", message=cause.message, stage=stage),
             )
+        elif isinstance(exc, ActivityError) and isinstance(exc.cause, ActivityTimeoutError):
+            self._end(
+                RunStatusName.FAILED,
+                RunError(code="timeout", message=f"gave up: {exc.cause.message}", stage=stage),
+            )
         else:
             workflow.logger.exception("unexpected error in run %s", self._run_id)
             self._end(
@@ -540,10 +715,10 @@ class TrainingWorkflow:
     def _finish(self, cancelled: bool) -> RunStatus:
         if cancelled:
             raise asyncio.CancelledError()
-        status = self._status.status
+        status = self._state.status.status
         if status == RunStatusName.COMPLETED:
             return self._snapshot()
-        error = self._status.error
+        error = self._state.status.error
         assert error is not None
         raise ApplicationError(
             f"run {status.value}: {error.message}",
@@ -553,64 +728,54 @@ class TrainingWorkflow:
         )
 
     # ----------------------------------------------------------------------------------------
-    # User webhooks
-    # ----------------------------------------------------------------------------------------
-
-    def _queue_webhook(self, event_type: UserEventType, data: dict[str, Any]) -> None:
-        webhook = self._request.webhook
-        if webhook is None or not webhook.wants(event_type):
-            return
-        self._webhooks.append(
-            (event_type, workflow.now(), {**data, "version": self._status.version})
-        )
-
-    async def _deliver_webhooks(self) -> None:
-        """Starts one abandoned child per webhook, in order; never waits for delivery."""
-        webhook = self._request.webhook
-        while webhook is not None:
-            await workflow.wait_condition(lambda: self._webhooks_sent < len(self._webhooks))
-            event_type, occurred_at, data = self._webhooks[self._webhooks_sent]
-            number = self._webhooks_sent + 1
-            await workflow.start_child_workflow(
-                UserWebhookWorkflow.run,
-                UserWebhookInput(
-                    run_id=self._run_id,
-                    url=webhook.url,
-                    secret=webhook.secret,
-                    msg_id=f"{self._run_id}:{number}",
-                    event_type=event_type,
-                    occurred_at=occurred_at,
-                    payload=data,
-                ),
-                id=f"{self._run_id}/webhook/{number}",
-                parent_close_policy=ParentClosePolicy.ABANDON,
-            )
-            self._webhooks_sent = number
-
-    # ----------------------------------------------------------------------------------------
     # Helpers
     # ----------------------------------------------------------------------------------------
 
     @staticmethod
-    async def _wait(condition: Callable[[], bool], within: timedelta) -> bool:
+    async def _wait(condition: Callable[[], bool], within: timedelta, summary: str) -> bool:
         """True when `condition` held within the time given, False when the time ran out."""
         try:
-            await workflow.wait_condition(condition, timeout=max(within, timedelta(0)))
+            await workflow.wait_condition(
+                condition, timeout=max(within, timedelta(0)), timeout_summary=summary
+            )
         except TimeoutError:
             return False
         return True
 
-    async def _within(self, seconds: int, work: Awaitable[T], what: str) -> T:
-        """Await `work`, or cancel it and stall the run when it takes longer than `seconds`."""
+    async def _before_deadline(self, work: Coroutine[Any, Any, None], what: str) -> None:
+        """Run `work` under the current status's deadline. On timeout or cancel it is cancelled
+        and waited for, so whatever it rented is visible to the release that follows."""
         task = asyncio.ensure_future(work)
-        if not await self._wait(task.done, timedelta(seconds=seconds)):
-            task.cancel()
-            # A cancelled activity ends as ActivityError, not CancelledError: both mean "gave up".
-            with contextlib.suppress(asyncio.CancelledError, ActivityError):
-                await task
-            self._raise_stalled(f"{what} took longer than {seconds} s")
-        return task.result()
+        deadline = self._deadline()
+        try:
+            done = await self._wait(task.done, deadline.at - workflow.now(), deadline.summary)
+        except asyncio.CancelledError:
+            await self._settle(task)
+            raise
+        if not done:
+            await self._settle(task)
+            status = self._state.status.status.value
+            raise _Stalled(f"{what} took longer than the {status} deadline")
+        task.result()
 
     @staticmethod
-    def _raise_stalled(message: str) -> NoReturn:
-        raise _Stalled(message)
+    async def _settle(task: asyncio.Future[None]) -> None:
+        task.cancel()
+        # A cancelled activity ends as ActivityError, not CancelledError: both mean "gave up".
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.shield(task)
+
+    @staticmethod
+    async def _shielded(work: Awaitable[T]) -> bool:
+        """Run `work` to the end even if the run is cancelled meanwhile; True if it was."""
+        task = asyncio.ensure_future(work)
+        cancelled = False
+        while True:
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                if task.done():
+                    raise
+                cancelled = True
+                continue
+            return cancelled

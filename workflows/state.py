@@ -1,0 +1,54 @@
+"""Everything a run knows, in one model: the next execution's input after continue-as-new."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel
+from temporalio import workflow
+
+with workflow.unsafe.imports_passed_through():
+    from activities.civitai import ResolvedModel
+    from activities.providers.base import Instance
+    from activities.storage import ImagesZip
+    from gpu_runner.protocol import ModelUploadedData, RunFailedData
+
+    from .models import RunStatus, S3Location
+    from .status import Fact
+    from .webhooks import WebhookQueueState
+
+# Sequence numbers of the current attempt remembered for deduplication. Events are facts or
+# coalesced progress, so one replayed from before the window changes nothing wrong.
+SEEN_WINDOW = 256
+
+
+class GpuSpan(BaseModel):
+    dollars_per_hour: float
+    start: datetime
+    end: datetime | None = None
+
+
+class PreparedInputs(BaseModel):
+    images_zip: ImagesZip
+    model: ResolvedModel
+
+
+class RunState(BaseModel):
+    # The run's first execution id: S3 keys and child ids carry it, so a reused run id never
+    # mixes two runs.
+    execution: str
+    status: RunStatus
+    executions: int = 1
+    facts: list[Fact] = []
+    prepared: PreparedInputs | None = None
+    instance: Instance | None = None
+    output: S3Location | None = None
+    gpu_spans: list[GpuSpan] = []
+    excluded_machines: list[str] = []
+    seen_seqs: list[int] = []
+    last_progress_seq: int = 0
+    last_step: int = 0
+    last_step_at: datetime | None = None
+    runner_failure: RunFailedData | None = None
+    uploaded: ModelUploadedData | None = None
+    webhooks: WebhookQueueState = WebhookQueueState()
