@@ -444,6 +444,25 @@ async def test_a_crash_is_trainer_crashed_with_the_traceback(
     assert "s3cr3t-value" not in "\n".join(error.log_tail)
 
 
+@pytest.mark.parametrize(
+    "cause",
+    [
+        "PIL.UnidentifiedImageError: cannot identify image file '/data/img0.png'",
+        "safetensors_rust.SafetensorError: Error while deserializing header: HeaderTooLarge",
+    ],
+)
+async def test_a_crash_names_the_trainers_cause_not_the_launchers_wrapper(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cause: str
+) -> None:
+    """The stand-in accelerate, like the real one, ends a crash with its CalledProcessError."""
+    inputs = make_inputs(tmp_path)
+    with pytest.raises(TrainerError) as raised:
+        await run_standin(tmp_path, monkeypatch, inputs, STANDIN_MODE="crash", STANDIN_CRASH=cause)
+    error = raised.value
+    assert error.message == f"sd-scripts exited with code 1: {cause}"
+    assert "CalledProcessError" in error.log_tail[-1]  # the wrapper came last, as it does
+
+
 @pytest.mark.parametrize("ignore_sigterm", [False, True])
 async def test_stop_leaves_no_process_of_the_group(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ignore_sigterm: bool

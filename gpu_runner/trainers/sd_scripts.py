@@ -20,6 +20,7 @@ import codecs
 import contextlib
 import inspect
 import json
+import logging
 import math
 import os
 import re
@@ -365,6 +366,11 @@ _AVR_LOSS = re.compile(r"avr_loss=(?P<loss>[^,\]\s]+)")
 _EPOCH = re.compile(r"^epoch (?P<epoch>\d+)/(?P<total>\d+)\s*$")
 _NO_DATA = "No data found"
 _EXCEPTION = re.compile(r"^\s*(?:[\w.]+\.)?\w*(?:Error|Exception|Interrupt)\b.*")
+# The launchers' own errors after the trainer died (accelerate's simple_launcher, torchrun's
+# elastic agent): they say only that the child failed, never why.
+_LAUNCHER_ERROR = re.compile(r"^\s*(?:subprocess\.CalledProcessError|[\w.]*ChildFailedError)\b")
+# Every line the trainer prints also goes to the runner's log (and the log uploaded with the run).
+_trainer_log = logging.getLogger("gpu_runner.trainer")
 
 
 @dataclass(frozen=True)
@@ -441,6 +447,7 @@ class OutputTracker:
         self.launcher_epoch_losses: dict[int, float] = {}
         self.bar_epoch_losses: dict[int, float] = {}
         self.step_losses: list[float] = []  # from the launcher: sd-scripts' loss/current
+        self.last_error: str | None = None  # the trainer's last exception line: the cause
         self._last_reported: tuple[int, float | None] | None = None
 
     def feed(self, text: str) -> list[TrainingProgressData]:
@@ -542,6 +549,9 @@ class OutputTracker:
             for secret in self._secrets:
                 line = line.replace(secret, REDACTED)
             self._tail.append(line)
+            _trainer_log.info("%s", line)
+            if _EXCEPTION.match(line) and not _LAUNCHER_ERROR.match(line):
+                self.last_error = line.strip()
 
 
 # --------------------------------------------------------------------------------------------
@@ -682,9 +692,7 @@ class SdScriptsTrainer:
                 "trainer_stopped", "training was stopped before it finished", log_tail=tail
             )
         if returncode != 0:
-            last_error = next(
-                (line.strip() for line in reversed(tail) if _EXCEPTION.match(line)), None
-            )
+            last_error = tracker.last_error
             detail = f": {last_error}" if last_error else " (see the log tail)"
             raise TrainerError(
                 "trainer_crashed",

@@ -13,6 +13,8 @@ Behaviour, from the environment:
   STANDIN_PIDS_FILE  when set: start a grandchild that sleeps, write "<trainer pid> <grandchild pid>" here
   STANDIN_IGNORE_SIGTERM  1: the grandchild ignores SIGTERM (only SIGKILL ends it)
   STANDIN_PLAIN    1: no trainer hooks, as an sd-scripts without them (the launcher falls back)
+  STANDIN_CRASH    in crash mode, the exception to raise as "<module>.<Name>: <message>"
+                   (default: a RuntimeError for CUDA out of memory)
 """
 
 # ruff: noqa: E501, RUF001  (sd-scripts' messages, verbatim)
@@ -101,7 +103,7 @@ class NetworkTrainer:
             for step in range(batches):
                 time.sleep(step_s)
                 if mode == "crash" and epoch == 1:
-                    raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB (stand-in)")
+                    raise _crash()
                 # Per-batch losses spread around the epoch's average, which they keep exactly.
                 loss = epoch_losses[epoch] + 0.001 * (2 * step - (batches - 1))
                 if mode == "nan" and (epoch, step) >= (0, 2):
@@ -173,6 +175,17 @@ def _save(args: argparse.Namespace, name: str, epoch: int) -> None:
     ).encode()
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(header)) + header)
+
+
+def _crash() -> Exception:
+    """The exception STANDIN_CRASH names; its traceback prints "<module>.<Name>: <message>"."""
+    spec = os.environ.get("STANDIN_CRASH")
+    if not spec:
+        return RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB (stand-in)")
+    name, _, message = spec.partition(": ")
+    module, _, qualname = name.rpartition(".")
+    error = type(qualname, (Exception,), {"__module__": module or "builtins"})
+    return error(message)
 
 
 def _spawn_grandchild() -> None:
