@@ -96,6 +96,7 @@ def activities_for(settings: Settings, provider: GpuProvider | None = None) -> l
         storage.write_job_spec,
         storage.verify_upload,
         models.resolve_model,
+        storage.delete_job_specs,
         gpu.allocate_gpu,
         gpu.get_gpu_instance,
         gpu.deallocate_gpu,
