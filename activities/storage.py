@@ -229,7 +229,7 @@ class StorageActivities:
             bucket=input.output.bucket or self.settings.bucket,
             key=input.output.key or f"{prefix}/model/{training.output_name}.safetensors",
         )
-        log = run_log_location(self.settings.bucket, input.run_id, input.attempt)
+        log = run_log_location(self.settings.bucket, prefix, input.attempt)
         # The key only travels to boxes that need it to download the model.
         civitai_api_key = None
         if model.needs_civitai_key:
@@ -683,13 +683,10 @@ def _run_prefix(run_id: str) -> str:
     return f"runs/{run_id}"
 
 
-def run_log_location(bucket: str, run_id: str, attempt: int) -> S3Location:
-    """Where a GPU attempt's runner uploads the run's log (`loratrain logs` reads them all)."""
-    return S3Location(bucket=bucket, key=f"{run_logs_prefix(run_id)}attempt-{attempt}.log")
-
-
-def run_logs_prefix(run_id: str) -> str:
-    return f"{_run_prefix(run_id)}/logs/"
+def run_log_location(bucket: str, prefix: str, attempt: int) -> S3Location:
+    """Where a GPU attempt's runner uploads the run's log: `<run prefix>/logs/attempt-<n>.log`
+    (`loratrain logs` reads every attempt's)."""
+    return S3Location(bucket=bucket, key=f"{prefix}/logs/attempt-{attempt}.log")
 
 
 def _folder(prefix: str) -> str:

@@ -194,6 +194,8 @@ class JobSpec(_Model):
     events_url: str = Field(description="The relay's POST endpoint for this run.")
     webhook_secret: str = Field(repr=False, pattern=r"^whsec_[A-Za-z0-9+/=]+$")
     upload: UploadTarget
+    # Presigned PUT for the run's full log (runner and trainer output, secrets redacted).
+    log_upload: UploadTarget | None = None
     limits: RunnerLimits = RunnerLimits()
 
     def secrets(self) -> list[str]:
@@ -280,6 +282,10 @@ class HeartbeatData(BaseModel):
     bytes_total: int | None = None
     # The trainer's last step, so the workflow tells "alive but stuck" from "alive and training".
     step: int | None = Field(default=None, ge=0)
+    # While a retried upload waits: which attempt failed and why (no URLs: query strings are
+    # redacted), so a slow S3 reads as "retrying", not as silence.
+    retry: int | None = Field(default=None, ge=1)
+    error: str | None = Field(default=None, max_length=500)
 
 
 EVENT_DATA: dict[str, type[BaseModel]] = {

@@ -60,6 +60,11 @@ EXIT_RUN_CLOSED = 3
 EXIT_ORPHANED = 4
 
 LOG_TAIL_LINES = 50
+# The full log goes next to the model; past this size only its end is uploaded.
+LOG_UPLOAD_MAX_BYTES = 16 * 1024 * 1024
+# A log is worth a short wait, not holding the GPU: the model upload is the patient one.
+LOG_UPLOAD_PATIENCE_S = 60.0
+LOG_FILE_NAME = "run.log"
 JOB_FETCH_ATTEMPTS = 4
 STOP_TRAINER_TIMEOUT_S = 30.0
 TERMINATE_FLUSH_S = 8.0  # docker stop waits 10 s before SIGKILL
@@ -250,6 +255,9 @@ class Runner:
         self._bytes_total: dict[str, int | None] = {}
         self._images_ready = asyncio.Event()
         self._training = False
+        self._last_step: int | None = None
+        self._upload_retry: tuple[int, str] | None = None
+        self._log_file: logging.Handler | None = None
         self._terminate_signal: int | None = None
         self._terminated = asyncio.Event()
         self._http = httpx.AsyncClient(timeout=settings.runner_http_timeout_s)
@@ -279,6 +287,7 @@ class Runner:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, self.terminate, signum)
         self.sender.start()
+        self._log_file = self._start_log_file()
         heartbeats = asyncio.create_task(self._heartbeats(), name="heartbeats")
         steps = asyncio.create_task(self._steps(), name="steps")
         gave_up = asyncio.create_task(self.sender.gave_up.wait())
@@ -299,33 +308,38 @@ class Runner:
                 error = steps.exception()
                 if error is None:
                     return await self._flush_and_exit(EXIT_OK)
-                self._send_failure(self._as_step_failed(error))
+                failure = self._as_step_failed(error)
+                self._log_failure(failure)
+                await self._upload_log()
+                self._send_failure(failure)
                 return await self._flush_and_exit(EXIT_FAILED)
             if terminated in done:
                 received = int(self._terminate_signal or signal.SIGTERM)
                 log.warning("received %s: stopping the run", signal.Signals(received).name)
                 stage = self._stage
                 await self._halt(steps)
-                self._send_failure(
-                    StepFailed(stage, "terminated", "the runner was terminated by its host")
-                )
+                failure = StepFailed(stage, "terminated", "the runner was terminated by its host")
+                self._log_failure(failure)
+                self._send_failure(failure)
                 await self.sender.flush(TERMINATE_FLUSH_S)
                 return 128 + received
             # None of them: the run hit its hard runtime cap.
             stage = self._stage
             await self._halt(steps)
-            self._send_failure(
-                StepFailed(
-                    stage,
-                    "max_runtime_exceeded",
-                    f"the run took longer than its limit of {self.spec.limits.max_runtime_s} s",
-                )
+            failure = StepFailed(
+                stage,
+                "max_runtime_exceeded",
+                f"the run took longer than its limit of {self.spec.limits.max_runtime_s} s",
             )
+            self._log_failure(failure)
+            await self._upload_log()
+            self._send_failure(failure)
             return await self._flush_and_exit(EXIT_FAILED)
         finally:
             for task in (heartbeats, gave_up, terminated):
                 task.cancel()
             await asyncio.gather(heartbeats, gave_up, terminated, return_exceptions=True)
+            self._stop_log_file()
             await self.sender.close()
             await self._http.aclose()
             if handle_signals:
@@ -369,9 +383,12 @@ class Runner:
         log.error("unexpected error in stage %s", self._stage, exc_info=error)
         return StepFailed(self._stage, "internal_error", f"{type(error).__name__}: {error}")
 
-    def _send_failure(self, failure: StepFailed) -> None:
+    def _log_failure(self, failure: StepFailed) -> None:
         message = self._redact(failure.message)
         log.error("run failed in stage %s (%s): %s", failure.stage, failure.code, message)
+
+    def _send_failure(self, failure: StepFailed) -> None:
+        message = self._redact(failure.message)
         tail = [self._redact(line) for line in failure.log_tail[-LOG_TAIL_LINES:]]
         self._emit(
             "run.failed",
@@ -389,20 +406,71 @@ class Runner:
             await asyncio.sleep(interval)
             if self._stage not in _HEARTBEAT_STAGES:
                 continue
-            totals = list(self._bytes_total.values())
-            downloading = self._stage in ("images", "model")
-            self._emit(
-                "heartbeat",
-                HeartbeatData(
-                    stage=self._stage,
-                    bytes_done=sum(self._bytes_done.values()) if downloading else None,
-                    bytes_total=(
-                        sum(t or 0 for t in totals)
-                        if downloading and totals and None not in totals
-                        else None
-                    ),
-                ),
+            self._emit("heartbeat", self._heartbeat())
+
+    def _heartbeat(self) -> HeartbeatData:
+        totals = list(self._bytes_total.values())
+        downloading = self._stage in ("images", "model")
+        retry = self._upload_retry if self._stage == "upload" else None
+        return HeartbeatData(
+            stage=self._stage,
+            bytes_done=sum(self._bytes_done.values()) if downloading else None,
+            bytes_total=(
+                sum(t or 0 for t in totals)
+                if downloading and totals and None not in totals
+                else None
+            ),
+            step=self._last_step,
+            retry=retry[0] if retry else None,
+            error=retry[1] if retry else None,
+        )
+
+    # ---- the run's log, uploaded next to the model ----------------------------------------
+
+    def _start_log_file(self) -> logging.Handler | None:
+        """Copy every runner and trainer log line (redacted) to run_dir/run.log for upload."""
+        if self.spec.log_upload is None:
+            return None
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(self.run_dir / LOG_FILE_NAME, encoding="utf-8")
+        handler.setFormatter(RedactingFormatter(self._redact))
+        handler.setLevel(logging.INFO)
+        logger = logging.getLogger("gpu_runner")
+        logger.addHandler(handler)
+        if logger.getEffectiveLevel() > logging.INFO:
+            logger.setLevel(logging.INFO)  # the file keeps INFO lines whatever stderr shows
+        return handler
+
+    def _stop_log_file(self) -> None:
+        handler, self._log_file = self._log_file, None
+        if handler is not None:
+            logging.getLogger("gpu_runner").removeHandler(handler)
+            handler.close()
+
+    async def _upload_log(self) -> None:
+        """PUT the log so far; a log that cannot be uploaded never fails the run."""
+        handler, target = self._log_file, self.spec.log_upload
+        if handler is None or target is None:
+            return
+        handler.flush()
+        path = self.run_dir / LOG_FILE_NAME
+        limit = min(target.max_bytes, LOG_UPLOAD_MAX_BYTES)
+        if path.stat().st_size > limit:
+            path = await asyncio.to_thread(_log_end, path, limit)
+        try:
+            await upload_file(
+                self._http,
+                target.url,
+                path,
+                max_bytes=limit,
+                retry_initial_s=self.settings.runner_retry_initial_s,
+                retry_max_s=self.settings.runner_retry_max_s,
+                give_up_after_s=LOG_UPLOAD_PATIENCE_S,
             )
+        except (UploadError, OSError) as e:
+            log.warning("could not upload the run's log: %s", self._redact(str(e)))
+        else:
+            log.info("uploaded the run's log to %s", target.key)
 
     # ---- the steps, in the seed's order ----------------------------------------------------
 
@@ -570,6 +638,7 @@ class Runner:
             # Every event becomes a signal in the run's history: send a few, never every step.
             nonlocal last
             now = time.monotonic()
+            self._last_step = progress.step
             if (
                 last is None
                 or progress.epoch != last[1]
@@ -588,7 +657,13 @@ class Runner:
     async def _upload(self, result: TrainingResult) -> None:
         self._stage = "upload"
         target = self.spec.upload
+
+        def on_retry(attempt: int, problem: str) -> None:
+            self._upload_retry = (attempt, self._redact(problem)[:500])
+            self._emit("heartbeat", self._heartbeat())
+
         try:
+            # As patient as event delivery: the checkpoints stay on disk until S3 takes one.
             uploaded = await upload_file(
                 self._http,
                 target.url,
@@ -596,6 +671,8 @@ class Runner:
                 max_bytes=target.max_bytes,
                 retry_initial_s=self.settings.runner_retry_initial_s,
                 retry_max_s=self.settings.runner_retry_max_s,
+                give_up_after_s=self.spec.limits.orphan_timeout_s,
+                on_retry=on_retry,
             )
         except UploadError as e:
             raise StepFailed("upload", e.code, e.message) from None
@@ -605,6 +682,9 @@ class Runner:
                 "checkpoint_missing",
                 f"the trainer reported {result.checkpoint.name} as best, but the file is missing",
             ) from None
+        log.info("uploaded %s (%d bytes) to %s", result.checkpoint.name, uploaded.bytes, target.key)
+        # Before model.uploaded: once the upload is verified, the GPU may be taken away.
+        await self._upload_log()
         self._emit(
             "model.uploaded",
             ModelUploadedData(
@@ -615,6 +695,19 @@ class Runner:
                 loss=result.loss,
             ),
         )
+
+
+def _log_end(path: Path, limit: int) -> Path:
+    """A copy of the last `limit` bytes of the log (from a line start), saying what was cut."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        f.seek(size - limit + 200)
+        tail = f.read()
+    tail = tail[tail.find(b"\n") + 1 :]
+    end = path.with_name(f"{path.stem}-end{path.suffix}")
+    note = f"[the first {size - len(tail)} bytes of this log were cut to fit the upload]\n"
+    end.write_bytes(note.encode() + tail)
+    return end
 
 
 async def _all_or_none(

@@ -1,4 +1,8 @@
-"""Upload the best checkpoint through a presigned PUT: streamed, sized, hashed, retried."""
+"""Upload through a presigned PUT: streamed, sized, hashed, retried until a deadline.
+
+The trained model is hours of GPU time: a short S3 outage must not throw it away, so the upload
+retries with backoff for as long as the runner would wait for the relay (the orphan timeout).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,8 @@ import asyncio
 import hashlib
 import logging
 import re
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +20,6 @@ import httpx
 log = logging.getLogger("gpu_runner.upload")
 
 CHUNK_BYTES = 1024 * 1024
-UPLOAD_ATTEMPTS = 5
 _RETRYABLE = frozenset({408, 425, 429})
 _S3_CODE = re.compile(r"<Code>([^<]{1,100})</Code>")
 
@@ -53,9 +57,15 @@ async def upload_file(
     max_bytes: int,
     retry_initial_s: float,
     retry_max_s: float,
-    attempts: int = UPLOAD_ATTEMPTS,
+    give_up_after_s: float,
+    on_retry: Callable[[int, str], None] | None = None,
 ) -> UploadResult:
-    """PUT `path` to `url` with a Content-Length (S3 presigned PUTs refuse chunked bodies)."""
+    """PUT `path` to `url` with a Content-Length (S3 presigned PUTs refuse chunked bodies).
+
+    Network errors, 5xx and throttling answers are retried with exponential backoff (doubling
+    from `retry_initial_s` up to `retry_max_s`) until `give_up_after_s` have passed; each retry
+    is reported to `on_retry(attempt, problem)`. A refusal (other 4xx) is final at once.
+    """
     size = (await asyncio.to_thread(path.stat)).st_size
     if size > max_bytes:
         raise UploadError(
@@ -66,7 +76,10 @@ async def upload_file(
     if size == 0:
         raise UploadError("empty_checkpoint", f"the checkpoint {path.name} is empty")
     delay = retry_initial_s
-    for attempt in range(1, attempts + 1):
+    give_up_at = time.monotonic() + give_up_after_s
+    attempt = 0
+    while True:
+        attempt += 1
         hasher = hashlib.sha256()
         sent = [0]
         try:
@@ -77,7 +90,7 @@ async def upload_file(
                 headers={"Content-Length": str(size)},
             )
         except httpx.HTTPError as e:
-            problem = f"{type(e).__name__}: {e}"
+            problem = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
         else:
             status = response.status_code
             if 200 <= status < 300:
@@ -95,11 +108,16 @@ async def upload_file(
                     "the presigned URL may have expired",
                 )
             problem = f"HTTP {status}"
-        if attempt == attempts:
+        remaining = give_up_at - time.monotonic()
+        if remaining <= 0:
             raise UploadError(
-                "upload_failed", f"the upload failed after {attempts} attempts: {problem}"
+                "upload_failed",
+                f"the upload failed for {give_up_after_s:.0f} s ({attempt} attempts); "
+                f"last: {problem}",
             )
-        log.warning("upload attempt %d failed: %s; retrying in %.2f s", attempt, problem, delay)
-        await asyncio.sleep(delay)
+        wait_s = min(delay, remaining)
+        log.warning("upload attempt %d failed: %s; retrying in %.2f s", attempt, problem, wait_s)
+        if on_retry is not None:
+            on_retry(attempt, problem)
+        await asyncio.sleep(wait_s)
         delay = min(delay * 2, retry_max_s)
-    raise AssertionError("unreachable")

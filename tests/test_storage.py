@@ -423,6 +423,12 @@ def test_job_spec_is_readable_through_its_url(settings: Settings, s3: Any) -> No
     assert spec.images.image_count == 4
     httpx.put(spec.upload.url, content=b"safetensors!", timeout=10).raise_for_status()
     assert read_object(s3, expected_output) == b"safetensors!"
+    # The run's log goes next to the model, one file per GPU attempt.
+    assert spec.log_upload is not None
+    log = S3Location(bucket=settings.bucket, key="runs/run-job/logs/attempt-1.log")
+    assert (spec.log_upload.bucket, spec.log_upload.key) == (log.bucket, log.key)
+    httpx.put(spec.log_upload.url, content=b"the log", timeout=10).raise_for_status()
+    assert read_object(s3, log) == b"the log"
     # Secrets are in the spec but not in what the workflow keeps or logs.
     assert CIVITAI_KEY in raw.decode() and spec.webhook_secret in raw.decode()
     shown = repr(ref) + str(ref)

@@ -196,6 +196,10 @@ class Job:
     bucket: str
     upload_key: str
 
+    @property
+    def log_key(self) -> str:
+        return f"runs/{self.spec.run_id}/logs/attempt-1.log"
+
 
 def presigned_get(s3: Any, bucket: str, key: str) -> str:
     return str(
@@ -227,8 +231,14 @@ def make_job(
     max_upload_bytes: int = 10 * 1024 * 1024,
     limits: RunnerLimits | None = None,
     run_id: str | None = None,
+    upload_s3: Any = None,
+    log_upload: bool = False,
 ) -> Job:
-    """Put the images (and, unless `model_url` is given, the model) in S3 and write job.json."""
+    """Put the images (and, unless `model_url` is given, the model) in S3 and write job.json.
+
+    `upload_s3`: the client that presigns the uploads (one pointed at a proxy); `log_upload`:
+    the job also gets a presigned PUT for the run's log at `runs/<run_id>/logs/attempt-1.log`.
+    """
     run_id = run_id or f"run-{uuid.uuid4().hex[:10]}"
     images_zip = dataset_zip() if images_zip is None else images_zip
     images_url = put_object(s3, bucket, f"runs/{run_id}/images.zip", images_zip)
@@ -236,10 +246,22 @@ def make_job(
     if model_url is None:
         model_url = put_object(s3, bucket, "models/base.safetensors", model_content)
     upload_key = f"runs/{run_id}/lora.safetensors"
+    upload_s3 = upload_s3 or s3
     upload_url = str(
-        s3.generate_presigned_url(
+        upload_s3.generate_presigned_url(
             "put_object", Params={"Bucket": bucket, "Key": upload_key}, ExpiresIn=900
         )
+    )
+    log_key = f"runs/{run_id}/logs/attempt-1.log"
+    log_target = UploadTarget(
+        url=str(
+            upload_s3.generate_presigned_url(
+                "put_object", Params={"Bucket": bucket, "Key": log_key}, ExpiresIn=900
+            )
+        ),
+        bucket=bucket,
+        key=log_key,
+        max_bytes=1024 * 1024,
     )
     spec = JobSpec(
         run_id=run_id,
@@ -266,6 +288,7 @@ def make_job(
         upload=UploadTarget(
             url=upload_url, bucket=bucket, key=upload_key, max_bytes=max_upload_bytes
         ),
+        log_upload=log_target if log_upload else None,
         limits=limits
         or RunnerLimits(max_runtime_s=120, orphan_timeout_s=20, heartbeat_interval_s=1),
     )

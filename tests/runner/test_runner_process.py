@@ -3,8 +3,10 @@ a fake Civitai, and a stand-in trainer (tests/runner/fake_trainer.py)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,9 +15,11 @@ from typing import Any
 import pytest
 
 from gpu_runner.protocol import RunnerLimits
+from tests.conftest import s3_client_for
 from tests.fake_civitai import FakeCivitai, sd15_version
 from tests.http_support import serve_asgi
 from tests.runner.fake_trainer import checkpoint_bytes, epoch_loss
+from tests.runner.outage_proxy import Mode, OutageProxy
 from tests.runner.relay_recorder import RecordingRelay
 from tests.runner.support import (
     CIVITAI_KEY,
@@ -34,6 +38,7 @@ from tests.runner.support import (
     wait_until,
 )
 
+STANDIN = Path(__file__).resolve().parents[1] / "sd_scripts_standin"
 SEED_ORDER = ["gpu.ready", "images.ready", "model.ready", "files.ready"]
 
 
@@ -385,3 +390,110 @@ def test_sigterm_while_events_wait_for_the_relay_exits_at_once(
     runner.proc.send_signal(signal.SIGTERM)
     assert runner.wait(timeout_s=10) == 143, runner.log
     assert "terminated before every event was delivered" in runner.log
+
+
+# --------------------------------------------------------------------------------------------
+# The upload waits out an S3 outage; the run's log goes next to the model
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("outage", ["503", "refuse"])
+def test_the_model_upload_survives_an_s3_outage(
+    job_for: MakeJob,
+    relay: tuple[RecordingRelay, str],
+    s3_endpoint: str,
+    settings: Any,
+    s3: Any,
+    tmp_path: Path,
+    outage: Mode,
+) -> None:
+    """S3 answers 503 (or drops every connection) when training ends, then comes back.
+
+    Backoff doubles from 0.05 s to its cap (LORA_RUNNER_RETRY_MAX_S, 0.2 s here, 60 s in the
+    image) and retries until the orphan timeout (20 s here, 30 min by default).
+    """
+    recorder, _ = relay
+    with OutageProxy(s3_endpoint) as proxy:
+        proxy.mode = outage
+        upload_s3 = s3_client_for(settings.model_copy(update={"s3_endpoint_url": proxy.url}))
+        job = job_for(upload_s3=upload_s3, log_upload=True)
+        runner = start_runner(runner_env(job.job_url, tmp_path / "work"), tmp_path / "runner.log")
+        retrying = recorder.wait_for(
+            lambda events: sum(1 for e in events if e.data.get("retry")) >= 3, timeout_s=30
+        )
+        assert retrying, runner.log
+        time.sleep(2)  # an outage longer than the old 5 tries in ~15 s would survive, scaled
+        proxy.mode = "forward"
+        code = runner.wait(30)
+
+    assert code == 0, runner.log
+    assert proxy.refused >= 10
+    stored = s3.get_object(Bucket=job.bucket, Key=job.upload_key)["Body"].read()
+    assert stored == checkpoint_bytes(2)
+    assert recorder.types()[-1] == "model.uploaded"
+    # Each retry was reported: stage upload, the attempt, and what went wrong (no URL, no secret).
+    retries = [e.data for e in recorder.of_type("heartbeat") if e.data.get("retry")]
+    assert retries and all(r["stage"] == "upload" for r in retries)
+    expected = "HTTP 503" if outage == "503" else "Error"
+    assert all(expected in r["error"] for r in retries), retries
+    assert [r["retry"] for r in retries] == sorted(r["retry"] for r in retries)
+    for event in recorder.snapshot():
+        no_secrets_in(event.model_dump_json(), job)
+    no_secrets_in(runner.log, job)
+
+
+def test_heartbeats_carry_the_trainers_last_step(
+    job_for: MakeJob, relay: tuple[RecordingRelay, str], tmp_path: Path
+) -> None:
+    recorder, _ = relay
+    job = job_for(epochs=2)
+    env = runner_env(
+        job.job_url, tmp_path / "work", trainer_factory="tests.runner.fake_trainer:SlowTrainer"
+    )
+    done = run_runner(env, tmp_path / "runner.log")
+
+    assert done.code == 0, done.log
+    steps = [e.data.get("step") for e in recorder.of_type("heartbeat")]
+    training = [s for s in steps if s is not None]
+    assert training, recorder.types(heartbeats=True)
+    assert training == sorted(training) and 0 < training[-1] <= 40
+
+
+def test_the_runs_log_is_uploaded_on_success(job_for: MakeJob, s3: Any, tmp_path: Path) -> None:
+    job = job_for(log_upload=True)
+    done = run_runner(runner_env(job.job_url, tmp_path / "work"), tmp_path / "runner.log")
+
+    assert done.code == 0, done.log
+    log = s3.get_object(Bucket=job.bucket, Key=job.log_key)["Body"].read().decode()
+    assert "gpu.ready" in log and "training.completed" in log
+    assert f"to {job.upload_key}" in log  # written before model.uploaded was sent
+    no_secrets_in(log, job)
+
+
+def test_a_crashing_sd_scripts_reports_its_cause_and_uploads_its_log(
+    job_for: MakeJob, relay: tuple[RecordingRelay, str], s3: Any, tmp_path: Path
+) -> None:
+    """The real sd-scripts trainer runs the stand-in under an accelerate that wraps the crash."""
+    recorder, _ = relay
+    job = job_for(log_upload=True)
+    cause = "PIL.UnidentifiedImageError: cannot identify image file 'img1.png'"
+    env = runner_env(
+        job.job_url,
+        tmp_path / "work",
+        trainer_factory="",
+        accelerate_command=json.dumps([sys.executable, str(STANDIN / "accelerate")]),
+        sd_scripts_dir=str(STANDIN),
+        tokenizer_cache_dir=str(tmp_path / "tokenizers"),
+    )
+    env.update({"STANDIN_MODE": "crash", "STANDIN_CRASH": cause})
+    done = run_runner(env, tmp_path / "runner.log")
+
+    assert done.code == 1, done.log
+    (failed,) = recorder.of_type("run.failed")
+    assert failed.data["code"] == "trainer_crashed"
+    assert failed.data["message"] == f"sd-scripts exited with code 1: {cause}"
+    log = s3.get_object(Bucket=job.bucket, Key=job.log_key)["Body"].read().decode()
+    assert "running training" in log  # the trainer's own output, not only the runner's
+    assert cause in log and "CalledProcessError" in log
+    assert "run failed in stage training (trainer_crashed)" in log
+    no_secrets_in(log, job)

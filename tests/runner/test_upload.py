@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,10 +49,24 @@ def checkpoint(tmp_path: Path) -> Path:
     return path
 
 
-async def put(url: str, path: Path, max_bytes: int = 10**8) -> UploadResult:
+async def put(
+    url: str,
+    path: Path,
+    max_bytes: int = 10**8,
+    give_up_after_s: float = 10,
+    retries: list[tuple[int, str]] | None = None,
+) -> UploadResult:
+    seen = retries if retries is not None else []
     async with httpx.AsyncClient(timeout=10) as client:
         return await upload_file(
-            client, url, path, max_bytes=max_bytes, retry_initial_s=0.01, retry_max_s=0.05
+            client,
+            url,
+            path,
+            max_bytes=max_bytes,
+            retry_initial_s=0.01,
+            retry_max_s=0.05,
+            give_up_after_s=give_up_after_s,
+            on_retry=lambda attempt, problem: seen.append((attempt, problem)),
         )
 
 
@@ -77,8 +92,10 @@ async def test_sends_content_length_not_chunks_and_retries(
 ) -> None:
     rec, url = recorder
     rec.fail_first = 2
-    result = await put(url, checkpoint)
+    retries: list[tuple[int, str]] = []
+    result = await put(url, checkpoint, retries=retries)
     assert len(rec.puts) == 3
+    assert retries == [(1, "HTTP 503"), (2, "HTTP 503")]
     for headers, body in rec.puts:
         assert headers["content-length"] == str(len(CHECKPOINT))
         assert "transfer-encoding" not in headers
@@ -103,3 +120,17 @@ async def test_refuses_a_checkpoint_over_the_limit(
         await put(url, checkpoint, max_bytes=1000)
     assert caught.value.code == "model_too_large"
     assert rec.puts == []
+
+
+async def test_retries_until_its_deadline_then_says_so(
+    recorder: tuple[PutRecorder, str], checkpoint: Path
+) -> None:
+    rec, url = recorder
+    rec.fail_first = 10**6
+    started = time.monotonic()
+    with pytest.raises(
+        UploadError, match=r"the upload failed for 1 s \(\d+ attempts\); last: HTTP 503"
+    ):
+        await put(url, checkpoint, give_up_after_s=1)
+    assert 1 <= time.monotonic() - started < 3
+    assert len(rec.puts) > 10  # backoff capped at 0.05 s: it kept trying the whole second
