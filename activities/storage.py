@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import re
 import zipfile
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import ClientError
+from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
@@ -67,7 +69,7 @@ ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)
 _COPY_CONFIG = TransferConfig(
     multipart_threshold=5 * 1024**3, multipart_chunksize=512 * 1024**2, use_threads=False
 )
-_CHECK_THREADS = 8  # concurrent ranged GETs while checking magic bytes
+_CHECK_THREADS = 8  # concurrent GETs while decoding images
 _MAGIC_BYTES = 16
 _MESSAGE_PROBLEMS = 200  # problems spelled out in the error message; details hold up to 1,000
 _DETAIL_PROBLEMS = 1000
@@ -170,9 +172,14 @@ class _Dataset:
 class StorageActivities:
     """Activities over one boto3 S3 client (sync: they run on the worker's thread pool)."""
 
-    def __init__(self, s3_client: S3Client, settings: Settings) -> None:
+    def __init__(
+        self, s3_client: S3Client, settings: Settings, presign_client: S3Client | None = None
+    ) -> None:
         self.s3 = s3_client
         self.settings = settings
+        # Signs for the address GPUs and users reach (LORA_S3_PUBLIC_ENDPOINT_URL) when that
+        # differs from the worker's own; signing is local, so it never calls that address.
+        self.presigner = presign_client or s3_client
 
     @activity.defn
     def validate_images(self, input: DatasetInput) -> DatasetSummary:
@@ -479,15 +486,14 @@ class StorageActivities:
     def _check_contents(
         self, image_files: list[_DatasetFile], caption_files: list[_DatasetFile]
     ) -> list[tuple[str, str]]:
-        """Magic bytes of every image and UTF-8 of every caption, a few GETs at a time."""
+        """Every image decodes as the type its name says; every caption is UTF-8; a few GETs at
+        a time (a file the trainer cannot read must fail the run before a GPU is rented)."""
 
         def check_image(item: _DatasetFile) -> str | None:
             if item.size == 0 or item.size > self.settings.max_image_bytes:
                 return None  # already reported
-            head = self.s3.get_object(
-                Bucket=item.bucket, Key=item.key, Range=f"bytes=0-{_MAGIC_BYTES - 1}"
-            )["Body"].read()
-            return _image_problem(_IMAGE_TYPES[_suffix(item.name)], _sniff(head))
+            data = self.s3.get_object(Bucket=item.bucket, Key=item.key)["Body"].read()
+            return image_problem(item.name, data)
 
         def check_caption(item: _DatasetFile) -> str | None:
             if item.size > MAX_CAPTION_BYTES:
@@ -577,7 +583,7 @@ class StorageActivities:
     # ----------------------------------------------------------------------------------------
 
     def _presign(self, method: str, location: S3Location, ttl_s: int) -> str:
-        return self.s3.generate_presigned_url(
+        return self.presigner.generate_presigned_url(
             method, Params={"Bucket": location.bucket, "Key": location.key}, ExpiresIn=ttl_s
         )
 
@@ -734,6 +740,27 @@ def _sniff(head: bytes) -> str | None:
         return "TIFF"
     if head[4:8] == b"ftyp":
         return "HEIF/AVIF"
+    return None
+
+
+def image_problem(name: str, data: bytes) -> str | None:
+    """What is wrong with an image file for training, or None: its type by its first bytes must
+    be the one its extension names, and it must decode (Pillow, as the trainers read it)."""
+    named = _IMAGE_TYPES[_suffix(name)]
+    problem = _image_problem(named, _sniff(data[:_MAGIC_BYTES]))
+    if problem is not None:
+        return problem
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()  # checksums and structure, to the end of the file
+        with Image.open(io.BytesIO(data)) as image:
+            image.draft("RGB", (256, 256))  # JPEG: decode at a smaller scale, still every byte
+            image.load()
+    except Image.DecompressionBombError:
+        return "the image has too many pixels to be decoded safely; resize it"
+    except (OSError, SyntaxError, ValueError) as e:
+        reason = "not recognised" if isinstance(e, UnidentifiedImageError) else str(e)
+        return f"the {named} image cannot be decoded ({reason}); open and save it again"
     return None
 
 

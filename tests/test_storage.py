@@ -27,19 +27,22 @@ from gpu_runner.protocol import JobSpec, TrainingConfig, derive_run_secret
 from worker.settings import Settings
 from workflows.models import OutputLocation, S3Location, S3Prefix
 
+from .images import encoded
+
 PREFIX = "datasets/cats"
 
 
 def png(size: int = 64, seed: int = 0) -> bytes:
-    return b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes((seed + i) % 251 for i in range(size))
+    """A real PNG, `size` bytes of padding after its end (decoders ignore them) to vary sizes."""
+    return encoded("PNG", seed) + bytes((seed + i) % 251 for i in range(size))
 
 
 def jpeg(size: int = 64, seed: int = 0) -> bytes:
-    return b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + bytes((seed + i) % 251 for i in range(size))
+    return encoded("JPEG", seed) + bytes((seed + i) % 251 for i in range(size))
 
 
 def webp(size: int = 64) -> bytes:
-    return b"RIFF" + (size + 4).to_bytes(4, "little") + b"WEBPVP8 " + bytes(size)
+    return encoded("WEBP") + bytes(size)
 
 
 def gif() -> bytes:
@@ -158,6 +161,34 @@ def test_png_name_on_other_content_is_rejected(
     assert error.message.startswith(expected)
 
 
+def test_images_that_do_not_decode_are_rejected_with_every_name(
+    settings: Settings, s3: Any
+) -> None:
+    """Right first bytes, broken insides: what the trainer would crash on after a GPU is rented."""
+    upload_dataset(
+        s3,
+        settings.bucket,
+        {
+            "a.png": png(),
+            "signature-only.png": b"\x89PNG\r\n\x1a\n" + bytes(64),
+            "truncated.jpg": encoded("JPEG", size=64)[:-200],
+            "cut.webp": encoded("WEBP", size=64)[:-10],
+        },
+    )
+
+    error = rejection(StorageActivities(s3, settings).validate_images, dataset(settings))
+
+    assert error.message.startswith(f"3 problems with the images under s3://{settings.bucket}/")
+    lines = error.details[0]
+    assert [line.split(":", 1)[0] for line in lines] == [
+        "cut.webp",
+        "signature-only.png",
+        "truncated.jpg",
+    ]
+    assert "signature-only.png: the PNG image cannot be decoded (" in lines[1]
+    assert lines[1].endswith("open and save it again")
+
+
 def test_too_many_images_is_rejected(settings: Settings, s3: Any) -> None:
     upload_dataset(s3, settings.bucket, {f"{i}.png": png(seed=i) for i in range(4)})
     small = settings.model_copy(update={"max_images": 3})
@@ -179,12 +210,14 @@ def test_image_over_the_size_limit_is_rejected(settings: Settings, s3: Any) -> N
 
 
 def test_dataset_over_the_total_limit_is_rejected(settings: Settings, s3: Any) -> None:
-    upload_dataset(s3, settings.bucket, {f"{i}.png": png(600, seed=i) for i in range(3)})
+    files = {f"{i}.png": png(600, seed=i) for i in range(3)}
+    upload_dataset(s3, settings.bucket, files)
     small = settings.model_copy(update={"max_dataset_bytes": 1500})
 
     error = rejection(StorageActivities(s3, small).validate_images, dataset(small))
 
-    assert "add up to 1.8 KiB, more than the limit of 1.5 KiB" in error.message
+    total_kib = sum(len(body) for body in files.values()) / 1024
+    assert f"add up to {total_kib:.1f} KiB, more than the limit of 1.5 KiB" in error.message
 
 
 def test_every_problem_is_named_in_one_error(settings: Settings, s3: Any) -> None:

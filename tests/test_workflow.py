@@ -305,6 +305,11 @@ BAD_DATASETS: dict[str, tuple[dict[str, bytes], dict[str, Any], list[str]]] = {
     "empty prefix": ({}, {}, ["no images under"]),
     "a GIF": ({"ok.png": PNG, "cat.gif": GIF}, {}, ["cat.gif"]),
     "not really a PNG": ({"ok.png": PNG, "fake.png": b"plain text"}, {}, ["fake.png"]),
+    "a PNG that does not decode": (
+        {"ok.png": PNG, "broken.png": PNG[:16] + bytes(64)},
+        {},
+        ["broken.png", "cannot be decoded"],
+    ),
     "too many files": (
         {f"img{i}.png": PNG for i in range(4)},
         {"max_images": 3},

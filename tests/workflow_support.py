@@ -36,8 +36,8 @@ from worker.settings import Settings
 from workflows.models import Deadlines, RunStatus, RunStatusName, S3Prefix, TrainingRequest
 from workflows.training import TrainingWorkflow
 
-PNG = b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\rIHDR" + bytes(64)
-JPEG = b"\xff\xd8\xff\xe0" + bytes(64)
+from .images import PNG
+
 # The seed's order of statuses, which every completed run's history walks.
 SEED_ORDER = [
     RunStatusName.PENDING,
