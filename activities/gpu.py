@@ -13,7 +13,14 @@ from temporalio.service import RPCError, RPCStatusCode
 from worker.settings import Settings
 from workflows.models import GpuRequirements
 
-from .providers.base import GpuProvider, Instance, NoOfferError, instance_label, run_id_of_label
+from .providers.base import (
+    GpuProvider,
+    Instance,
+    NoOfferError,
+    instance_label,
+    parse_label,
+    run_id_of_label,
+)
 
 NO_GPU_OFFER = "NoGpuOffer"
 GPU_PROVIDER_MISMATCH = "GpuProviderMismatch"
@@ -37,6 +44,8 @@ class AllocateGpuInput(BaseModel):
     requirements: GpuRequirements
     # Machines that already failed in this run: never offered again.
     exclude_machine_ids: list[str] = []
+    # What the runner downloads (images zip + model), for disk sizing and offer ranking.
+    download_bytes: int = Field(default=0, ge=0)
 
 
 class InstanceRef(BaseModel):
@@ -68,7 +77,7 @@ class GpuActivities:
     @activity.defn
     def allocate_gpu(self, input: AllocateGpuInput) -> Instance:
         """Rent the instance for this run and attempt, or return the one an earlier try rented."""
-        label = instance_label(input.run_id, input.attempt)
+        label = instance_label(self.settings.deployment_name, input.run_id, input.attempt)
         existing = self.provider.find(label)
         if existing is not None:
             activity.logger.info(
@@ -80,8 +89,17 @@ class GpuActivities:
                 existing.state,
             )
             return existing
+        # The last moment a cancel can stop this allocation; past it, the instance is created
+        # and the activity completes, so the workflow's release finds it by its label.
+        activity.heartbeat()
         try:
-            instance = self.provider.create(label, input.job_url, input.requirements)
+            instance = self.provider.create(
+                label,
+                input.job_url,
+                input.requirements,
+                exclude_machine_ids=input.exclude_machine_ids,
+                download_bytes=input.download_bytes,
+            )
         except NoOfferError as e:
             # Retryable: offers come and go, and the run's pending deadline bounds the wait.
             raise ApplicationError(
@@ -124,13 +142,14 @@ class GpuActivities:
 
     @activity.defn
     def release_run_gpus(self, input: RunRef) -> list[str]:
-        """Destroy every instance labelled for this run, any attempt; the ids it destroyed.
+        """Destroy every instance this deployment labelled for this run, any attempt; the ids it
+        destroyed.
 
         The last word on a run's GPUs: it also finds an instance whose allocation raised after
         the provider had already created it.
         """
         released = []
-        for instance in self.provider.list_instances():
+        for instance in self._own_instances():
             if run_id_of_label(instance.label) != input.run_id:
                 continue
             if self.provider.destroy(instance.instance_id):
@@ -146,15 +165,20 @@ class GpuActivities:
 
     @activity.defn
     def list_labelled_instances(self) -> list[Instance]:
-        """Every instance of the provider whose label names a run of this system (for the reaper).
+        """Every instance whose label names a run of this deployment (for the reaper).
 
-        Instances whose label does not parse as loratrain:<run_id>:<attempt> are left out: what
-        cannot be tied to a run is never destroyed on a guess.
+        Instances whose label does not parse as loratrain:<deployment>:<run_id>:<attempt>, or
+        names another deployment, are left out: what cannot be tied to one of our runs is never
+        destroyed on a guess.
         """
+        return self._own_instances()
+
+    def _own_instances(self) -> list[Instance]:
+        deployment = self.settings.deployment_name
         return [
             instance
             for instance in self.provider.list_instances()
-            if run_id_of_label(instance.label) is not None
+            if (label := parse_label(instance.label)) is not None and label.deployment == deployment
         ]
 
     def _check_provider(self, ref: InstanceRef) -> None:

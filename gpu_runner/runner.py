@@ -40,6 +40,7 @@ from gpu_runner.protocol import (
     TrainingProgressData,
     describe_invalid,
 )
+from gpu_runner.self_destroy import LeaveReason, destroy_own_instance
 from gpu_runner.settings import RunnerSettings
 from gpu_runner.system import free_disk_bytes, probe_gpu, required_disk_bytes
 from gpu_runner.trainers.base import (
@@ -747,7 +748,18 @@ async def _main(settings: RunnerSettings, redactor: Redactor) -> int:
         spec.model.filename,
         spec.model.family,
     )
-    return await Runner(spec, settings, redactor=redactor).run(handle_signals=True)
+    started = time.monotonic()
+    code = await Runner(spec, settings, redactor=redactor).run(handle_signals=True)
+    # Giving up on the run also gives the instance up (on Vast; locally this does nothing).
+    reasons: dict[int, LeaveReason] = {EXIT_RUN_CLOSED: "closed", EXIT_ORPHANED: "orphaned"}
+    reason = reasons.get(code)
+    if reason is None and time.monotonic() - started >= spec.limits.max_runtime_s:
+        reason = "max_runtime"
+    if reason is not None:
+        await destroy_own_instance(
+            settings.runner_vast_api_url, reason, timeout_s=settings.runner_http_timeout_s
+        )
+    return code
 
 
 def main() -> NoReturn:

@@ -20,6 +20,8 @@ class RunnerSettings(BaseSettings):
     runner_tokenizer_cache_dir: Path = Path("/opt/tokenizers")
     runner_require_gpu: bool = True
     runner_http_timeout_s: float = 30.0
+    # Where the runner destroys its own Vast instance when it gives up (gpu_runner/self_destroy).
+    runner_vast_api_url: str = "https://console.vast.ai"
     # At most one training.progress event this often (plus one per epoch and the last step).
     runner_progress_interval_s: float = 10.0
     runner_retry_initial_s: float = 1.0

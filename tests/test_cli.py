@@ -298,7 +298,9 @@ def test_stopping_the_stack_gives_local_gpus_back(workdir: Path) -> None:
         local_runner_command=[sys.executable, "-c", "import time; time.sleep(3600)"],
     )
     provider = LocalProvider(settings)
-    instance = provider.create(instance_label("left-running", 1), "http://job", GpuRequirements())
+    instance = provider.create(
+        instance_label(settings.deployment_name, "left-running", 1), "http://job", GpuRequirements()
+    )
     assert provider.get(instance.instance_id).state == "running"  # type: ignore[union-attr]
 
     DevStack(settings).stop()

@@ -182,8 +182,10 @@ def test_allocate_starts_the_runner_in_its_own_process_group(
     instance = allocate(activities)
 
     assert instance.provider == "local"
-    assert instance.instance_id == local_instance_id(instance_label("run-1", 1))
-    assert instance.label == "loratrain:run-1:1"
+    label = instance_label(settings.deployment_name, "run-1", 1)
+    assert instance.instance_id == local_instance_id(label)
+    assert label == f"loratrain:{settings.deployment_name}:run-1:1"
+    assert instance.label == label
     assert instance.state == "running"
     assert (instance.gpu_name, instance.dollars_per_hour) == ("local", 0.0)
     pid = record(settings, instance.instance_id)["pid"]
@@ -456,7 +458,9 @@ class _NoOffers:
     def find(self, label: str) -> Instance | None:
         return None
 
-    def create(self, label: str, job_url: str, requirements: GpuRequirements) -> Instance:
+    def create(
+        self, label: str, job_url: str, requirements: GpuRequirements, **_: object
+    ) -> Instance:
         raise NoOfferError("0 offers")
 
     def get(self, instance_id: str) -> Instance | None:

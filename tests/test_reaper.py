@@ -79,7 +79,8 @@ async def provider(run_settings: Settings) -> AsyncIterator[RecordingProvider]:
 
 
 def rent(provider: RecordingProvider, run_id: str, attempt: int = 1) -> Instance:
-    return provider.create(instance_label(run_id, attempt), "http://unused.invalid/job", GPU)
+    label = instance_label(provider.settings.deployment_name, run_id, attempt)
+    return provider.create(label, "http://unused.invalid/job", GPU)
 
 
 GPU = GpuRequirements()
@@ -140,8 +141,12 @@ async def test_reaper_destroys_instances_of_closed_and_unknown_runs_and_keeps_op
         unknown = rent(provider, unknown_run)
         finished = [rent(provider, finished_run, 1), rent(provider, finished_run, 2)]
         still_training = rent(provider, open_run)
-        # Not labelled loratrain:<run>:<attempt>: not ours to judge, so never destroyed.
+        # Not labelled loratrain:<deployment>:<run>:<attempt>: not ours to judge, never destroyed.
         foreign = provider.create("someone-else:box", "http://unused.invalid/job", GPU)
+        # Another deployment's orphan on the same account: its own reaper's business.
+        neighbours = provider.create(
+            instance_label("another.deployment", unknown_run, 1), "http://unused.invalid/job", GPU
+        )
         assert all(process_alive(provider, i.instance_id) for i in provider.list_instances())
 
         with no_skipping():
@@ -161,6 +166,7 @@ async def test_reaper_destroys_instances_of_closed_and_unknown_runs_and_keeps_op
         assert current is not None and current.state == "running"
         assert process_alive(provider, still_training.instance_id)
         assert process_alive(provider, foreign.instance_id)
+        assert process_alive(provider, neighbours.instance_id)
 
         # The open run's GPU is kept pass after pass, until the run closes.
         with no_skipping():
@@ -174,7 +180,8 @@ async def test_reaper_destroys_instances_of_closed_and_unknown_runs_and_keeps_op
     assert closed.destroyed == [still_training.instance_id]
     assert not process_alive(provider, still_training.instance_id)
     assert sorted(provider.destroyed) == sorted([*orphans, still_training.instance_id])
-    assert [i.instance_id for i in provider.list_instances()] == [foreign.instance_id]
+    left = sorted(i.instance_id for i in provider.list_instances())
+    assert left == sorted([foreign.instance_id, neighbours.instance_id])
 
 
 async def test_reaper_with_nothing_to_do_destroys_nothing(

@@ -87,8 +87,8 @@ class RecordingProvider(LocalProvider):
         self.created: list[str] = []
         self.destroyed: list[str] = []
 
-    def create(self, label: str, job_url: str, requirements: Any) -> Instance:
-        instance = super().create(label, job_url, requirements)
+    def create(self, label: str, job_url: str, requirements: Any, **options: Any) -> Instance:
+        instance = super().create(label, job_url, requirements, **options)
         self.created.append(instance.instance_id)
         return instance
 

@@ -266,13 +266,13 @@ def _print_stack(stack: DevStack) -> None:
 @app.command()
 def worker() -> None:
     """Run the Temporal worker (workflows and activities) until SIGINT or SIGTERM."""
-    from worker.main import run_worker
+    from worker.main import ProviderConfigError, run_worker
 
     settings = load_settings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
         asyncio.run(_until_signalled(run_worker(settings)))
-    except CodecKeyError as e:
+    except (CodecKeyError, ProviderConfigError) as e:
         fail(str(e))
 
 

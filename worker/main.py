@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 import boto3
 from botocore.config import Config
@@ -58,11 +60,16 @@ async def connect_client(settings: Settings) -> Client:
     )
 
 
-def s3_client(settings: Settings) -> Any:
+class ProviderConfigError(ValueError):
+    """The GPU provider cannot work with these settings; the message says what to set."""
+
+
+def s3_client(settings: Settings, endpoint_url: str | None = None) -> Any:
+    """The S3 client; `endpoint_url` overrides the worker's own (for presigning)."""
     secret = settings.s3_secret_access_key
     return boto3.client(
         "s3",
-        endpoint_url=settings.s3_endpoint_url,
+        endpoint_url=endpoint_url or settings.s3_endpoint_url,
         region_name=settings.s3_region,
         aws_access_key_id=settings.s3_access_key_id,
         aws_secret_access_key=secret.get_secret_value() if secret else None,
@@ -75,18 +82,59 @@ def s3_client(settings: Settings) -> Any:
     )
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return address.is_loopback or address.is_unspecified
+
+
+def vast_settings_problem(settings: Settings) -> str | None:
+    """Why the Vast provider cannot work with these settings (one line), or None."""
+    if settings.vast_api_key is None:
+        return "LORA_VAST_API_KEY is not set: the Vast provider rents GPUs with it"
+    # A GPU on Vast fetches its job and files from S3 and reports to the relay over the
+    # internet: an address only this machine answers would strand every run.
+    for name, url in (
+        ("LORA_S3_PUBLIC_ENDPOINT_URL", settings.s3_public_endpoint_url),
+        ("LORA_RELAY_PUBLIC_URL", settings.relay_public_url),
+    ):
+        if not url:
+            return f"{name} is not set: Vast GPUs need an address they can reach over the internet"
+        host = urlsplit(url).hostname
+        if not host:
+            return f"{name}={url!r} is not an http(s) URL"
+        if _is_loopback(host):
+            return (
+                f"{name}={url} is a loopback address that Vast GPUs cannot reach; set it to "
+                "an address reachable from the internet"
+            )
+    return None
+
+
 def gpu_provider(settings: Settings) -> GpuProvider:
+    """The provider LORA_GPU_PROVIDER names; ProviderConfigError when it cannot work."""
     if settings.gpu_provider == "local":
         from activities.providers.local import LocalProvider
 
         return LocalProvider(settings)
-    raise ValueError(f"GPU provider {settings.gpu_provider!r} is not available yet")
+    problem = vast_settings_problem(settings)
+    if problem is not None:
+        raise ProviderConfigError(problem)
+    from activities.providers.vast import VastProvider
+
+    return VastProvider(settings)
 
 
 def activities_for(settings: Settings, provider: GpuProvider | None = None) -> list[Any]:
     """Every activity, bound to clients built from `settings`."""
     s3 = s3_client(settings)
-    storage = StorageActivities(s3, settings)
+    public_endpoint = settings.s3_public_endpoint_url
+    presigner = s3_client(settings, public_endpoint) if public_endpoint else None
+    storage = StorageActivities(s3, settings, presigner)
     models = ModelActivities(s3, settings)
     gpu = GpuActivities(provider or gpu_provider(settings), settings)
     notify = NotifyActivities(settings)
@@ -124,6 +172,8 @@ def build_worker(
 
 async def run_worker(settings: Settings) -> None:
     """Run the worker until cancelled (Ctrl-C)."""
+    # Refuse a provider that cannot work before connecting to anything.
+    provider = gpu_provider(settings)
     client = await connect_client(settings)
     try:
         await ensure_reaper_schedule(client, settings)
@@ -131,7 +181,7 @@ async def run_worker(settings: Settings) -> None:
         # The worker is still useful without it; the next worker start tries again.
         log.exception("could not create or update the reaper schedule %s", REAPER_SCHEDULE_ID)
     with ThreadPoolExecutor(max_workers=32, thread_name_prefix="activity") as executor:
-        worker = build_worker(client, settings, executor)
+        worker = build_worker(client, settings, executor, provider)
         log.info(
             "worker polling task queue %s at %s", settings.task_queue, settings.temporal_address
         )

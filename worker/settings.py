@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Literal
@@ -25,6 +26,9 @@ class Settings(BaseSettings):
     temporal_address: str = "127.0.0.1:7233"
     temporal_namespace: str = "default"
     task_queue: str = "loratrain"
+    # Names this deployment in instance labels (loratrain:<deployment>:<run_id>:<attempt>), so
+    # deployments sharing a provider account never reap each other; default: namespace.queue.
+    deployment: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")
     temporal_ui_url: str = "http://127.0.0.1:8233"
     # AES-256-GCM key for workflow payloads, base64 of 32 bytes. Required outside the dev stack.
     codec_key: SecretStr | None = None
@@ -32,6 +36,8 @@ class Settings(BaseSettings):
 
     # S3 (real S3, R2, MinIO or the local moto server)
     s3_endpoint_url: str | None = None
+    # The S3 address a GPU box reaches (the internet's view); used only to presign its URLs.
+    s3_public_endpoint_url: str | None = None
     s3_region: str = "us-east-1"
     s3_access_key_id: str | None = None
     s3_secret_access_key: SecretStr | None = None
@@ -67,6 +73,23 @@ class Settings(BaseSettings):
     )
     vast_api_key: SecretStr | None = None
     vast_base_url: str = "https://console.vast.ai"
+    # The GPU image (gpu_runner/Dockerfile) pushed to a registry Vast hosts can pull from.
+    vast_image: str = "ghcr.io/loratrain/loratrain-gpu:latest"
+    vast_image_bytes: int = 10 * 1024**3
+    # The newest CUDA the image needs from the host's driver (nvidia/cuda:12.4 base).
+    vast_min_cuda: float = 12.4
+    # Free disk beyond the image and twice the downloads (unzipped copy), for checkpoints.
+    vast_disk_margin_gb: int = 10
+    # Ranking estimate: training seconds on a GPU with dlperf = vast_reference_dlperf.
+    vast_reference_training_s: float = 3600.0
+    vast_reference_dlperf: float = 30.0
+    # Container start after the image is on the host, seconds.
+    vast_boot_overhead_s: float = 60.0
+    # How many ranked offers one allocation tries before it gives up (and retries later).
+    vast_offers_per_allocation: int = Field(default=5, ge=1, le=50)
+    vast_offer_search_limit: int = Field(default=64, ge=1, le=1000)
+    # The SDK's own retries of 429/502/503/504 and connection errors, per call.
+    vast_sdk_retries: int = Field(default=4, ge=1, le=10)
 
     # Where the embedded stack keeps its state (SQLite, pid files, logs).
     state_dir: Path = Path(".loratrain")
@@ -82,3 +105,13 @@ class Settings(BaseSettings):
     @property
     def instances_dir(self) -> Path:
         return self.state_dir / "instances"
+
+    @property
+    def deployment_name(self) -> str:
+        """This deployment's name in instance labels: `deployment`, or namespace.task_queue."""
+        if self.deployment:
+            return self.deployment
+        derived = re.sub(
+            r"[^a-z0-9._-]+", "-", f"{self.temporal_namespace}.{self.task_queue}".lower()
+        )
+        return derived.strip("-._")[:63] or "loratrain"

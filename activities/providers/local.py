@@ -25,7 +25,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -185,8 +185,17 @@ class LocalProvider:
             return None
         return self._describe(instance_id, record)
 
-    def create(self, label: str, job_url: str, requirements: GpuRequirements) -> Instance:
-        """Start the runner; `requirements` are ignored (this machine is the only offer)."""
+    def create(
+        self,
+        label: str,
+        job_url: str,
+        requirements: GpuRequirements,
+        *,
+        exclude_machine_ids: Sequence[str] = (),
+        download_bytes: int = 0,
+    ) -> Instance:
+        """Start the runner; requirements, exclusions and sizes are ignored (this machine is the
+        only offer)."""
         instance_id = local_instance_id(label)
         directory = self._directory(instance_id)
         directory.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,497 @@
+"""The Vast.ai GPU provider, on the `vastai` SDK's sync API (`vastai.api.offers` / `.instances`).
+
+Why the sync API: the provider protocol is sync and the GPU activities already run on the
+worker's thread pool, so the async client (aiohttp) would buy nothing; the sync client also
+retries 429/502/503/504 and connection errors itself, honouring Retry-After. Nothing here
+speaks HTTP to Vast by hand.
+
+Offer search: one GPU, `gpu_ram >= min_vram_gb x 1000` (MB, the SDK's own multiplier), `dph_total
+<= max $/h`, reliability, disk, download bandwidth, a CUDA version the runner image supports,
+the GPU names, allowed/blocked countries and the machines that already failed in this run;
+verified + rentable + not rented are the SDK's defaults. Every answer is checked again here
+(Vast's filters are a convenience, not a guarantee), so an offer that slips through is dropped.
+
+Ranking, by the expected dollars of the whole run on that offer:
+
+    setup_s    = boot_overhead_s + 8 x (image_bytes + download_bytes) / (inet_down Mbps x 1e6)
+    training_s = reference_training_s x reference_dlperf / dlperf      (reference_s if no dlperf)
+    run_usd    = dph_total x (setup_s + training_s) / 3600
+               + inet_down_cost ($/GB) x (image_bytes + download_bytes) / 1e9
+    expected   = run_usd / reliability
+
+A host that fails with probability (1 - reliability) costs the run another attempt, so
+1 / reliability is the expected number of attempts. Cheaper $/h loses to a faster GPU or a
+faster link when it makes the run longer; a metered link counts for what it bills.
+
+Instance states, from Vast's `actual_status` / `cur_state` / `intended_status` / `status_msg`:
+`running` -> running; null, `loading`, `created`, `rebooting` -> starting, unless `status_msg`
+reports an error (image pull, docker) -> exited with that message; `exited`, `offline`,
+`unknown`, `stopped`, `frozen` -> exited with the host's reason (we never stop or freeze our
+own instances, so a stop means the runner gave up); `cur_state` `unloaded` or a missing
+instance -> gone / None.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import requests
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
+from vastai.api import instances as vast_instances
+from vastai.api import offers as vast_offers
+from vastai.api.client import VastClient
+
+from worker.settings import Settings
+from workflows.models import GpuRequirements
+
+from .base import Instance, InstanceState, NoOfferError
+
+log = logging.getLogger("loratrain.vast")
+
+PROVIDER_NAME = "vast"
+# How long destroy waits for Vast to stop listing the instance.
+DESTROY_CONFIRM_S = 10.0
+_DESTROY_POLL_S = 0.25
+_STARTING = frozenset({None, "", "loading", "created", "rebooting", "scheduling"})
+_HOST_GAVE_UP = frozenset({"exited", "offline", "unknown", "stopped", "frozen"})
+# status_msg words that mean the container will never start (pull/daemon errors).
+_STATUS_ERROR = re.compile(
+    r"error|failed|denied|unauthorized|manifest unknown|not found|no such image|cannot|oci runtime",
+    re.IGNORECASE,
+)
+
+
+class VastApiError(Exception):
+    """Vast answered something unusable; retryable (the activity tries again)."""
+
+
+class _Offer(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    id: int
+    machine_id: int
+    host_id: int | None = None
+    gpu_name: str
+    num_gpus: int
+    gpu_ram: float = Field(description="MB")
+    dph_total: float = Field(gt=0)
+    reliability: float = Field(
+        default=0.0, validation_alias=AliasChoices("reliability", "reliability2")
+    )
+    inet_down: float = Field(default=0.0, description="Mbps")
+    inet_down_cost: float | None = Field(default=None, description="$/GB")
+    geolocation: str | None = None
+    cuda_max_good: float | None = None
+    dlperf: float | None = None
+    disk_space: float = Field(default=0.0, description="GB")
+
+    @property
+    def country(self) -> str | None:
+        return country_of(self.geolocation)
+
+
+class _InstanceRow(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    id: int
+    label: str | None = None
+    actual_status: str | None = None
+    cur_state: str | None = None
+    intended_status: str | None = None
+    status_msg: str | None = None
+    gpu_name: str | None = None
+    dph_total: float | None = None
+    machine_id: int | None = None
+    host_id: int | None = None
+    geolocation: str | None = None
+
+
+@dataclass(frozen=True)
+class RankedOffer:
+    offer: _Offer
+    setup_s: float
+    training_s: float
+    run_usd: float
+    expected_usd: float
+
+    def describe(self) -> str:
+        o = self.offer
+        return (
+            f"offer {o.id} {o.gpu_name} ${o.dph_total:.3f}/h {o.inet_down:.0f} Mbps "
+            f"${o.inet_down_cost or 0:.4f}/GB dlperf {o.dlperf or 0:.1f} rel {o.reliability:.3f}"
+            f" {o.country or '??'}: setup {self.setup_s:.0f} s + training {self.training_s:.0f}"
+            f" s -> ${self.run_usd:.3f}, expected ${self.expected_usd:.3f}"
+        )
+
+
+def country_of(geolocation: str | None) -> str | None:
+    """The ISO country code at the end of Vast's geolocation ("Sweden, SE" -> "SE")."""
+    if not geolocation:
+        return None
+    code = geolocation.rsplit(",", 1)[-1].strip().upper()
+    return code if re.fullmatch(r"[A-Z]{2}", code) else None
+
+
+def disk_gb_for(settings: Settings, requirements: GpuRequirements, download_bytes: int) -> int:
+    """Disk for the image, the downloads twice (zip + unzipped copy) and a margin."""
+    needed = (settings.vast_image_bytes + 2 * download_bytes) / 1e9 + settings.vast_disk_margin_gb
+    return max(requirements.disk_gb, math.ceil(needed))
+
+
+def offer_query(
+    settings: Settings,
+    requirements: GpuRequirements,
+    *,
+    disk_gb: int,
+    exclude_machine_ids: Sequence[str] = (),
+) -> dict[str, Any]:
+    """The search filters (the SDK adds verified/rentable/not rented, order, limit, type)."""
+    query: dict[str, Any] = {
+        "num_gpus": {"eq": 1},
+        "gpu_ram": {"gte": requirements.min_vram_gb * 1000},
+        "dph_total": {"lte": requirements.max_dollars_per_hour},
+        "reliability": {"gte": requirements.min_reliability},
+        "disk_space": {"gte": disk_gb},
+        "inet_down": {"gte": requirements.min_download_mbps},
+        "cuda_max_good": {"gte": settings.vast_min_cuda},
+    }
+    if requirements.gpu_names:
+        query["gpu_name"] = {"in": list(requirements.gpu_names)}
+    if requirements.countries:
+        query["geolocation"] = {"in": list(requirements.countries)}
+    elif requirements.blocked_countries:
+        query["geolocation"] = {"notin": list(requirements.blocked_countries)}
+    excluded = sorted(int(m) for m in exclude_machine_ids if m.isdigit())
+    if excluded:
+        query["machine_id"] = {"notin": excluded}
+    return query
+
+
+def why_unsuitable(
+    offer: _Offer,
+    settings: Settings,
+    requirements: GpuRequirements,
+    disk_gb: int,
+    excluded: set[str],
+) -> str | None:
+    """Why an offer Vast returned does not fit after all, or None when it fits."""
+    country = offer.country
+    checks = [
+        (offer.num_gpus != 1, f"{offer.num_gpus} GPUs"),
+        (offer.gpu_ram < requirements.min_vram_gb * 1000, f"{offer.gpu_ram:.0f} MB VRAM"),
+        (offer.dph_total > requirements.max_dollars_per_hour, f"${offer.dph_total}/h"),
+        (offer.reliability < requirements.min_reliability, f"reliability {offer.reliability}"),
+        (offer.disk_space < disk_gb, f"{offer.disk_space:.0f} GB disk"),
+        (offer.inet_down < requirements.min_download_mbps, f"{offer.inet_down} Mbps"),
+        (
+            offer.cuda_max_good is None or offer.cuda_max_good < settings.vast_min_cuda,
+            f"CUDA {offer.cuda_max_good}",
+        ),
+        (
+            bool(requirements.gpu_names) and offer.gpu_name not in requirements.gpu_names,
+            f"GPU {offer.gpu_name}",
+        ),
+        (
+            bool(requirements.countries) and country not in requirements.countries,
+            f"country {country}",
+        ),
+        (
+            bool(requirements.blocked_countries)
+            and (country is None or country in requirements.blocked_countries),
+            f"country {country}",
+        ),
+        (str(offer.machine_id) in excluded, f"machine {offer.machine_id} already failed"),
+    ]
+    return next((reason for failed, reason in checks if failed), None)
+
+
+def rank_offers(
+    offers: Sequence[_Offer], settings: Settings, download_bytes: int
+) -> list[RankedOffer]:
+    """Offers by expected cost of the whole run, cheapest first (formula in the module doc)."""
+    fetch_bytes = settings.vast_image_bytes + download_bytes
+    ranked = []
+    for offer in offers:
+        mbps = max(offer.inet_down, 1.0)
+        setup_s = settings.vast_boot_overhead_s + fetch_bytes * 8 / (mbps * 1e6)
+        if offer.dlperf and offer.dlperf > 0:
+            training_s = (
+                settings.vast_reference_training_s * settings.vast_reference_dlperf / offer.dlperf
+            )
+        else:
+            training_s = settings.vast_reference_training_s
+        run_usd = offer.dph_total * (setup_s + training_s) / 3600 + (
+            offer.inet_down_cost or 0.0
+        ) * (fetch_bytes / 1e9)
+        expected = run_usd / max(offer.reliability, 0.01)
+        ranked.append(RankedOffer(offer, setup_s, training_s, run_usd, expected))
+    return sorted(ranked, key=lambda r: (r.expected_usd, r.offer.id))
+
+
+def instance_state(row: _InstanceRow) -> tuple[InstanceState, str | None]:
+    """Vast's view of an instance as our state and the host's reason (module doc)."""
+    status, message = row.actual_status, row.status_msg or None
+    if row.cur_state == "unloaded":
+        return "gone", "destroyed"
+    if status == "running":
+        return "running", message
+    if status in _HOST_GAVE_UP:
+        reason = {
+            "offline": "host went offline",
+            "unknown": "host stopped reporting (no heartbeat)",
+        }.get(status or "", f"container {status}")
+        return "exited", f"{reason}: {message}" if message else reason
+    if message and _STATUS_ERROR.search(message):
+        return "exited", f"container failed to start: {message}"
+    if status in _STARTING:
+        return "starting", message
+    return "starting", f"unrecognised status {status!r}: {message}"
+
+
+def _http_status(error: requests.RequestException) -> int | None:
+    response = error.response
+    return None if response is None else response.status_code
+
+
+def _vast_message(error: requests.RequestException) -> str:
+    """Vast's own words from an error answer ({"error": ..., "msg": ...}), for logs and users."""
+    response = error.response
+    if response is None:
+        return f"{type(error).__name__}: {error}"
+    try:
+        body = response.json()
+    except ValueError:
+        return f"HTTP {response.status_code}: {response.text[:200]}"
+    if isinstance(body, dict):
+        words = [str(body[k]) for k in ("error", "msg") if body.get(k)]
+        if words:
+            return f"HTTP {response.status_code}: {' - '.join(words)}"
+    return f"HTTP {response.status_code}"
+
+
+class VastProvider:
+    """Rents Vast.ai instances that run the GPU image's entrypoint (`python -m gpu_runner`)."""
+
+    name = PROVIDER_NAME
+
+    def __init__(self, settings: Settings, client: VastClient | None = None) -> None:
+        if client is None:
+            if settings.vast_api_key is None:
+                raise ValueError("LORA_VAST_API_KEY is not set (the Vast provider needs it)")
+            client = VastClient(
+                api_key=settings.vast_api_key.get_secret_value(),
+                server_url=settings.vast_base_url.rstrip("/"),
+                retry=settings.vast_sdk_retries,
+                timeout=settings.http_timeout_s,
+            )
+        self.settings = settings
+        self.client = client
+
+    # -- GpuProvider -------------------------------------------------------------------------
+
+    def find(self, label: str) -> Instance | None:
+        rows = [
+            row
+            for row in self._rows(select_filters={"label": {"in": [label]}})
+            if row.label == label
+        ]
+        live = [row for row in rows if instance_state(row)[0] != "gone"]
+        if len(live) > 1:
+            log.error("label %s is on %d instances %s", label, len(live), [r.id for r in live])
+        return self._describe(min(live, key=lambda r: r.id)) if live else None
+
+    def create(
+        self,
+        label: str,
+        job_url: str,
+        requirements: GpuRequirements,
+        *,
+        exclude_machine_ids: Sequence[str] = (),
+        download_bytes: int = 0,
+    ) -> Instance:
+        """Rent the best-ranked offer that is still free; never a second instance per label."""
+        disk_gb = disk_gb_for(self.settings, requirements, download_bytes)
+        ranked = self.ranked_offers(
+            requirements,
+            exclude_machine_ids=exclude_machine_ids,
+            download_bytes=download_bytes,
+        )
+        if not ranked:
+            raise NoOfferError("Vast returned no offer that fits")
+        refused: list[str] = []
+        for candidate in ranked[: self.settings.vast_offers_per_allocation]:
+            offer = candidate.offer
+            log.info("renting %s for %s", candidate.describe(), label)
+            try:
+                answer = vast_instances.create_instance(
+                    self.client,
+                    offer.id,
+                    image=self.settings.vast_image,
+                    disk=disk_gb,
+                    env={"LORA_JOB_URL": job_url},
+                    label=label,
+                    runtype="args",
+                    cancel_unavail=True,
+                )
+            except requests.HTTPError as e:
+                status = _http_status(e)
+                if status is not None and 400 <= status < 500 and status not in (401, 403, 429):
+                    # Taken, but maybe by us: the SDK retries a create whose answer was lost,
+                    # and the retry finds the offer rented. Only the label can tell.
+                    found = self.find(label)
+                    if found is not None:
+                        return found
+                    refused.append(f"offer {offer.id}: {_vast_message(e)}")
+                    continue
+                return self._created_anyway(label, e)
+            except requests.RequestException as e:
+                return self._created_anyway(label, e)
+            if not isinstance(answer, dict) or not answer.get("success", True):
+                raise VastApiError(f"Vast did not create an instance for offer {offer.id}")
+            new_id = answer.get("new_contract")
+            if not isinstance(new_id, int):
+                # Created or not, the label tells: look before anyone rents again.
+                found = self.find(label)
+                if found is not None:
+                    return found
+                raise VastApiError(f"Vast answered offer {offer.id} without an instance id")
+            return Instance(
+                provider=PROVIDER_NAME,
+                instance_id=str(new_id),
+                label=label,
+                state="starting",
+                gpu_name=offer.gpu_name,
+                dollars_per_hour=offer.dph_total,
+                machine_id=str(offer.machine_id),
+                host_id=None if offer.host_id is None else str(offer.host_id),
+                country=offer.country,
+            )
+        raise NoOfferError("every offer tried was taken: " + "; ".join(refused))
+
+    def get(self, instance_id: str) -> Instance | None:
+        if not instance_id.isdigit():
+            return None
+        try:
+            row = vast_instances.show_instance(self.client, int(instance_id))
+        except requests.HTTPError as e:
+            if _http_status(e) == 404:
+                return None
+            raise VastApiError(f"looking up instance {instance_id}: {_vast_message(e)}") from e
+        except (KeyError, TypeError) as e:
+            raise VastApiError(f"Vast answered a malformed instance {instance_id} ({e!r})") from e
+        if row is None:
+            return None
+        return self._describe(self._row(row))
+
+    def destroy(self, instance_id: str) -> bool:
+        """Destroy the instance and wait until Vast stops listing it; False if already gone."""
+        current = self.get(instance_id)
+        if current is None or current.state == "gone":
+            return False
+        try:
+            vast_instances.destroy_instance(self.client, int(instance_id))
+        except requests.HTTPError as e:
+            if _http_status(e) != 404:
+                raise VastApiError(f"destroying instance {instance_id}: {_vast_message(e)}") from e
+        deadline = time.monotonic() + DESTROY_CONFIRM_S
+        while True:
+            current = self.get(instance_id)
+            if current is None or current.state == "gone":
+                return True
+            if time.monotonic() > deadline:
+                raise VastApiError(
+                    f"instance {instance_id} still listed {DESTROY_CONFIRM_S:.0f} s after destroy"
+                )
+            time.sleep(_DESTROY_POLL_S)
+
+    def list_instances(self) -> list[Instance]:
+        return [self._describe(row) for row in self._rows() if instance_state(row)[0] != "gone"]
+
+    # -- offers ------------------------------------------------------------------------------
+
+    def ranked_offers(
+        self,
+        requirements: GpuRequirements,
+        *,
+        exclude_machine_ids: Sequence[str] = (),
+        download_bytes: int = 0,
+    ) -> list[RankedOffer]:
+        """Offers that fit, by expected cost of the whole run."""
+        disk_gb = disk_gb_for(self.settings, requirements, download_bytes)
+        query = offer_query(
+            self.settings, requirements, disk_gb=disk_gb, exclude_machine_ids=exclude_machine_ids
+        )
+        try:
+            raw = vast_offers.search_offers(
+                self.client,
+                query=query,
+                order=[["dph_total", "asc"]],
+                limit=self.settings.vast_offer_search_limit,
+                storage=disk_gb,
+            )
+        except requests.RequestException as e:
+            raise VastApiError(f"searching offers: {_vast_message(e)}") from e
+        if not isinstance(raw, list):
+            raise VastApiError("Vast's offer search answered something other than a list")
+        excluded = set(exclude_machine_ids)
+        fitting = []
+        for item in raw:
+            try:
+                offer = _Offer.model_validate(item)
+            except ValidationError as e:
+                log.warning("skipping a malformed offer: %s", e.errors()[0]["msg"])
+                continue
+            reason = why_unsuitable(offer, self.settings, requirements, disk_gb, excluded)
+            if reason is None:
+                fitting.append(offer)
+            else:
+                log.info("skipping offer %s: %s", offer.id, reason)
+        return rank_offers(fitting, self.settings, download_bytes)
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _created_anyway(self, label: str, error: requests.RequestException) -> Instance:
+        """After a create whose answer was lost or failed: the instance may exist all the same."""
+        found = self.find(label)
+        if found is not None:
+            log.warning("create for %s failed (%s) but made %s", label, error, found.instance_id)
+            return found
+        raise VastApiError(f"creating an instance for {label}: {_vast_message(error)}") from error
+
+    def _rows(self, select_filters: dict[str, Any] | None = None) -> list[_InstanceRow]:
+        try:
+            raw = vast_instances.show_instances(self.client, select_filters=select_filters)
+        except requests.RequestException as e:
+            raise VastApiError(f"listing instances: {_vast_message(e)}") from e
+        except (KeyError, TypeError) as e:
+            raise VastApiError(f"Vast's instance list is malformed ({e!r})") from e
+        return [self._row(item) for item in raw]
+
+    @staticmethod
+    def _row(item: Any) -> _InstanceRow:
+        try:
+            return _InstanceRow.model_validate(item)
+        except ValidationError as e:
+            raise VastApiError(f"Vast answered a malformed instance: {e.errors()[0]}") from e
+
+    @staticmethod
+    def _describe(row: _InstanceRow) -> Instance:
+        state, message = instance_state(row)
+        return Instance(
+            provider=PROVIDER_NAME,
+            instance_id=str(row.id),
+            label=row.label or "",
+            state=state,
+            gpu_name=row.gpu_name,
+            dollars_per_hour=row.dph_total,
+            message=message,
+            machine_id=None if row.machine_id is None else str(row.machine_id),
+            host_id=None if row.host_id is None else str(row.host_id),
+            country=country_of(row.geolocation),
+        )

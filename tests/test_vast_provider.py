@@ -1,0 +1,402 @@
+"""The Vast provider through the real `vastai` SDK against the fake Vast API over HTTP."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+from pydantic import SecretStr
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import ActivityEnvironment
+
+from activities.gpu import AllocateGpuInput, GpuActivities, RunRef
+from activities.providers.base import NoOfferError, instance_label
+from activities.providers.vast import (
+    VastApiError,
+    VastProvider,
+    disk_gb_for,
+    offer_query,
+    rank_offers,
+)
+from worker.main import ProviderConfigError, gpu_provider, vast_settings_problem
+from worker.settings import Settings
+from workflows.models import GpuRequirements
+
+from .fakes.vast_api import PULL_ERROR, FakeVast, make_offer
+from .vast_support import fake_vast, wait_until
+
+SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]
+JOB_URL = "http://s3.example/runs/r/job.json?X-Amz-Signature=secret"
+GB = 1_000_000_000
+
+
+class VastRig(NamedTuple):
+    fake: FakeVast
+    settings: Settings
+    provider: VastProvider
+
+
+@pytest.fixture
+def vast(settings: Settings, tmp_path: Path) -> Iterator[VastRig]:
+    offers = [
+        make_offer(1, dph_total=0.50),
+        make_offer(2, dph_total=0.40),
+        make_offer(3, dph_total=0.30, dlperf=20.0),
+    ]
+    with fake_vast(settings, tmp_path / "hosts", offers, runner_command=SLEEPER) as (fake, s):
+        yield VastRig(fake, s, VastProvider(s))
+
+
+def label(settings: Settings, run_id: str = "run-1", attempt: int = 1) -> str:
+    return instance_label(settings.deployment_name, run_id, attempt)
+
+
+def test_default_requirements_send_this_offer_query(vast: VastRig) -> None:
+    fake, _, provider = vast
+
+    provider.ranked_offers(GpuRequirements(), download_bytes=3 * GB)
+
+    query = fake.offer_queries[-1]
+    print("offer query for the default requirements:", query)
+    assert query == {
+        # The SDK's defaults: verified, rentable, not yet rented hosts.
+        "verified": {"eq": True},
+        "external": {"eq": False},
+        "rentable": {"eq": True},
+        "rented": {"eq": False},
+        "num_gpus": {"eq": 1},
+        "gpu_ram": {"gte": 16000},
+        "dph_total": {"lte": 1.0},
+        "reliability": {"gte": 0.95},
+        "disk_space": {"gte": 40},
+        "inet_down": {"gte": 200},
+        "cuda_max_good": {"gte": 12.4},
+        "order": [["dph_total", "asc"]],
+        "type": "on-demand",
+        "limit": 64,
+        "allocated_storage": 40,
+    }
+
+
+def test_the_query_carries_names_countries_and_failed_machines(settings: Settings) -> None:
+    requirements = GpuRequirements(
+        gpu_names=["RTX 4090", "RTX 3090"], blocked_countries=["CN"], min_vram_gb=24
+    )
+    query = offer_query(settings, requirements, disk_gb=60, exclude_machine_ids=["17", "4"])
+    assert query["gpu_name"] == {"in": ["RTX 4090", "RTX 3090"]}
+    assert query["geolocation"] == {"notin": ["CN"]}
+    assert query["machine_id"] == {"notin": [4, 17]}
+    assert query["gpu_ram"] == {"gte": 24000}
+    allowed = offer_query(settings, GpuRequirements(countries=["SE", "NO"]), disk_gb=40)
+    assert allowed["geolocation"] == {"in": ["SE", "NO"]}
+
+
+def test_offers_rank_by_expected_cost_of_the_whole_run(settings: Settings) -> None:
+    from activities.providers.vast import _Offer
+
+    settings = settings.model_copy(update={"vast_image_bytes": 8 * GB})
+    offers = [
+        _Offer.model_validate(o)
+        for o in [
+            # Cheapest per hour, but a slow GPU and a slow link: the run takes longest.
+            make_offer(11, gpu_name="RTX 3060", dph_total=0.12, dlperf=12, inet_down=200),
+            make_offer(12, gpu_name="RTX 3090", dph_total=0.22, dlperf=30, inet_down=900),
+            make_offer(13, gpu_name="RTX 4090", dph_total=0.38, dlperf=60, inet_down=1500),
+            # Same as 13 but its link is metered at $0.02/GB.
+            make_offer(
+                14,
+                gpu_name="RTX 4090",
+                dph_total=0.35,
+                dlperf=60,
+                inet_down=1500,
+                inet_down_cost=0.02,
+            ),
+            # Cheap and fast, but fails three runs in ten.
+            make_offer(
+                15, gpu_name="RTX 4090", dph_total=0.30, dlperf=60, inet_down=1500, reliability=0.70
+            ),
+        ]
+    ]
+
+    ranked = rank_offers(offers, settings, download_bytes=4 * GB)
+
+    print("ranking for a 12 GB fetch (8 GB image + 4 GB model and images):")
+    for entry in ranked:
+        print("  " + entry.describe())
+    assert [r.offer.id for r in ranked] == [13, 15, 12, 11, 14]
+    by_id = {r.offer.id: r for r in ranked}
+    # The formula, spelled out for one offer: 12 GB over 900 Mbps + boot, 3600 s x 30/30.
+    setup_s = settings.vast_boot_overhead_s + 12 * GB * 8 / 900e6
+    assert by_id[12].setup_s == pytest.approx(setup_s)
+    assert by_id[12].training_s == pytest.approx(3600)
+    assert by_id[12].run_usd == pytest.approx(0.22 * (setup_s + 3600) / 3600)
+    assert by_id[12].expected_usd == pytest.approx(by_id[12].run_usd / 0.99)
+    assert by_id[14].run_usd == pytest.approx(0.35 * (by_id[14].setup_s + 1800) / 3600 + 0.02 * 12)
+
+
+def test_create_rents_the_best_offer_with_the_runner_image_label_and_job_url(
+    vast: VastRig,
+) -> None:
+    fake, settings, provider = vast
+    requirements = GpuRequirements()
+
+    instance = provider.create(label(settings), JOB_URL, requirements, download_bytes=20 * GB)
+
+    # Offer 3 is cheapest per hour, but its slow GPU makes the run dearer than offer 2.
+    assert [i.offer["id"] for i in fake.created()] == [2]
+    body = fake.create_bodies[-1]
+    assert body["image"] == "ghcr.io/loratrain/loratrain-gpu:test"
+    assert body["runtype"] == "args"  # the image's entrypoint: python -m gpu_runner
+    assert body["env"] == {"LORA_JOB_URL": JOB_URL}
+    assert body["label"] == label(settings) == f"loratrain:{settings.deployment_name}:run-1:1"
+    # 1 GB image + twice the 20 GB downloads + 10 GB margin.
+    assert body["disk"] == disk_gb_for(settings, requirements, 20 * GB) == 51
+    assert instance.provider == "vast" and instance.state == "starting"
+    assert instance.instance_id == str(fake.created()[0].id)
+    assert (instance.gpu_name, instance.dollars_per_hour) == ("RTX 4090", 0.40)
+    assert (instance.machine_id, instance.country) == ("10002", "SE")
+    assert instance.host_id is not None
+    # Every request carried the account key as a Bearer token.
+    assert {who for _, _, who in fake.requests} == {"account"}
+
+    running = wait_until(
+        lambda: (i := provider.get(instance.instance_id)) and i.state == "running" and i
+    )
+    assert running.label == instance.label
+    assert provider.find(instance.label) == running
+    assert provider.find(label(settings, attempt=2)) is None
+
+
+def test_a_lost_create_response_still_rents_exactly_one_instance(
+    vast: VastRig,
+) -> None:
+    fake, settings, provider = vast
+    fake.lose_create_responses(1)
+
+    instance = provider.create(label(settings), JOB_URL, GpuRequirements())
+
+    # The SDK retried the 504, the offer was then taken (by us): the label found it.
+    assert len(fake.created()) == 1
+    assert instance.instance_id == str(fake.created()[0].id)
+    assert instance.label == label(settings)
+
+
+def test_an_offer_taken_at_create_moves_to_the_next_offer(
+    vast: VastRig,
+) -> None:
+    fake, settings, provider = vast
+    fake.machine_faults[10002] = "taken"
+
+    instance = provider.create(label(settings), JOB_URL, GpuRequirements())
+
+    assert [i.offer["id"] for i in fake.created()] == [1]
+    assert instance.machine_id == "10001"
+
+
+def test_excluded_machines_and_unfit_offers_are_never_rented(
+    settings: Settings, tmp_path: Path
+) -> None:
+    offers = [
+        make_offer(1, dph_total=0.2),  # its machine already failed in this run
+        make_offer(2, dph_total=0.2, geolocation="China, CN"),  # blocked country
+        make_offer(3, dph_total=0.2, cuda_max_good=11.8),  # too old a driver for the image
+        make_offer(4, dph_total=0.2, num_gpus=2),  # two GPUs, twice the price
+        make_offer(5, dph_total=0.9),
+    ]
+    with fake_vast(settings, tmp_path, offers, runner_command=SLEEPER) as (fake, s):
+        provider = VastProvider(s)
+        # The fake applies filters like Vast does; a host that lies about them is caught too.
+        fake.offer_queries.clear()
+        requirements = GpuRequirements(blocked_countries=["CN"])
+        ranked = provider.ranked_offers(requirements, exclude_machine_ids=["10001"])
+        assert [r.offer.id for r in ranked] == [5]
+        instance = provider.create(label(s), JOB_URL, requirements, exclude_machine_ids=["10001"])
+        assert instance.machine_id == "10005"
+
+
+def test_no_fitting_offer_is_a_no_offer_error(vast: VastRig) -> None:
+    fake, settings, provider = vast
+
+    with pytest.raises(NoOfferError):
+        provider.create(label(settings), JOB_URL, GpuRequirements(min_vram_gb=80))
+    assert fake.created() == []
+
+
+def test_429_bursts_are_waited_out_and_5xx_retried_by_the_activity(
+    vast: VastRig,
+) -> None:
+    fake, _, provider = vast
+    fake.rate_limit(2, retry_after_s=0.2)
+    started = time.monotonic()
+    assert provider.list_instances() == []
+    assert time.monotonic() - started >= 0.4  # Retry-After honoured twice
+
+    fake.server_errors(1, status=500)
+    with pytest.raises(VastApiError, match="HTTP 500"):
+        provider.list_instances()
+    assert provider.list_instances() == []
+
+
+def test_boot_watch_maps_host_failures_to_exited_with_the_hosts_reason(
+    settings: Settings, tmp_path: Path
+) -> None:
+    offers = [make_offer(1), make_offer(2), make_offer(3), make_offer(4)]
+    with fake_vast(settings, tmp_path, offers, runner_command=SLEEPER) as (fake, s):
+        fake.machine_faults.update({10001: "exits", 10002: "pull_error", 10003: "stuck_loading"})
+        provider = VastProvider(s)
+        requirements = GpuRequirements()
+        made = {}
+        for machine in (10001, 10002, 10003, 10004):
+            others = [str(m) for m in (10001, 10002, 10003, 10004) if m != machine]
+            made[machine] = provider.create(
+                label(s, f"run-{machine}"), JOB_URL, requirements, exclude_machine_ids=others
+            )
+        wait_until(lambda: all(i.actual_status for i in fake.created()))
+
+        states = {m: provider.get(i.instance_id) for m, i in made.items()}
+        exited, pulled, loading, running = (states[m] for m in (10001, 10002, 10003, 10004))
+        assert exited is not None and exited.state == "exited"
+        assert "container exited" in (exited.message or "")
+        assert pulled is not None and pulled.state == "exited"
+        assert PULL_ERROR in (pulled.message or "")
+        assert loading is not None and loading.state == "starting"
+        assert running is not None and running.state == "running"
+
+        # The runner's exit is the container's exit.
+        victim = fake.instances[int(running.instance_id)]
+        assert victim.process is not None
+        victim.process.kill()
+        gone = wait_until(
+            lambda: (i := provider.get(running.instance_id)) and i.state == "exited" and i
+        )
+        assert "container exited with code -9" in (gone.message or "")
+
+
+def test_destroy_kills_the_host_confirms_and_treats_not_found_as_done(
+    vast: VastRig,
+) -> None:
+    fake, settings, provider = vast
+    instance = provider.create(label(settings), JOB_URL, GpuRequirements())
+    wait_until(lambda: fake.instances[int(instance.instance_id)].process is not None)
+    process = fake.instances[int(instance.instance_id)].process
+    assert process is not None
+
+    assert provider.destroy(instance.instance_id) is True
+    assert provider.get(instance.instance_id) is None
+    assert provider.destroy(instance.instance_id) is False
+    assert provider.destroy("999999") is False
+    assert provider.find(instance.label) is None
+    assert fake.destroyed_ids() == [int(instance.instance_id)]
+    wait_until(lambda: process.poll() is not None)
+
+
+def test_listing_pages_through_every_instance(settings: Settings, tmp_path: Path) -> None:
+    offers = [make_offer(i) for i in range(1, 31)]
+    with fake_vast(settings, tmp_path, offers, runner_command=SLEEPER) as (fake, s):
+        for offer in offers:
+            fake.machine_faults[offer["machine_id"]] = "stuck_loading"  # no processes
+        provider = VastProvider(s)
+        for i in range(30):
+            provider.create(label(s, f"run-{i}"), JOB_URL, GpuRequirements())
+
+        listed = provider.list_instances()
+
+        assert len(listed) == 30 > 25  # more than one page
+        assert sorted(i.label for i in listed) == sorted(label(s, f"run-{i}") for i in range(30))
+
+
+def test_allocation_is_idempotent_and_release_touches_only_this_deployment(
+    vast: VastRig,
+) -> None:
+    fake, settings, provider = vast
+    activities = GpuActivities(provider, settings)
+    env = ActivityEnvironment()
+    allocation = AllocateGpuInput(
+        run_id="run-1",
+        attempt=1,
+        job_url=JOB_URL,
+        requirements=GpuRequirements(),
+        exclude_machine_ids=["10002"],
+        download_bytes=2 * GB,
+    )
+    first = env.run(activities.allocate_gpu, allocation)
+    again = env.run(activities.allocate_gpu, allocation)
+    assert again.instance_id == first.instance_id
+    assert len(fake.created()) == 1
+    assert first.machine_id != "10002"
+
+    other = settings.model_copy(update={"deployment": "someone.else"})
+    theirs = GpuActivities(VastProvider(other), other)
+    neighbour = env.run(theirs.allocate_gpu, allocation)
+    assert neighbour.instance_id != first.instance_id
+
+    assert [i.instance_id for i in env.run(activities.list_labelled_instances)] == [
+        first.instance_id
+    ]
+    assert env.run(activities.release_run_gpus, RunRef(run_id="run-1")) == [first.instance_id]
+    assert fake.destroyed_ids() == [int(first.instance_id)]
+    assert [i.id for i in fake.live()] == [int(neighbour.instance_id)]
+
+
+def test_no_offer_becomes_a_retryable_activity_error(vast: VastRig) -> None:
+    fake, settings, provider = vast
+    fake.offers.clear()
+    activities = GpuActivities(provider, settings)
+    allocation = AllocateGpuInput(
+        run_id="run-1", attempt=1, job_url=JOB_URL, requirements=GpuRequirements()
+    )
+    with pytest.raises(ApplicationError) as raised:
+        ActivityEnvironment().run(activities.allocate_gpu, allocation)
+    assert raised.value.type == "NoGpuOffer" and not raised.value.non_retryable
+    assert JOB_URL not in raised.value.message
+
+
+def test_a_wrong_api_key_is_refused_by_the_fake(vast: VastRig) -> None:
+    settings = vast.settings
+
+    wrong = VastProvider(settings.model_copy(update={"vast_api_key": SecretStr("nope")}))
+    with pytest.raises(VastApiError, match="401"):
+        wrong.list_instances()
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"vast_api_key": None}, "LORA_VAST_API_KEY is not set"),
+        ({"s3_public_endpoint_url": None}, "LORA_S3_PUBLIC_ENDPOINT_URL is not set"),
+        (
+            {"s3_public_endpoint_url": "http://127.0.0.1:9000"},
+            "LORA_S3_PUBLIC_ENDPOINT_URL=http://127.0.0.1:9000 is a loopback address",
+        ),
+        (
+            {"relay_public_url": "http://localhost:8088"},
+            "LORA_RELAY_PUBLIC_URL=http://localhost:8088 is a loopback address",
+        ),
+        ({"relay_public_url": "http://[::1]:8088"}, "is a loopback address"),
+    ],
+)
+def test_the_worker_refuses_vast_with_addresses_a_gpu_cannot_reach(
+    settings: Settings, changes: dict[str, object], reason: str
+) -> None:
+    good = settings.model_copy(
+        update={
+            "gpu_provider": "vast",
+            "vast_api_key": SecretStr(VAST_KEY_FOR_CHECKS),
+            "s3_public_endpoint_url": "https://s3.example.com",
+            "relay_public_url": "https://relay.example.com",
+        }
+    )
+    assert vast_settings_problem(good) is None
+    assert isinstance(gpu_provider(good), VastProvider)
+    bad = good.model_copy(update=changes)
+    with pytest.raises(ProviderConfigError) as raised:
+        gpu_provider(bad)
+    assert reason in str(raised.value)
+    assert "\n" not in str(raised.value)
+
+
+VAST_KEY_FOR_CHECKS = "checks-only-key"
