@@ -1,18 +1,19 @@
-"""Session fixtures for the real local servers: Temporal (dev + time-skipping) and S3 (moto)."""
+"""Session fixtures for the real local servers: Temporal (dev + time-skipping) and S3 (SeaweedFS).
+
+Every test runs with LORA_STATE_DIR pointing at a temporary directory, so no test reads (or
+writes) the state of the user's own `loratrain dev`.
+"""
 
 from __future__ import annotations
 
 import shutil
 import socket
-import subprocess
 import sys
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import boto3
-import httpx
 import pytest
 from pydantic import SecretStr
 from temporalio.api.enums.v1 import IndexedValueType
@@ -21,7 +22,8 @@ from temporalio.common import SearchAttributeKey
 from temporalio.testing import WorkflowEnvironment
 
 from worker.converter import data_converter
-from worker.settings import SEARCH_ATTRIBUTE, Settings
+from worker.devstack import local_s3_server
+from worker.settings import SEARCH_ATTRIBUTE, STATE_DIR_VARIABLE, Settings
 
 # Fixed test-only keys, so histories recorded by the integration tests replay in later runs.
 TEST_CODEC_KEY = "bG9yYXRyYWluLXRlc3QtY29kZWMta2V5LTMyLWJ5dGU="
@@ -34,43 +36,45 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for_http(url: str, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            httpx.get(url, timeout=1.0)
-            return
-        except httpx.HTTPError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
+@pytest.fixture(scope="session", autouse=True)
+def isolated_state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """LORA_STATE_DIR for the whole session (subprocesses inherit it): never the user's own."""
+    state = tmp_path_factory.mktemp("user-state")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(STATE_DIR_VARIABLE, str(state))
+        yield state
+
+
+# The local S3 server's one identity; it checks every signature against these.
+S3_ACCESS_KEY_ID = "test-access-key"
+S3_SECRET_ACCESS_KEY = "test-secret-key"
 
 
 @pytest.fixture(scope="session")
-def s3_endpoint() -> Iterator[str]:
-    """moto's S3 server over real HTTP on a free loopback port."""
-    port = free_port()
-    moto = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
-    proc = subprocess.Popen(
-        [moto, "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_http(url)
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """SeaweedFS (`weed mini`) over real HTTP, every port it opens free and loopback-only.
+
+    Its log is `s3.log` next to its data in the session's temporary directory.
+    """
+    data = tmp_path_factory.mktemp("local-s3") / "data"
+    with local_s3_server(
+        data,
+        access_key_id=S3_ACCESS_KEY_ID,
+        secret_access_key=S3_SECRET_ACCESS_KEY,
+        bucket="loratrain-test",
+        log_path=data.parent / "s3.log",
+        # Its data is thrown away: no need to wait for a graceful stop.
+        stop_grace_s=0,
+    ) as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="session")
 def base_settings(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Settings:
     return Settings(
         s3_endpoint_url=s3_endpoint,
-        s3_access_key_id="test",
-        s3_secret_access_key=SecretStr("test"),
+        s3_access_key_id=S3_ACCESS_KEY_ID,
+        s3_secret_access_key=SecretStr(S3_SECRET_ACCESS_KEY),
         bucket="loratrain-test",
         codec_key=SecretStr(TEST_CODEC_KEY),
         webhook_master_secret=SecretStr(TEST_MASTER_SECRET),

@@ -1,8 +1,13 @@
 """The embedded stack behind `loratrain dev`: Temporal's dev server, local S3, relay and worker.
 
 Every piece is a child process in its own process group, logging under `<state_dir>/logs/`, so
-stopping the stack can signal each group and nothing is left behind. `DevStack` is shared by the
-`dev` and `demo` commands and by tests.
+stopping the stack can signal each group and nothing is left behind. While the stack runs, a
+child that dies is started again in place (with backoff); the others, and open runs' GPUs, are
+left alone. `DevStack` is shared by the `dev` and `demo` commands and by tests.
+
+The local S3 server is SeaweedFS (`weed mini`): it keeps its data under `<state_dir>/s3/`, checks
+signatures, presigned URLs' expiry and checksums like real S3. `local_s3_server` runs one for
+tests and benchmarks.
 """
 
 from __future__ import annotations
@@ -10,9 +15,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import fcntl
 import ipaddress
 import json
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -21,8 +28,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -31,20 +38,33 @@ from urllib.parse import urlsplit
 import boto3
 import httpx
 from botocore.config import Config
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 from dotenv import dotenv_values
 from pydantic import SecretStr
 from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest
 from temporalio.client import Client
 
 from .converter import new_codec_key
-from .settings import SEARCH_ATTRIBUTE, Settings
+from .settings import DEV_ENV_NAME, SEARCH_ATTRIBUTE, Settings
 
 DEFAULT_LOCAL_S3_URL = "http://127.0.0.1:9000"
 # Where the relay serves the codec endpoint that lets the Temporal UI decrypt payloads.
 CODEC_PATH = "/codec"
-DEV_ENV_NAME = "dev.env"
 PIDS_NAME = "dev.pids"
+# Held (flock) by the running `loratrain dev` and released by the kernel however it ends; holds
+# its pid, so a second `dev` can say which one runs.
+LOCK_NAME = "dev.lock"
+S3_DATA_DIR = "s3"
+
+# SeaweedFS puts each server's gRPC port at its HTTP port + 10000; its embedded maintenance
+# worker assumes that offset for the admin server whatever -admin.port.grpc says, so every
+# gRPC port is pinned there.
+GRPC_OFFSET = 10000
+MAX_LOCAL_S3_PORT = 65535 - GRPC_OFFSET
+# A restarted child that then runs this long is healthy again: its next crash waits 1 s again.
+RESTART_BACKOFF_INITIAL_S = 1.0
+RESTART_BACKOFF_MAX_S = 30.0
+HEALTHY_AFTER_S = 60.0
 
 TEMPORAL = "Temporal"
 TEMPORAL_UI = "Temporal UI"
@@ -61,7 +81,9 @@ class DevStackError(Exception):
 
 
 class PortsInUse(DevStackError):
-    def __init__(self, busy: list[Endpoint], leftovers: dict[str, int] | None = None) -> None:
+    def __init__(
+        self, busy: list[Endpoint], state_dir: Path, leftovers: dict[str, int] | None = None
+    ) -> None:
         self.busy = busy
         lines = [
             f"port {e.port} ({e.name}) is already in use: is another `loratrain dev` running?"
@@ -71,10 +93,23 @@ class PortsInUse(DevStackError):
             running = ", ".join(f"{name} pid {pid}" for name, pid in leftovers.items())
             groups = " ".join(f"-{pid}" for pid in leftovers.values())
             lines.append(
-                f"processes of a `loratrain dev` in this directory are still running ({running}); "
-                f"if it was killed, stop them with: kill -- {groups}"
+                f"processes of an earlier `loratrain dev` with state in {state_dir} are still "
+                f"running ({running}), but that `loratrain dev` itself is not; stop them with: "
+                f"kill -- {groups}"
             )
         super().__init__("\n".join(lines))
+
+
+class AlreadyRunning(DevStackError):
+    def __init__(self, state_dir: Path, owner: dict[str, Any]) -> None:
+        self.pid = owner.get("pid")
+        where = f" (pid {self.pid})" if self.pid else ""
+        ui = f"; its Temporal UI is {owner['temporal_ui']}" if owner.get("temporal_ui") else ""
+        super().__init__(
+            f"`loratrain dev` is already running{where} with state in {state_dir}{ui}. "
+            "Use it from any directory; to run a second stack, give it its own LORA_STATE_DIR "
+            "and ports."
+        )
 
 
 class ChildExited(DevStackError):
@@ -102,6 +137,13 @@ class Child:
     name: str
     popen: subprocess.Popen[bytes]
     log_path: Path
+    command: list[str]
+    env: dict[str, str]
+    started_at: float = field(default_factory=time.monotonic)
+    restarts: int = 0
+    # When a dead child is due to be started again (monotonic), while it waits out its backoff.
+    restart_at: float | None = None
+    backoff_s: float = RESTART_BACKOFF_INITIAL_S
 
     @property
     def pid(self) -> int:
@@ -203,8 +245,10 @@ def _write_dev_env(path: Path, values: dict[str, str]) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(
-            "# Written by `loratrain dev` on its first start and reused after, so runs recorded\n"
-            "# with this codec key stay readable. Environment variables override these values.\n"
+            "# Written by `loratrain dev`: its keys are generated on its first start and reused\n"
+            "# after (runs recorded with this codec key stay readable); its addresses are those\n"
+            "# of the last start. Every loratrain command reads this file; environment variables\n"
+            "# override it.\n"
         )
         for key, value in values.items():
             f.write(f"{key}={json.dumps(value)}\n")
@@ -217,14 +261,183 @@ def _settings_with(settings: Settings, dev_env: dict[str, str]) -> Settings:
         k.removeprefix("LORA_").lower(): v for k, v in dev_env.items() if k.startswith("LORA_")
     }
     own: dict[str, Any] = settings.model_dump(include=settings.model_fields_set)
-    return Settings(_env_file=None, **{**from_file, **own})
+    return Settings(**{**from_file, **own})
+
+
+# ------------------------------------------------------------------------------------------------
+# The local S3 server (SeaweedFS)
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LocalS3Ports:
+    """Every port `weed mini` opens: S3 and, from `internal`, its master, volume, filer and
+    admin servers; each of the five also at its port + GRPC_OFFSET (gRPC). The Iceberg and Lance
+    catalogs and WebDAV, which it would also open, are turned off."""
+
+    s3: int
+    internal: int
+
+    def named(self) -> list[tuple[str, int]]:
+        http = [
+            ("S3", self.s3),
+            ("master", self.internal),
+            ("volume", self.internal + 1),
+            ("filer", self.internal + 2),
+            ("admin", self.internal + 3),
+        ]
+        return http + [(f"{name} gRPC", port + GRPC_OFFSET) for name, port in http]
+
+
+def free_local_s3_ports(host: str = "127.0.0.1") -> LocalS3Ports:
+    """Ports for a `weed mini` that are free now, its gRPC ports included (for tests, benches)."""
+    rng = random.SystemRandom()
+
+    def free_block(size: int) -> int:
+        while True:
+            # Below the kernel's ephemeral range, so gRPC ports (+10000) stay under 65536.
+            first = rng.randrange(20000, 32000 - size)
+            ports = [p + offset for p in range(first, first + size) for offset in (0, GRPC_OFFSET)]
+            if all(port_is_free(host, port) for port in ports):
+                return first
+
+    s3 = free_block(1)
+    while True:
+        internal = free_block(4)
+        if not internal <= s3 < internal + 4:
+            return LocalS3Ports(s3=s3, internal=internal)
+
+
+def local_s3_command(data_dir: Path, host: str, ports: LocalS3Ports, bucket: str) -> list[str]:
+    """`weed mini` on `host` with every port pinned, its data in `data_dir`. Its credentials
+    come from local_s3_env()."""
+    p = ports
+    return [
+        _binary("weed"),
+        # Its own log lines go to our log file, not to files under /tmp.
+        "-logtostderr",
+        "mini",
+        f"-dir={data_dir}",
+        f"-ip={host}",
+        f"-ip.bind={host}",
+        f"-bucket={bucket}",
+        "-master.telemetry=false",
+        "-admin.ui=false",
+        "-webdav=false",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        f"-s3.port={p.s3}",
+        f"-s3.port.grpc={p.s3 + GRPC_OFFSET}",
+        f"-master.port={p.internal}",
+        f"-master.port.grpc={p.internal + GRPC_OFFSET}",
+        f"-volume.port={p.internal + 1}",
+        f"-volume.port.grpc={p.internal + 1 + GRPC_OFFSET}",
+        f"-filer.port={p.internal + 2}",
+        f"-filer.port.grpc={p.internal + 2 + GRPC_OFFSET}",
+        f"-admin.port={p.internal + 3}",
+        f"-admin.port.grpc={p.internal + 3 + GRPC_OFFSET}",
+    ]
+
+
+def local_s3_env(access_key_id: str, secret_access_key: str) -> dict[str, str]:
+    """The environment that gives `weed mini` its one (admin) identity."""
+    return {
+        **os.environ,
+        "AWS_ACCESS_KEY_ID": access_key_id,
+        "AWS_SECRET_ACCESS_KEY": secret_access_key,
+    }
+
+
+def _s3_client(url: str, access_key_id: str, secret_access_key: str, region: str) -> Any:
+    return boto3.client(
+        "s3",
+        endpoint_url=url,
+        region_name=region,
+        aws_access_key_id=access_key_id,
+        aws_secret_access_key=secret_access_key,
+        config=Config(connect_timeout=5, read_timeout=10, retries={"max_attempts": 3}),
+    )
+
+
+def ensure_bucket(s3: Any, bucket: str, region: str = "us-east-1") -> None:
+    """Create `bucket` unless this identity already has it."""
+    kwargs: dict[str, Any] = {"Bucket": bucket}
+    if region != "us-east-1":
+        kwargs["CreateBucketConfiguration"] = {"LocationConstraint": region}
+    try:
+        s3.create_bucket(**kwargs)
+    except ClientError as e:
+        if e.response.get("Error", {}).get("Code") != "BucketAlreadyOwnedByYou":
+            raise
+
+
+@contextlib.contextmanager
+def local_s3_server(
+    data_dir: Path,
+    *,
+    access_key_id: str,
+    secret_access_key: str,
+    bucket: str,
+    ports: LocalS3Ports | None = None,
+    log_path: Path | None = None,
+    startup_timeout_s: float = 30.0,
+    stop_grace_s: float = 10.0,
+) -> Iterator[str]:
+    """A `weed mini` child process for tests and benchmarks; yields its S3 URL once a signed
+    request succeeds and `bucket` exists. On exit SIGTERM, and SIGKILL after `stop_grace_s`
+    (0: at once, as a crash); the data stays."""
+    ports = ports or free_local_s3_ports()
+    url = f"http://127.0.0.1:{ports.s3}"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_path or data_dir.parent / f"{data_dir.name}.log"
+    with log_path.open("ab") as log:
+        popen = subprocess.Popen(
+            local_s3_command(data_dir, "127.0.0.1", ports, bucket),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=local_s3_env(access_key_id, secret_access_key),
+            start_new_session=True,
+        )
+    try:
+        s3 = _s3_client(url, access_key_id, secret_access_key, "us-east-1")
+        deadline = time.monotonic() + startup_timeout_s
+        while True:
+            if popen.poll() is not None:
+                raise DevStackError(
+                    f"weed mini exited with code {popen.returncode}; see {log_path}"
+                )
+            try:
+                ensure_bucket(s3, bucket)
+                break
+            except (BotoCoreError, ClientError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(popen.pid, signal.SIGTERM if stop_grace_s > 0 else signal.SIGKILL)
+        try:
+            popen.wait(timeout=stop_grace_s)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(popen.pid, signal.SIGKILL)
+            popen.wait()
+
+
+# ------------------------------------------------------------------------------------------------
+# The stack
+# ------------------------------------------------------------------------------------------------
 
 
 class DevStack:
-    """Temporal dev server, moto's S3 server, relay and worker as child processes.
+    """Temporal dev server, SeaweedFS's S3 server, relay and worker as child processes.
 
-    `start()` checks every port first and starts nothing when one is taken; `stop()` (also on
-    a failed start) terminates every child's process group, then kills what is left.
+    `start()` checks that no other stack holds the state dir and that every port is free, and
+    starts nothing otherwise; `supervise()` restarts a child that dies; `stop()` (also on a
+    failed start) terminates every child's process group, kills what is left, and gives local
+    GPU instances back.
     """
 
     def __init__(
@@ -240,11 +453,13 @@ class DevStack:
         self.logs_dir = self.state_dir / "logs"
         self.dev_env_path = self.state_dir / DEV_ENV_NAME
         self.pids_path = self.state_dir / PIDS_NAME
+        self.lock_path = self.state_dir / LOCK_NAME
         # Read (never write) an existing dev env now, so the port check sees the same endpoints
         # the stack will use.
         self.settings = _settings_with(settings, read_dev_env(self.dev_env_path))
         self.children: list[Child] = []
         self._stop_requested = threading.Event()
+        self._lock_file: Any = None
 
     # ---------------------------------------------------------------------------------------
     # Endpoints
@@ -276,12 +491,22 @@ class DevStack:
         return _url_endpoint(LOCAL_S3, self.s3_url, 9000)
 
     @property
+    def local_s3_ports(self) -> LocalS3Ports:
+        return LocalS3Ports(s3=self.local_s3.port, internal=self.settings.local_s3_internal_port)
+
+    @property
     def relay(self) -> Endpoint:
         return _host_port(RELAY, self.settings.relay_host, self.settings.relay_port, 8088)
 
     @property
     def endpoints(self) -> list[Endpoint]:
-        return [self.temporal, self.temporal_ui, self.local_s3, self.relay]
+        s3_host = self.local_s3.host
+        s3_internal = [
+            Endpoint(f"{LOCAL_S3} {name}", s3_host, port)
+            for name, port in self.local_s3_ports.named()
+            if port != self.local_s3.port
+        ]
+        return [self.temporal, self.temporal_ui, self.local_s3, *s3_internal, self.relay]
 
     def check_endpoints(self) -> None:
         """Raise unless every endpoint is on this machine, distinct, and free."""
@@ -295,16 +520,44 @@ class DevStack:
             raise DevStackError(
                 f"the local S3 server speaks plain http, but LORA_S3_ENDPOINT_URL is {self.s3_url}"
             )
+        if self.local_s3.port > MAX_LOCAL_S3_PORT:
+            raise DevStackError(
+                f"the local S3 server also listens on its port + {GRPC_OFFSET} (gRPC), so "
+                f"LORA_S3_ENDPOINT_URL's port must be at most {MAX_LOCAL_S3_PORT}, "
+                f"not {self.local_s3.port}"
+            )
         seen: dict[int, str] = {}
         for e in self.endpoints:
             if e.port in seen:
                 raise DevStackError(
                     f"{seen[e.port]} and {e.name} are both configured for port {e.port}"
+                    + (
+                        " (LORA_LOCAL_S3_INTERNAL_PORT moves the local S3 server's own ports)"
+                        if LOCAL_S3 in seen[e.port] + e.name
+                        else ""
+                    )
                 )
             seen[e.port] = e.name
         busy = [e for e in self.endpoints if not port_is_free(e.host, e.port)]
         if busy:
-            raise PortsInUse(busy, self._leftover_children())
+            raise PortsInUse(busy, self.state_dir, self._leftover_children())
+
+    def running_stack(self) -> dict[str, Any] | None:
+        """What the `loratrain dev` holding this state dir wrote about itself, if one runs."""
+        try:
+            lock = self.lock_path.open("r")
+        except FileNotFoundError:
+            return None
+        with lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                try:
+                    owner = json.loads(lock.read() or "{}")
+                except ValueError:
+                    owner = {}
+                return owner if isinstance(owner, dict) else {}
+        return None
 
     def _leftover_children(self) -> dict[str, int]:
         """Children recorded by an earlier stack that are still alive (it may have been killed)."""
@@ -327,19 +580,21 @@ class DevStack:
 
     def start(self) -> None:
         """Start everything and return once all of it answers; on any failure, stop it all."""
+        owner = self.running_stack()
+        if owner is not None:
+            raise AlreadyRunning(self.state_dir, owner)
         self.check_endpoints()
+        self._hold_lock()
         try:
             self._prepare_state()
-            self._start_temporal()
-            self._start_s3()
-            self._wait_until(lambda: self._temporal_answers(), "Temporal", self.children[0])
+            temporal = self._start_temporal()
+            s3 = self._start_s3()
+            self._wait_until(self._temporal_answers, "Temporal", temporal)
             self._wait_until(
-                lambda: _answers_http(self.settings.temporal_ui_url),
-                "Temporal UI",
-                self.children[0],
+                lambda: _answers_http(self.settings.temporal_ui_url), "Temporal UI", temporal
             )
-            self._wait_until(lambda: _answers_http(self.s3_url), "local S3", self.children[1])
-            self._create_bucket()
+            self._wait_until(lambda: _answers_http(self.s3_url), "local S3", s3)
+            self._wait_until(self._bucket_ready, "the local S3 bucket", s3)
             relay = self._launch(RELAY, [sys.executable, "-m", "worker.cli", "relay"])
             self._launch(WORKER, [sys.executable, "-m", "worker.cli", "worker"])
             self._wait_until(lambda: _accepts_tcp(self.relay), "relay", relay)
@@ -348,19 +603,33 @@ class DevStack:
             raise
 
     def request_stop(self) -> None:
-        """Ask `start()` / `wait()` to return; safe from a signal handler or another thread."""
+        """Ask `start()` / `supervise()` to return; safe from a signal handler or another thread."""
         self._stop_requested.set()
 
-    def wait(self) -> Child | None:
-        """Block until stop is requested (None) or a child exits on its own (that child)."""
+    def supervise(self, report: Callable[[str], None]) -> None:
+        """Until stop is requested: start again, in place, any child that died, after a backoff
+        (1 s doubling to 30 s, back to 1 s once it ran a minute). The others keep running and
+        open runs keep their GPUs. `report` gets one line per exit and per restart."""
         while not self._stop_requested.wait(0.2):
+            now = time.monotonic()
             for child in self.children:
-                if not child.running():
-                    return child
-        return None
+                if child.restart_at is None:
+                    if child.running():
+                        continue
+                    if now - child.started_at >= HEALTHY_AFTER_S:
+                        child.backoff_s = RESTART_BACKOFF_INITIAL_S
+                    child.restart_at = now + child.backoff_s
+                    report(
+                        f"{child.name} exited unexpectedly ({_exit_reason(child)}); "
+                        f"restarting it in {child.backoff_s:.0f} s. Its log is {child.log_path}"
+                    )
+                elif now >= child.restart_at:
+                    self._restart(child)
+                    report(f"{child.name} restarted (pid {child.pid}, restart {child.restarts})")
 
     def stop(self) -> None:
-        """SIGTERM every child's process group, services first; SIGKILL what outlives the grace."""
+        """SIGTERM every child's process group, services first; SIGKILL what outlives the grace.
+        Then give local GPU instances back: only stopping the stack does that."""
         self._stop_requested.set()
         services = [c for c in self.children if c.name in _SERVICES]
         infrastructure = [c for c in self.children if c.name not in _SERVICES]
@@ -378,6 +647,7 @@ class DevStack:
             child.popen.wait()
         self._destroy_local_gpus()
         self.pids_path.unlink(missing_ok=True)
+        self._release_lock()
 
     def _destroy_local_gpus(self) -> None:
         """Local runners live in groups of their own: give those "GPUs" back too. A run still
@@ -401,23 +671,60 @@ class DevStack:
     # Steps
     # ---------------------------------------------------------------------------------------
 
+    def _hold_lock(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        lock = self.lock_path.open("a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            try:
+                owner = json.loads(lock.read() or "{}")
+            except ValueError:
+                owner = {}
+            lock.close()
+            raise AlreadyRunning(self.state_dir, owner) from None
+        lock.truncate(0)
+        lock.write(json.dumps({"pid": os.getpid(), "temporal_ui": self.settings.temporal_ui_url}))
+        lock.flush()
+        self._lock_file = lock
+
+    def _release_lock(self) -> None:
+        if self._lock_file is not None:
+            # The file stays: deleting it would race with a `dev` starting right now.
+            self._lock_file.close()
+            self._lock_file = None
+
     def _prepare_state(self) -> None:
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         existing = read_dev_env(self.dev_env_path)
-        wanted = {
+        generated = {
             "LORA_CODEC_KEY": new_codec_key(),
             "LORA_WEBHOOK_MASTER_SECRET": secrets.token_urlsafe(32),
-            "LORA_S3_ENDPOINT_URL": self.s3_url,
-            # moto accepts any credentials; boto3 only needs some.
             "LORA_S3_ACCESS_KEY_ID": "loratrain",
-            "LORA_S3_SECRET_ACCESS_KEY": "loratrain-dev",
-            "LORA_BUCKET": self.settings.bucket,
+            "LORA_S3_SECRET_ACCESS_KEY": secrets.token_urlsafe(24),
             "LORA_GPU_PROVIDER": "local",
         }
-        # Keys already there are kept: a new codec key would make old histories unreadable.
-        missing = {k: v for k, v in wanted.items() if k not in existing}
-        if missing or not self.dev_env_path.exists():
-            _write_dev_env(self.dev_env_path, {**existing, **missing})
+        s = self.settings
+        # Where this stack listens, rewritten on every start: every command reads this file,
+        # so from any directory it finds the stack that runs now.
+        location = {
+            "LORA_TEMPORAL_ADDRESS": s.temporal_address,
+            "LORA_TEMPORAL_NAMESPACE": s.temporal_namespace,
+            "LORA_TASK_QUEUE": s.task_queue,
+            "LORA_TEMPORAL_UI_URL": s.temporal_ui_url,
+            "LORA_S3_ENDPOINT_URL": self.s3_url,
+            "LORA_LOCAL_S3_INTERNAL_PORT": str(s.local_s3_internal_port),
+            "LORA_BUCKET": s.bucket,
+            "LORA_RELAY_HOST": s.relay_host,
+            "LORA_RELAY_PORT": str(s.relay_port),
+            "LORA_RELAY_PUBLIC_URL": s.relay_public_url,
+        }
+        # Generated keys already there are kept: a new codec key would make old histories
+        # unreadable, new S3 credentials would lock the stored data away.
+        values = {**generated, **existing, **location}
+        if values != existing or not self.dev_env_path.exists():
+            _write_dev_env(self.dev_env_path, values)
         self.dev_env_path.chmod(0o600)  # it holds the codec key and the master secret
         settings = _settings_with(self.settings, read_dev_env(self.dev_env_path))
         ui_origin = settings.temporal_ui_url.rstrip("/")
@@ -427,7 +734,7 @@ class DevStack:
             )
         self.settings = settings
 
-    def _start_temporal(self) -> None:
+    def _start_temporal(self) -> Child:
         temporal, ui = self.temporal, self.temporal_ui
         command = [
             _binary("temporal"),
@@ -454,30 +761,52 @@ class DevStack:
         ]
         if self.settings.temporal_namespace != "default":
             command += ["--namespace", self.settings.temporal_namespace]
-        self._launch(TEMPORAL, command)
+        return self._launch(TEMPORAL, command)
 
-    def _start_s3(self) -> None:
-        s3 = self.local_s3
-        self._launch(LOCAL_S3, [_binary("moto_server"), "-H", s3.host, "-p", str(s3.port)])
+    def _start_s3(self) -> Child:
+        access_key, secret_key = self._s3_credentials()
+        command = local_s3_command(
+            self.state_dir / S3_DATA_DIR,
+            self.local_s3.host,
+            self.local_s3_ports,
+            self.settings.bucket,
+        )
+        return self._launch(LOCAL_S3, command, local_s3_env(access_key, secret_key))
 
-    def _launch(self, name: str, command: list[str]) -> Child:
-        log_path = self.logs_dir / f"{name.lower().replace(' ', '-')}.log"
-        with log_path.open("ab") as log:
-            log.write(f"\n=== {datetime.now(UTC).isoformat()} {' '.join(command)}\n".encode())
-            log.flush()
-            popen = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=self._child_env(),
-                # Own process group: Ctrl-C reaches only us, and stop() can signal the group.
-                start_new_session=True,
+    def _s3_credentials(self) -> tuple[str, str]:
+        secret = self.settings.s3_secret_access_key
+        if not self.settings.s3_access_key_id or secret is None:
+            raise DevStackError(
+                "the local S3 server needs LORA_S3_ACCESS_KEY_ID and LORA_S3_SECRET_ACCESS_KEY "
+                f"(kept in {self.dev_env_path})"
             )
-        child = Child(name, popen, log_path)
+        return self.settings.s3_access_key_id, secret.get_secret_value()
+
+    def _launch(self, name: str, command: list[str], env: dict[str, str] | None = None) -> Child:
+        log_path = self.logs_dir / f"{name.lower().replace(' ', '-')}.log"
+        env = env if env is not None else self._child_env()
+        child = Child(name, _spawn(command, env, log_path), log_path, command, env)
         self.children.append(child)
-        self.pids_path.write_text(json.dumps({c.name: c.pid for c in self.children}))
+        self._write_pids()
         return child
+
+    def _restart(self, child: Child) -> None:
+        # Whatever the dead child left in its group (none of it is a local GPU: runners have
+        # groups of their own) goes with it.
+        _signal_group(child, signal.SIGKILL)
+        child.popen.wait()
+        child.popen = _spawn(child.command, child.env, child.log_path)
+        child.started_at = time.monotonic()
+        child.restart_at = None
+        child.restarts += 1
+        child.backoff_s = min(child.backoff_s * 2, RESTART_BACKOFF_MAX_S)
+        self._write_pids()
+
+    def _write_pids(self) -> None:
+        # Atomically: a reader (a second `dev`, a test) never sees half a file.
+        tmp = self.pids_path.with_name(f".{PIDS_NAME}.tmp")
+        tmp.write_text(json.dumps({c.name: c.pid for c in self.children}))
+        os.replace(tmp, self.pids_path)
 
     def _child_env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -526,27 +855,45 @@ class DevStack:
                 return False
         return True
 
-    def _create_bucket(self) -> None:
-        s3 = boto3.client(
-            "s3",
-            endpoint_url=self.s3_url,
-            region_name=self.settings.s3_region,
-            aws_access_key_id=self.settings.s3_access_key_id,
-            aws_secret_access_key=(
-                self.settings.s3_secret_access_key.get_secret_value()
-                if self.settings.s3_secret_access_key
-                else None
-            ),
-            config=Config(connect_timeout=5, read_timeout=10, retries={"max_attempts": 3}),
-        )
-        kwargs: dict[str, Any] = {"Bucket": self.settings.bucket}
-        if self.settings.s3_region != "us-east-1":
-            kwargs["CreateBucketConfiguration"] = {"LocationConstraint": self.settings.s3_region}
+    def _bucket_ready(self) -> bool:
+        """The bucket exists (SeaweedFS creates it just after its S3 port opens, or we do)."""
+        access_key, secret_key = self._s3_credentials()
+        s3 = _s3_client(self.s3_url, access_key, secret_key, self.settings.s3_region)
         try:
-            s3.create_bucket(**kwargs)
+            ensure_bucket(s3, self.settings.bucket, self.settings.s3_region)
         except ClientError as e:
-            if e.response.get("Error", {}).get("Code") != "BucketAlreadyOwnedByYou":
-                raise
+            code = e.response.get("Error", {}).get("Code")
+            if code in ("SignatureDoesNotMatch", "InvalidAccessKeyId", "InvalidBucketName"):
+                raise DevStackError(
+                    f"the local S3 server refused to create bucket {self.settings.bucket!r}: {code}"
+                ) from None
+            return False
+        except BotoCoreError:
+            return False
+        return True
+
+
+def _spawn(command: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    with log_path.open("ab") as log:
+        log.write(f"\n=== {datetime.now(UTC).isoformat()} {' '.join(command)}\n".encode())
+        log.flush()
+        return subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            # Own process group: Ctrl-C reaches only us, and stop() can signal the group.
+            start_new_session=True,
+        )
+
+
+def _exit_reason(child: Child) -> str:
+    code = child.popen.returncode
+    if code is not None and code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
 
 
 def _signal_group(child: Child, sig: signal.Signals) -> None:

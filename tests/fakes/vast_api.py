@@ -29,7 +29,8 @@ instance `exited`; destroy kills its process group.
 Faults: `machine_faults[machine_id]` = "exits" (the container exits at boot, the runner never
 starts), "stuck_loading", "pull_error" (an image pull error in status_msg), "taken" (someone
 else rents the offer at create); `rate_limit(n, retry_after_s)` (429 bursts), `server_errors(n,
-status)` (5xx), `lose_create_responses(n)` (the instance is made, the answer is a 504).
+status)` (5xx), `lose_create_responses(n)` (the instance is made, the answer is a 504),
+`instance_keys_may_destroy = False` (an instance key may only stop its instance).
 """
 
 from __future__ import annotations
@@ -195,6 +196,8 @@ class FakeVast:
         self.boot_delay_s = boot_delay_s
         self.runner_command = runner_command or [sys.executable, "-m", "gpu_runner"]
         self.machine_faults: dict[int, MachineFault] = {}
+        # False: an instance's own key may stop it but not destroy it (403).
+        self.instance_keys_may_destroy = True
         self.instances: dict[int, FakeInstance] = {}
         # (method, path, which key: "account" | "instance:<id>" | "none")
         self.requests: list[tuple[str, str, str]] = []
@@ -420,6 +423,11 @@ class FakeVast:
             if request.method == "GET":
                 return JSONResponse({"instances": instance.row()})
             if request.method == "DELETE":
+                if who != "account" and not self.instance_keys_may_destroy:
+                    return JSONResponse(
+                        {"success": False, "error": "forbidden", "msg": "key may not destroy"},
+                        status_code=403,
+                    )
                 self.destroy_calls.append((instance_id, time.time(), who))
                 instance.destroyed_at = time.time()
                 instance.cur_state = "unloaded"

@@ -1,0 +1,238 @@
+"""`loratrain dev` as a user runs it: found from any directory, one per state dir, and a child
+that crashes is restarted while runs go on, on the GPU they have."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from temporalio.client import Client
+
+from worker.main import connect_client
+from worker.settings import Settings
+from workflows.models import RunStatusName
+from workflows.training import TrainingWorkflow
+
+from .test_cli import group_members, stack_env, wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+STANDIN = ROOT / "tests" / "sd_scripts_standin"
+
+
+def tiny_png(seed: int) -> bytes:
+    """A real 8x8 RGB PNG (decodes with any image library), different for each seed."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    rows = b"".join(
+        b"\x00" + bytes((seed * 40 + x * 3 + y) % 256 for x in range(24)) for y in range(8)
+    )
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
+
+
+def runner_env(tmp_path: Path, step_s: float) -> dict[str, str]:
+    """The runner with the sd-scripts stand-in (README "To see a whole run on a laptop"); each
+    training step takes `step_s`, so a run trains for a few seconds."""
+    return {
+        "PYTHONPATH": str(ROOT),
+        "LORA_RUNNER_REQUIRE_GPU": "false",
+        "LORA_RUNNER_SD_SCRIPTS_DIR": str(STANDIN),
+        "LORA_RUNNER_ACCELERATE_COMMAND": json.dumps([sys.executable, str(STANDIN / "accelerate")]),
+        "LORA_RUNNER_TOKENIZER_CACHE_DIR": str(tmp_path / "tokenizers"),
+        "LORA_RUNNER_RETRY_INITIAL_S": "0.2",
+        "LORA_RUNNER_RETRY_MAX_S": "1",
+        "LORA_RUNNER_PROGRESS_INTERVAL_S": "0.5",
+        "LORA_RUNNER_DISK_MARGIN_BYTES": "0",
+        # The stand-in reads its pace from its environment, which the runner passes on.
+        "LORA_LOCAL_RUNNER_COMMAND": json.dumps(
+            ["env", f"STANDIN_STEP_S={step_s}", sys.executable, "-m", "gpu_runner"]
+        ),
+    }
+
+
+@dataclass
+class Dev:
+    proc: subprocess.Popen[str]
+    state: Path
+    started_in: Path
+
+    def pids(self) -> dict[str, int]:
+        return {k: int(v) for k, v in json.loads((self.state / "dev.pids").read_text()).items()}
+
+    def stop(self) -> str:
+        self.proc.send_signal(signal.SIGINT)
+        out, _ = self.proc.communicate(timeout=60)
+        assert self.proc.returncode == 0, out
+        return out
+
+
+@contextlib.contextmanager
+def running_dev(tmp_path: Path, extra_env: dict[str, str] | None = None) -> Iterator[Dev]:
+    """`loratrain dev` started in a directory of its own, its state in its own LORA_STATE_DIR,
+    on free ports; returns once it says it is up. Killed, with its children, if still up."""
+    started_in = tmp_path / "dev-cwd"
+    started_in.mkdir()
+    state = tmp_path / "state"
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        **stack_env(),
+        **(extra_env or {}),
+        "LORA_STATE_DIR": str(state),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "worker.cli", "dev"],
+        cwd=started_in,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    dev = Dev(proc, state, started_in)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if "loratrain dev is up" in line:
+                break
+        else:
+            raise AssertionError(f"`loratrain dev` exited ({proc.wait()}) before it was up")
+        # What it prints from here on (a few lines) waits in the pipe for stop().
+        yield dev
+    finally:
+        pgids: set[int] = set()
+        with contextlib.suppress(OSError, ValueError):
+            pgids = set(dev.pids().values())
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        for pgid in pgids:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL)
+
+
+def loratrain(args: list[str], cwd: Path, state: Path) -> subprocess.CompletedProcess[str]:
+    """A command as a user types it elsewhere: only LORA_STATE_DIR says where the stack is
+    (nothing about its ports; a user with the default state dir would not even set that)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORA_")}
+    env.update({"PYTHONPATH": str(ROOT), "LORA_STATE_DIR": str(state)})
+    return subprocess.run(
+        [sys.executable, "-m", "worker.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@contextlib.asynccontextmanager
+async def client_of(state: Path) -> AsyncIterator[Client]:
+    """The project's Temporal client for the stack whose state is in `state` (its dev.env)."""
+    yield await connect_client(Settings(state_dir=state))
+
+
+async def wait_for_training(client: Client, run_id: str, timeout_s: float) -> None:
+    handle = client.get_workflow_handle_for(TrainingWorkflow.run, run_id)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = await handle.query(TrainingWorkflow.status)
+        if status.status == RunStatusName.TRAINING:
+            return
+        assert not status.status.terminal, status
+        assert time.monotonic() < deadline, f"still {status.status} after {timeout_s} s"
+        await asyncio.sleep(0.2)
+
+
+def start_run(tmp_path: Path, elsewhere: Path, state: Path, run_id: str) -> None:
+    """`loratrain train` of a local folder, from a directory other than the stack's."""
+    images = elsewhere / "cats"
+    images.mkdir()
+    for i in range(2):
+        (images / f"cat{i}.png").write_bytes(tiny_png(i))
+        (images / f"cat{i}.txt").write_text("a photo of sks cat")
+    model = tmp_path / "base-sd15.safetensors"
+    model.write_bytes(b"{}" + bytes(1024))
+    train = ["train", "cats", "--model", str(model), "--epochs", "2", "--run-id", run_id]
+    started = loratrain(train, elsewhere, state)
+    assert started.returncode == 0, started.stdout + started.stderr
+    assert f"started run {run_id}" in started.stdout
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def test_commands_find_the_running_stack_from_any_directory(tmp_path: Path) -> None:
+    with running_dev(tmp_path) as dev:
+        elsewhere = tmp_path / "somewhere-else"
+        elsewhere.mkdir()
+
+        listed = loratrain(["list"], elsewhere, dev.state)
+        assert listed.returncode == 0, listed.stdout + listed.stderr
+
+        # A second stack on the same state is refused, naming the one that runs; that one
+        # keeps running.
+        second = loratrain(["dev"], elsewhere, dev.state)
+        assert second.returncode == 1
+        assert (
+            f"`loratrain dev` is already running (pid {dev.proc.pid}) with state in {dev.state}"
+            in second.stderr
+        )
+        assert "kill" not in second.stderr
+        assert dev.proc.poll() is None
+        dev.stop()
+
+
+@pytest.mark.parametrize("service", ["worker", "relay"])
+async def test_a_killed_service_is_restarted_and_the_run_completes_on_its_first_gpu(
+    tmp_path: Path, service: str
+) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    with running_dev(tmp_path, runner_env(tmp_path, step_s=0.25)) as dev:
+        run_id = f"supervised-{service}"
+        await asyncio.to_thread(start_run, tmp_path, elsewhere, dev.state, run_id)
+        async with client_of(dev.state) as client:
+            await wait_for_training(client, run_id, timeout_s=90)
+            before = dev.pids()
+
+            os.killpg(before[service], signal.SIGKILL)
+
+            await asyncio.to_thread(
+                wait_until,
+                lambda: dev.pids()[service] != before[service],
+                f"{service} restart",
+                dev.proc,
+            )
+            after = dev.pids()
+            assert {k: v for k, v in after.items() if k != service} == {
+                k: v for k, v in before.items() if k != service
+            }, "the other children keep running"
+            handle = client.get_workflow_handle_for(TrainingWorkflow.run, run_id)
+            final = await asyncio.wait_for(handle.result(), timeout=120)
+
+        assert final.status == RunStatusName.COMPLETED, final.error
+        assert final.attempt == 1, final.gpu_failures
+        assert len(list((dev.state / "instances").iterdir())) == 1, "one GPU for the whole run"
+        out = await asyncio.to_thread(dev.stop)
+        assert f"{service} exited unexpectedly (killed by SIGKILL); restarting it in 1 s" in out
+        assert f"{service} restarted (pid {after[service]}, restart 1)" in out
+        assert group_members(set(after.values())) == []
