@@ -38,6 +38,7 @@ from workflows.reaper import ReaperWorkflow
 from workflows.training import TrainingWorkflow
 
 from .converter import data_converter
+from .logs import configure_logging
 from .settings import Settings
 
 log = logging.getLogger("loratrain.worker")
@@ -173,6 +174,7 @@ def build_worker(
 async def run_worker(settings: Settings) -> None:
     """Run the worker until cancelled (Ctrl-C)."""
     # Refuse a provider that cannot work before connecting to anything.
+    configure_logging()
     provider = gpu_provider(settings)
     client = await connect_client(settings)
     try:

@@ -19,7 +19,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import uvicorn
@@ -41,6 +41,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from gpu_runner import protocol
 
 from .converter import EncryptionCodec, codec_from_settings, data_converter
+from .logs import configure_logging
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -232,10 +233,18 @@ def _rpc_failure(call: str, run_id: str, error: RPCError) -> Rejection:
     return _temporal_unavailable(error.status.name.lower() if error.status else "rpc error")
 
 
+def _age_ms(sent_at: datetime) -> float:
+    """Milliseconds since a runner stamped an event (a naive time is read as UTC)."""
+    if sent_at.tzinfo is None:
+        sent_at = sent_at.replace(tzinfo=UTC)
+    return (datetime.now(UTC) - sent_at).total_seconds() * 1000
+
+
 def _events_endpoint(
     settings: Settings, connection: TemporalConnection
 ) -> Callable[[Request], Awaitable[Response]]:
     async def post_event(request: Request) -> Response:
+        received = time.monotonic()
         run_id = request.path_params["run_id"]
         try:
             async with asyncio.timeout(settings.http_timeout_s):
@@ -253,7 +262,16 @@ def _events_endpoint(
             return Rejection(408, "request body not received in time").response()
         except ClientDisconnect:
             return Rejection(400, "client disconnected before sending the body").response()
-        log.info("run %s: delivered event %d (%s)", event.run_id, event.seq, event.type)
+        # latency: receipt to Temporal's acknowledgement here; age: since the runner sent it.
+        log.info(
+            "delivered run=%s attempt=%d seq=%d type=%s latency_ms=%d age_ms=%d",
+            event.run_id,
+            event.attempt,
+            event.seq,
+            event.type,
+            (time.monotonic() - received) * 1000,
+            _age_ms(event.at),
+        )
         return JSONResponse({"accepted": True, "id": event.webhook_id}, 202)
 
     return post_event
@@ -370,10 +388,15 @@ def create_app(settings: Settings, client: Client | None = None) -> Starlette:
 
 def run_relay(settings: Settings) -> None:
     """Serve the relay on settings.relay_host:settings.relay_port until interrupted."""
+    configure_logging()
     config = uvicorn.Config(
         create_app(settings),
         host=settings.relay_host,
         port=settings.relay_port,
         timeout_graceful_shutdown=10,
+        # Our format for uvicorn's lines too; each delivered event has its own line instead of
+        # an access log line.
+        log_config=None,
+        access_log=False,
     )
     uvicorn.Server(config).run()

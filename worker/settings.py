@@ -2,25 +2,63 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    DotEnvSettingsSource,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 SEARCH_ATTRIBUTE = "LoraTrainingStatus"
 
-# Written by `loratrain dev` on its first start (codec key, master secret, local S3), so every
-# command run from the same directory talks to the embedded stack. Real env vars win over it.
-DEV_ENV_FILE = Path(".loratrain") / "dev.env"
+# Written by `loratrain dev` into its state dir on its first start (codec key, master secret,
+# local S3), so every command, run from any directory, talks to the embedded stack. Real
+# environment variables win over it.
+DEV_ENV_NAME = "dev.env"
+STATE_DIR_VARIABLE = "LORA_STATE_DIR"
+
+
+def default_state_dir() -> Path:
+    """The per-user state location: `$XDG_STATE_HOME/loratrain` or `~/.local/state/loratrain`."""
+    xdg = os.environ.get("XDG_STATE_HOME", "")
+    # The XDG spec says to ignore a relative value.
+    base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".local" / "state"
+    return base / "loratrain"
+
+
+def dev_env_file(init_values: dict[str, Any] | None = None) -> Path:
+    """The dev env file of the state dir these settings will have (init value, env, default)."""
+    given = (init_values or {}).get("state_dir") or os.environ.get(STATE_DIR_VARIABLE)
+    return (Path(given) if given else default_state_dir()) / DEV_ENV_NAME
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="LORA_", env_file=(DEV_ENV_FILE,), env_file_encoding="utf-8", extra="ignore"
-    )
+    model_config = SettingsConfigDict(env_prefix="LORA_", env_file_encoding="utf-8", extra="ignore")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Below init values, the environment and an explicit `_env_file`: the state dir's
+        dev env file, wherever the command runs."""
+        init_values = (
+            init_settings.init_kwargs if isinstance(init_settings, InitSettingsSource) else {}
+        )
+        dev_env = DotEnvSettingsSource(settings_cls, env_file=dev_env_file(init_values))
+        return init_settings, env_settings, dotenv_settings, dev_env, file_secret_settings
 
     # Temporal
     temporal_address: str = "127.0.0.1:7233"
@@ -34,7 +72,7 @@ class Settings(BaseSettings):
     codec_key: SecretStr | None = None
     codec_key_id: str = "k1"
 
-    # S3 (real S3, R2, MinIO or the local moto server)
+    # S3 (real S3, R2, MinIO or the embedded stack's SeaweedFS)
     s3_endpoint_url: str | None = None
     # The S3 address a GPU box reaches (the internet's view); used only to presign its URLs.
     s3_public_endpoint_url: str | None = None
@@ -91,8 +129,13 @@ class Settings(BaseSettings):
     # The SDK's own retries of 429/502/503/504 and connection errors, per call.
     vast_sdk_retries: int = Field(default=4, ge=1, le=10)
 
-    # Where the embedded stack keeps its state (SQLite, pid files, logs).
-    state_dir: Path = Path(".loratrain")
+    # Where the embedded stack keeps its state (SQLite, dev.env, logs, instances, S3 data);
+    # one per user, so every command finds the running stack from any directory.
+    state_dir: Path = Field(default_factory=default_state_dir)
+    # The embedded S3 server (SeaweedFS) listens on the S3 endpoint's port and, inside, on four
+    # consecutive ports from this one (master, volume, filer, admin); each of those five also
+    # on its port + 10000 (gRPC).
+    local_s3_internal_port: int = Field(default=19333, ge=1024, le=65535 - 10000 - 3)
 
     # HTTP timeouts for every outbound call, seconds.
     http_timeout_s: float = 30.0

@@ -6,7 +6,8 @@ Each instance is a directory under `settings.instances_dir` named after its id:
     exit.json       exit code, once this worker saw the process end
     destroyed.json  present once the instance was destroyed
     runner.log      the runner's stdout and stderr
-    work/           the runner's working directory (LORA_RUNNER_WORKDIR) unless configured
+    work/           the runner's working directory (LORA_RUNNER_WORKDIR) unless configured;
+                    removed when the instance is destroyed
 
 Everything `find`, `get`, `destroy` and `list_instances` need is on disk, so a restarted worker
 still manages the instances an earlier one started. The process start time (field 22 of
@@ -21,6 +22,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import threading
@@ -226,6 +228,9 @@ class LocalProvider:
             (directory / DESTROYED_FILE).write_text(
                 json.dumps({"pid": record.pid, "destroyed_at": datetime.now(UTC).isoformat()})
             )
+            # The runner's copies of the dataset and the base model (often GBs) go with the
+            # instance, as on a rented GPU; instance.json and runner.log stay for diagnosis.
+            shutil.rmtree(directory / WORK_DIR, ignore_errors=True)
         return True
 
     def list_instances(self) -> list[Instance]:
