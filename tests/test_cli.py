@@ -27,7 +27,7 @@ from activities.providers.base import instance_label
 from activities.providers.local import LocalProvider
 from worker.cli import app
 from worker.converter import new_codec_key
-from worker.devstack import DevStack, PortsInUse
+from worker.devstack import DevStack, PortsInUse, free_local_s3_ports, read_dev_env
 from worker.settings import Settings
 from workflows.models import GpuRequirements, RunStatus, RunStatusName
 
@@ -39,10 +39,11 @@ PNG = b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\rIHDR" + bytes(64)
 
 @pytest.fixture
 def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A working directory of its own, so no `.loratrain/dev.env` of a real stack is read."""
+    """A working directory of its own, with the stack's state in its `.loratrain/`."""
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
+    monkeypatch.setenv("LORA_STATE_DIR", str(work / ".loratrain"))
     return work
 
 
@@ -257,11 +258,13 @@ async def wait_for_list(env: dict[str, str], run_id: str, timeout_s: float = 10)
 
 def stack_env() -> dict[str, str]:
     """LORA_ variables that move every port of the stack off its default, onto free ones."""
-    temporal, ui, s3, relay = (free_port() for _ in range(4))
+    temporal, ui, relay = (free_port() for _ in range(3))
+    s3 = free_local_s3_ports()
     return {
         "LORA_TEMPORAL_ADDRESS": f"127.0.0.1:{temporal}",
         "LORA_TEMPORAL_UI_URL": f"http://127.0.0.1:{ui}",
-        "LORA_S3_ENDPOINT_URL": f"http://127.0.0.1:{s3}",
+        "LORA_S3_ENDPOINT_URL": f"http://127.0.0.1:{s3.s3}",
+        "LORA_LOCAL_S3_INTERNAL_PORT": str(s3.internal),
         "LORA_RELAY_PORT": str(relay),
         "LORA_RELAY_PUBLIC_URL": f"http://127.0.0.1:{relay}",
     }
@@ -408,6 +411,11 @@ def running_dev(workdir: Path) -> Iterator[RunningDev]:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        with contextlib.suppress(OSError, ValueError):
+            # Children restarted since they were recorded above.
+            pids.update(
+                {f"now {k}": v for k, v in json.loads((state / "dev.pids").read_text()).items()}
+            )
         for pgid in pids.values():
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pgid, signal.SIGKILL)
@@ -435,25 +443,51 @@ def test_dev_runs_the_stack_and_a_signal_stops_all_of_it(
         assert not (dev.state / "dev.pids").exists()
 
 
-def test_dev_stops_everything_when_a_child_dies(workdir: Path) -> None:
+def test_dev_restarts_a_child_that_dies_and_keeps_the_others(workdir: Path) -> None:
     with running_dev(workdir) as dev:
         os.killpg(dev.pids["worker"], signal.SIGKILL)
-        out, _ = dev.proc.communicate(timeout=30)
 
-        assert dev.proc.returncode == 1, out
-        assert (
-            "worker exited unexpectedly with code -9; its log is .loratrain/logs/worker.log" in out
-        )
-        assert group_members(set(dev.pids.values())) == []
+        def restarted() -> bool:
+            pids = json.loads((dev.state / "dev.pids").read_text())
+            return bool(pids["worker"] != dev.pids["worker"])
+
+        wait_until(restarted, "the worker's restart", dev.proc, timeout_s=30)
+        pids = json.loads((dev.state / "dev.pids").read_text())
+        assert {k: v for k, v in pids.items() if k != "worker"} == {
+            k: v for k, v in dev.pids.items() if k != "worker"
+        }
+        assert group_members({pids["worker"]}), "the new worker should be running"
+
+        dev.proc.send_signal(signal.SIGINT)
+        out, _ = dev.proc.communicate(timeout=30)
+        assert dev.proc.returncode == 0, out
+        log = dev.state / "logs" / "worker.log"
+        assert "worker exited unexpectedly (killed by SIGKILL); restarting it in 1 s" in out
+        assert f"Its log is {log}" in out
+        assert f"worker restarted (pid {pids['worker']}, restart 1)" in out
+        assert group_members(set(pids.values())) == []
+
+
+KEYS = (
+    "LORA_CODEC_KEY",
+    "LORA_WEBHOOK_MASTER_SECRET",
+    "LORA_S3_ACCESS_KEY_ID",
+    "LORA_S3_SECRET_ACCESS_KEY",
+)
 
 
 def test_dev_reuses_its_keys_on_the_next_start(workdir: Path) -> None:
+    """Its keys stay (old runs stay readable, stored data reachable); its addresses follow the
+    stack that runs now (each start here has ports of its own)."""
     with running_dev(workdir) as dev:
-        first = (dev.state / "dev.env").read_text()
+        first = read_dev_env(dev.state / "dev.env")
         dev.proc.send_signal(signal.SIGINT)
         dev.proc.communicate(timeout=30)
     with running_dev(workdir) as dev:
-        assert (dev.state / "dev.env").read_text() == first
+        second = read_dev_env(dev.state / "dev.env")
+        assert {k: second[k] for k in KEYS} == {k: first[k] for k in KEYS}
+        assert second["LORA_TEMPORAL_ADDRESS"] == dev.env["LORA_TEMPORAL_ADDRESS"]
+        assert second["LORA_S3_ENDPOINT_URL"] == dev.env["LORA_S3_ENDPOINT_URL"]
         dev.proc.send_signal(signal.SIGINT)
         out, _ = dev.proc.communicate(timeout=30)
         assert dev.proc.returncode == 0, out

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import secrets
 import signal
 from collections.abc import Coroutine, Iterator
@@ -39,13 +38,12 @@ from workflows.models import RunStatus, RunStatusName, TrainingRequest
 
 from .converter import CodecKeyError
 from .devstack import (
-    DEV_ENV_NAME,
     ChildExited,
     DevStack,
     DevStackError,
     StartInterrupted,
 )
-from .settings import DEV_ENV_FILE, SEARCH_ATTRIBUTE, Settings
+from .settings import DEV_ENV_NAME, SEARCH_ATTRIBUTE, Settings
 
 if TYPE_CHECKING:
     from workflows.training import TrainingWorkflow
@@ -102,12 +100,10 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 
 def load_settings() -> Settings:
-    """Settings from LORA_ variables, then `.loratrain/dev.env` (or the one in LORA_STATE_DIR)."""
+    """Settings from LORA_ variables, then the state dir's dev.env (LORA_STATE_DIR, or the
+    per-user default), so every command finds a running `loratrain dev` from any directory."""
     try:
         settings = Settings()
-        own_env_file = settings.state_dir / DEV_ENV_NAME
-        if own_env_file.absolute() != DEV_ENV_FILE.absolute() and own_env_file.exists():
-            settings = Settings(_env_file=(DEV_ENV_FILE, own_env_file))
     except ValidationError as e:
         for error in e.errors():
             name = "LORA_" + "_".join(str(part) for part in error["loc"]).upper()
@@ -140,7 +136,10 @@ async def connect(settings: Settings) -> Client:
     try:
         return await asyncio.wait_for(connect_client(settings), CONNECT_TIMEOUT_S)
     except CodecKeyError as e:
-        fail(f"{e}: start `loratrain dev` in this directory once (it writes one), or set it")
+        fail(
+            f"{e}: start `loratrain dev` once (it writes one to "
+            f"{settings.state_dir / DEV_ENV_NAME}), or set it"
+        )
     except (RuntimeError, RPCError, TimeoutError):
         fail(f"cannot reach Temporal at {settings.temporal_address}: is `loratrain dev` running?")
 
@@ -205,7 +204,7 @@ def run_async(main: Coroutine[Any, Any, None]) -> None:
 def dev() -> None:
     """Run the embedded stack in the foreground: Temporal, its UI, local S3, relay, worker.
 
-    Ctrl-C stops everything.
+    A part that crashes is restarted; Ctrl-C stops everything.
     """
     settings = load_settings()
     stack = DevStack(settings)
@@ -227,11 +226,7 @@ def dev() -> None:
     except DevStackError as e:
         fail(str(e))
     _print_stack(stack)
-    dead = stack.wait()
-    if dead is not None:
-        stack.stop()
-        _report_dead_child(ChildExited(dead))
-        raise typer.Exit(1)
+    stack.supervise(lambda line: err.print(line, style="yellow", markup=False, highlight=False))
     out.print("stopping…", style="dim")
     stack.stop()
     out.print("stopped")
@@ -269,7 +264,6 @@ def worker() -> None:
     from worker.main import ProviderConfigError, run_worker
 
     settings = load_settings()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
         asyncio.run(_until_signalled(run_worker(settings)))
     except (CodecKeyError, ProviderConfigError) as e:
