@@ -1,9 +1,9 @@
 """Memory and speed of `build_images_zip`: peak memory must not grow with the dataset.
 
-Starts moto's S3 server on a free loopback port, uploads datasets of random "images" (PNG header
-+ random bytes, which do not compress), then zips each one in a fresh child process and reports
-wall time, throughput and how far the child's peak RSS (VmHWM) rose above its RSS just before the
-call. Run from the repository root:
+Starts the embedded stack's S3 server (SeaweedFS) on free loopback ports, uploads datasets of
+random "images" (a tiny PNG + random bytes, which do not compress), then zips each one in a
+fresh child process and reports wall time, throughput and how far the child's peak RSS (VmHWM)
+rose above its RSS just before the call. Run from the repository root:
 
     .venv/bin/python -m bench.zip_memory              # 100 MB and 300 MB of 1 MB files
     .venv/bin/python -m bench.zip_memory --sizes 50,500 --file-mb 2
@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,12 +26,24 @@ from pathlib import Path
 from typing import Any
 
 import boto3
-import httpx
+from PIL import Image
+
+from worker.devstack import local_s3_server
 
 ROOT = Path(__file__).resolve().parent.parent
 BUCKET = "bench"
 MB = 1024 * 1024
-PNG_HEADER = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR"
+
+
+def _tiny_png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (120, 80, 200)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+# Intake decodes every image: each "image" is a real PNG followed by random bytes, which
+# decoders ignore and which do not compress.
+PNG_PREFIX = _tiny_png()
 
 
 def main() -> None:
@@ -46,9 +58,8 @@ def main() -> None:
 
     sizes = [int(s) for s in args.sizes.split(",")]
     file_bytes = int(args.file_mb * MB)
-    with moto_server() as endpoint:
+    with local_s3() as endpoint:
         s3 = client(endpoint)
-        s3.create_bucket(Bucket=BUCKET)
         for size in sizes:
             count = size * MB // file_bytes
             started = time.monotonic()
@@ -116,7 +127,7 @@ def proc_status_bytes(field: str) -> int:
 
 def upload_dataset(s3: Any, prefix: str, count: int, file_bytes: int) -> None:
     def put(i: int) -> None:
-        body = PNG_HEADER + os.urandom(file_bytes - len(PNG_HEADER))
+        body = PNG_PREFIX + os.urandom(file_bytes - len(PNG_PREFIX))
         s3.put_object(Bucket=BUCKET, Key=f"{prefix}/{i:05d}.png", Body=body)
 
     with ThreadPoolExecutor(16) as pool:
@@ -134,36 +145,20 @@ def client(endpoint: str) -> Any:
 
 
 @contextlib.contextmanager
-def moto_server() -> Iterator[str]:
-    """moto's S3 server as a child process on a free loopback port; stopped on exit."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    binary = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
-    proc = subprocess.Popen(
-        [binary, "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx.get(endpoint, timeout=1.0)
-                break
-            except httpx.HTTPError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("moto_server did not start") from None
-                time.sleep(0.1)
+def local_s3() -> Iterator[str]:
+    """The embedded stack's S3 server (SeaweedFS) on free loopback ports, its data in a
+    temporary directory; stopped and removed on exit."""
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-s3-") as data,
+        local_s3_server(
+            Path(data) / "s3",
+            access_key_id="bench",
+            secret_access_key="bench",
+            bucket=BUCKET,
+            stop_grace_s=0,
+        ) as endpoint,
+    ):
         yield endpoint
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 from temporalio.client import Client
 
+from worker.devstack import read_dev_env
 from worker.main import connect_client
 from worker.settings import Settings
 from workflows.models import RunStatusName
@@ -28,6 +30,8 @@ from workflows.training import TrainingWorkflow
 from .test_cli import group_members, stack_env, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
+# The worker's and relay's log lines start with a UTC time to the millisecond and a level.
+STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
 STANDIN = ROOT / "tests" / "sd_scripts_standin"
 
 
@@ -236,3 +240,23 @@ async def test_a_killed_service_is_restarted_and_the_run_completes_on_its_first_
         assert f"{service} exited unexpectedly (killed by SIGKILL); restarting it in 1 s" in out
         assert f"{service} restarted (pid {after[service]}, restart 1)" in out
         assert group_members(set(after.values())) == []
+        check_service_logs(dev.state, run_id)
+
+
+def check_service_logs(state: Path, run_id: str) -> None:
+    """Timestamped, levelled lines; the relay's INFO line for each delivered event; no secret."""
+    relay = (state / "logs" / "relay.log").read_text()
+    delivered = re.findall(
+        rf"^{STAMP} INFO worker\.relay: delivered run={run_id} attempt=1 seq=(\d+) "
+        r"type=([a-z.]+) latency_ms=\d+ age_ms=-?\d+$",
+        relay,
+        re.MULTILINE,
+    )
+    types = {t for _, t in delivered}
+    assert {"gpu.ready", "files.ready", "model.uploaded"} <= types, relay[-3000:]
+    worker = (state / "logs" / "worker.log").read_text()
+    assert re.search(rf"^{STAMP} INFO loratrain\.worker: worker polling", worker, re.MULTILINE)
+    secrets = read_dev_env(state / "dev.env")
+    for name in ("LORA_CODEC_KEY", "LORA_WEBHOOK_MASTER_SECRET", "LORA_S3_SECRET_ACCESS_KEY"):
+        for log in (state / "logs").iterdir():
+            assert secrets[name] not in log.read_text(), f"{name} in {log.name}"
