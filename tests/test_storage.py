@@ -1,4 +1,4 @@
-"""StorageActivities against moto's S3 server over real HTTP."""
+"""StorageActivities against the local S3 server (SeaweedFS) over real HTTP."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
+from botocore.exceptions import ClientError
 from pydantic import SecretStr
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
@@ -22,6 +23,7 @@ from activities.storage import (
     JobSpecInput,
     StorageActivities,
     VerifyUploadInput,
+    _safe_name,
 )
 from gpu_runner.protocol import JobSpec, TrainingConfig, derive_run_secret
 from worker.settings import Settings
@@ -265,13 +267,31 @@ def test_every_problem_is_named_in_one_error(settings: Settings, s3: Any) -> Non
 
 def test_unsafe_names_are_rejected(settings: Settings, s3: Any) -> None:
     put(s3, settings.bucket, f"{PREFIX}/a.png", png())
-    put(s3, settings.bucket, f"{PREFIX}/x/../evil.png", png())
-    put(s3, settings.bucket, f"{PREFIX}//rooted.png", png())
+    put(s3, settings.bucket, f"{PREFIX}/bell\x07.png", png())
+    put(s3, settings.bucket, f"{PREFIX}/del\x7f.png", png())
 
     error = rejection(StorageActivities(s3, settings).validate_images, dataset(settings))
 
-    assert "- /rooted.png: unsafe file name" in error.message
-    assert "- x/../evil.png: unsafe file name" in error.message
+    assert "- bell\x07.png: unsafe file name" in error.message
+    assert "- del\x7f.png: unsafe file name" in error.message
+    assert "a.png" not in error.message
+
+
+# Keys real S3 stores and lists as given; the local S3 server refuses or folds them (below), so
+# the check is shown on the names themselves.
+@pytest.mark.parametrize(
+    "name", ["x/../evil.png", "../up.png", "/rooted.png", "x//y.png", "./a.png", "x\\..\\y.png"]
+)
+def test_names_with_empty_dot_or_backslash_parts_are_unsafe(name: str) -> None:
+    assert not _safe_name(name)
+    assert _safe_name("cats/..png") and _safe_name("cats/a.b.png")
+
+
+def test_the_local_s3_server_refuses_keys_that_climb_out(settings: Settings, s3: Any) -> None:
+    for key in (f"{PREFIX}/x/../evil.png", f"{PREFIX}/../up.png", f"{PREFIX}/./a.png"):
+        with pytest.raises(ClientError) as refused:
+            put(s3, settings.bucket, key, png())
+        assert refused.value.response["Error"]["Code"] == "InvalidRequest"
 
 
 # ---------------------------------------------------------------------------------------------
