@@ -1,4 +1,5 @@
-"""resolve_model against a fake Civitai over real HTTP, moto's S3 server and real files."""
+"""resolve_model against a fake Civitai over real HTTP, the local S3 server (SeaweedFS) and real
+files."""
 
 from __future__ import annotations
 
