@@ -135,9 +135,13 @@ def _check_filename(filename: str, reference: str) -> str:
 class ModelActivities:
     """Resolves model references; talks to Civitai and other HTTP hosts (httpx) and S3 (boto3)."""
 
-    def __init__(self, s3_client: S3Client, settings: Settings) -> None:
+    def __init__(
+        self, s3_client: S3Client, settings: Settings, presign_client: S3Client | None = None
+    ) -> None:
         self.s3 = s3_client
         self.settings = settings
+        # A GPU downloads s3:// models through the address it reaches (StorageActivities too).
+        self.presigner = presign_client or s3_client
 
     @activity.defn
     async def resolve_model(self, input: ResolveModelInput) -> ResolvedModel:
@@ -476,7 +480,7 @@ class ModelActivities:
         except BotoCoreError as e:
             _retry(f"S3 is unreachable for {reference}: {e}", "ModelSourceUnavailable")
         url = await asyncio.to_thread(
-            self.s3.generate_presigned_url,
+            self.presigner.generate_presigned_url,
             "get_object",
             Params={"Bucket": bucket, "Key": key},
             ExpiresIn=self.settings.download_url_ttl_s,

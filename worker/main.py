@@ -136,7 +136,7 @@ def activities_for(settings: Settings, provider: GpuProvider | None = None) -> l
     public_endpoint = settings.s3_public_endpoint_url
     presigner = s3_client(settings, public_endpoint) if public_endpoint else None
     storage = StorageActivities(s3, settings, presigner)
-    models = ModelActivities(s3, settings)
+    models = ModelActivities(s3, settings, presigner)
     gpu = GpuActivities(provider or gpu_provider(settings), settings)
     notify = NotifyActivities(settings)
     return [
