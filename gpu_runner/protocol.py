@@ -244,6 +244,10 @@ class ModelReadyData(BaseModel):
 class FilesReadyData(BaseModel):
     total_steps: int | None = Field(default=None, ge=0)
     paths: dict[str, str] = {}
+    # Where training runs ("cuda" or "cpu") and in what precision: "no" (fp32) without a GPU,
+    # whatever the request asked for.
+    device: str | None = None
+    mixed_precision: MixedPrecision | None = None
 
 
 class TrainingProgressData(BaseModel):

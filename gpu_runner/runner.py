@@ -215,11 +215,11 @@ def load_trainer(spec: JobSpec, settings: RunnerSettings) -> Trainer:
         trainer = factory(settings)
         return cast(Trainer, trainer)
     if spec.trainer == "builtin":
-        raise StepFailed(
-            "runner",
-            "trainer_unavailable",
-            "the builtin trainer is not available yet; start the run with trainer 'sd-scripts'",
-        )
+        # Imports nothing heavy: torch and friends load when training starts.
+        from gpu_runner.trainers.builtin import BuiltinTrainer
+
+        builtin: Trainer = BuiltinTrainer(settings)
+        return builtin
     try:
         from gpu_runner.trainers.sd_scripts import SdScriptsTrainer
     except ImportError as e:
@@ -250,6 +250,7 @@ class Runner:
         self._redact = redactor or Redactor()
         self._redact.add(spec.secrets())
         self._nvidia_smi = nvidia_smi
+        self._gpu_found = False  # set by the machine check; without a GPU, trainers use fp32
         self.run_dir = settings.runner_workdir / spec.run_id
         self._stage: Stage = "runner"
         self._bytes_done: dict[str, int] = {}
@@ -492,11 +493,18 @@ class Runner:
             config=self.spec.training.for_family(self.spec.model.family),
             output_dir=self.run_dir / "output",
             secrets=self.spec.secrets(),
+            cuda=self._gpu_found,
         )
         inputs.output_dir.mkdir(parents=True, exist_ok=True)
         prepared = await asyncio.to_thread(trainer.prepare, inputs)
         self._emit(
-            "files.ready", FilesReadyData(total_steps=prepared.total_steps, paths=prepared.paths)
+            "files.ready",
+            FilesReadyData(
+                total_steps=prepared.total_steps,
+                paths=prepared.paths,
+                device=prepared.device,
+                mixed_precision=prepared.mixed_precision,
+            ),
         )
         result = await self._train(trainer, prepared)
         self._emit(
@@ -508,6 +516,7 @@ class Runner:
     async def _check_machine(self) -> None:
         self._stage = "gpu"
         gpu = await probe_gpu(self._nvidia_smi)
+        self._gpu_found = gpu is not None
         free = free_disk_bytes(self.run_dir)
         if gpu is None and self.settings.runner_require_gpu:
             raise StepFailed(

@@ -7,7 +7,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from gpu_runner.protocol import BaseModelFamily, Stage, TrainingConfig, TrainingProgressData
+from gpu_runner.protocol import (
+    BaseModelFamily,
+    MixedPrecision,
+    Stage,
+    TrainingConfig,
+    TrainingProgressData,
+)
 
 
 @dataclass(frozen=True)
@@ -19,6 +25,7 @@ class TrainingInputs:
     config: TrainingConfig  # already filled with the family's defaults
     output_dir: Path
     secrets: list[str] = field(default_factory=list)  # redact these from any log line
+    cuda: bool = True  # whether the runner found a GPU; without one, training runs in fp32
 
 
 @dataclass(frozen=True)
@@ -26,6 +33,8 @@ class PreparedTraining:
     inputs: TrainingInputs
     total_steps: int | None
     paths: dict[str, str]  # files written (dataset toml, config toml, ...) for files.ready
+    device: str | None = None  # where training runs: "cuda" or "cpu"
+    mixed_precision: MixedPrecision | None = None  # what it runs in ("no": fp32)
 
 
 @dataclass(frozen=True)

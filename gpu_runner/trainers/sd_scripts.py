@@ -34,7 +34,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
-from gpu_runner.protocol import TrainingProgressData
+from gpu_runner.protocol import MixedPrecision, TrainingProgressData
 from gpu_runner.settings import RunnerSettings
 from gpu_runner.trainers.base import (
     PreparedTraining,
@@ -285,7 +285,7 @@ def training_arguments(
     config = inputs.config
     unet_lr = _required(config.unet_lr, "unet_lr")
     text_encoder_lr = _required(config.text_encoder_lr, "text_encoder_lr")
-    mixed_precision = _required(config.mixed_precision, "mixed_precision")
+    mixed_precision = training_precision(inputs)
     unet_only = text_encoder_lr == 0
     sdxl = inputs.family == "sdxl"
     return TrainingArguments(
@@ -319,6 +319,14 @@ def training_arguments(
         cache_text_encoder_outputs=sdxl and unet_only,
         logging_dir=str(logging_dir),
     )
+
+
+def training_precision(inputs: TrainingInputs) -> MixedPrecision:
+    """The requested mixed precision on a GPU; "no" (fp32) without one, because fp16/bf16 on
+    the CPU fails in sd-scripts ("expected m1 and m2 to have the same dtype")."""
+    if not inputs.cuda:
+        return "no"
+    return _required(inputs.config.mixed_precision, "mixed_precision")
 
 
 def planned_total_steps(inputs: TrainingInputs, image_count: int) -> int:
@@ -591,6 +599,11 @@ class SdScriptsTrainer:
             encoding="utf-8",
         )
         arguments = training_arguments(inputs, self.settings, dataset_toml, logging_dir)
+        if arguments.mixed_precision != inputs.config.mixed_precision:
+            _trainer_log.info(
+                "no GPU on this machine: sd-scripts trains in fp32 (mixed_precision %s needs one)",
+                inputs.config.mixed_precision,
+            )
         training_toml.write_text(
             dumps_toml(arguments.model_dump(exclude_none=True)), encoding="utf-8"
         )
@@ -603,6 +616,8 @@ class SdScriptsTrainer:
                 "training_config": str(training_toml),
                 "output_dir": str(inputs.output_dir),
             },
+            device="cuda" if inputs.cuda else "cpu",
+            mixed_precision=arguments.mixed_precision,
         )
 
     def command(self, prepared: PreparedTraining) -> list[str]:

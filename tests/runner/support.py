@@ -233,6 +233,7 @@ def make_job(
     run_id: str | None = None,
     upload_s3: Any = None,
     log_upload: bool = False,
+    training: TrainingConfig | None = None,
 ) -> Job:
     """Put the images (and, unless `model_url` is given, the model) in S3 and write job.json.
 
@@ -281,7 +282,7 @@ def make_job(
             needs_civitai_key=needs_civitai_key,
         ),
         civitai_api_key=civitai_api_key,
-        training=TrainingConfig(epochs=epochs),
+        training=training or TrainingConfig(epochs=epochs),
         trainer=trainer,
         events_url=events_url_for(run_id),
         webhook_secret=derive_run_secret(MASTER_SECRET, run_id),

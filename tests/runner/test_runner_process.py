@@ -146,7 +146,7 @@ def test_happy_path(
         ("zip_slip", "images", "unsafe_archive", "'..' in a path is not allowed"),
         ("zip_bomb", "images", "unsafe_archive", "possible zip bomb"),
         ("checksum", "model", "checksum_mismatch", "the file is corrupt"),
-        ("builtin", "runner", "trainer_unavailable", "builtin trainer is not available yet"),
+        ("builtin", "files", "invalid_model", "is not a readable .safetensors file"),
         ("disk", "gpu", "disk_full", "not enough free disk"),
         ("no_gpu", "gpu", "no_gpu", "no NVIDIA GPU found"),
         ("upload_limit", "upload", "model_too_large", "over the upload limit of 1000 bytes"),
