@@ -32,9 +32,9 @@ from worker.settings import Settings
 from workflows.models import GpuRequirements, RunStatus, RunStatusName
 
 from .conftest import free_port
+from .images import PNG
 
 ROOT = Path(__file__).resolve().parent.parent
-PNG = b"\x89PNG\r\n\x1a\n" + b"\x00\x00\x00\rIHDR" + bytes(64)
 
 
 @pytest.fixture
@@ -185,10 +185,11 @@ async def test_unknown_namespace_is_named_plainly(
 async def test_a_run_started_and_followed_from_the_cli(
     dev_env: WorkflowEnvironment, settings: Settings, s3: Any, tmp_path: Path, workdir: Path
 ) -> None:
-    """train uploads the folder and starts the run once; watch, status and list follow it.
+    """train starts a run on a dataset already in S3 once; watch, status and list follow it.
 
-    The dataset holds a file that claims to be a PNG but is not, so the run fails at the image
-    check, before any GPU: the CLI must show that failure and exit nonzero.
+    The dataset (put there as a backend would, so the CLI checks nothing locally) holds a file
+    that claims to be a PNG but is not, and one with a PNG signature that does not decode: the
+    run fails at intake, before any GPU; the CLI must show that failure and exit nonzero.
     """
     # Here, not at the top: the other tests of this module need no worker code at all.
     from activities.providers.local import LocalProvider
@@ -196,30 +197,27 @@ async def test_a_run_started_and_followed_from_the_cli(
     from .workflow_support import local_model, running_worker
 
     env = cli_env(settings, dev_address(dev_env))
-    images = image_folder(workdir / "images")
-    (images / "fake.png").write_bytes(b"not a png at all")
-    model = local_model(tmp_path)
     run_id = f"cli-{uuid.uuid4().hex[:8]}"
-    train = ["train", str(images), "--model", str(model), "--run-id", run_id, "--epochs", "1"]
+    prefix = f"backend/{run_id}/"
+    dataset = {"cat1.png": PNG, "cat1.txt": b"a cat", "fake.png": b"not a png at all"}
+    dataset["broken.png"] = PNG[:16] + bytes(64)
+    for name, body in dataset.items():
+        s3.put_object(Bucket=settings.bucket, Key=prefix + name, Body=body)
+    model = local_model(tmp_path)
+    images = f"s3://{settings.bucket}/{prefix}"
+    train = ["train", images, "--model", str(model), "--run-id", run_id, "--epochs", "1"]
 
     async with running_worker(dev_env.client, settings, LocalProvider(settings)):
         started = await asyncio.to_thread(cli, train, env)
         assert started.exit_code == 0, started.output
         assert f"started run {run_id}" in started.output
         assert f"http://127.0.0.1:8233/namespaces/default/workflows/{run_id}" in started.output
-        uploaded = s3.list_objects_v2(Bucket=settings.bucket, Prefix=f"uploads/{run_id}/")
-        assert sorted(o["Key"].rsplit("/", 1)[1] for o in uploaded["Contents"]) == [
-            "cat1.png",
-            "cat1.txt",
-            "cat2.png",
-            "fake.png",
-        ]
-        assert "skipping notes.pdf" in started.output
 
         watched = await asyncio.to_thread(cli, ["watch", run_id], env)
         assert watched.exit_code == 1, watched.output
         assert "failed" in watched.output
         assert "fake.png" in watched.output
+        assert "broken.png: the PNG image cannot be decoded" in watched.output
 
         shown = await asyncio.to_thread(cli, ["status", run_id, "--json"], env)
         assert shown.exit_code == 0, shown.output

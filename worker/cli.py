@@ -4,23 +4,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import json
+import logging
+import os
 import secrets
 import signal
-from collections.abc import Coroutine, Iterator
+import sys
+from collections.abc import Callable, Coroutine, Iterator
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 from urllib.parse import quote
 
+import httpx
 import typer
 from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import TypeAdapter, ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
-from rich.table import Table
 from temporalio.client import (
     Client,
+    RPCTimeoutOrCancelledError,
     WorkflowExecution,
     WorkflowExecutionDescription,
     WorkflowExecutionStatus,
@@ -33,20 +40,18 @@ from temporalio.common import SearchAttributeKey, WorkflowIDConflictPolicy, Work
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from gpu_runner.protocol import RunId
+from gpu_runner.protocol import RunId, TrainingConfig
 from workflows.models import RunStatus, RunStatusName, TrainingRequest
 
 from .converter import CodecKeyError
-from .devstack import (
-    ChildExited,
-    DevStack,
-    DevStackError,
-    StartInterrupted,
-)
 from .settings import DEV_ENV_NAME, SEARCH_ATTRIBUTE, Settings
 
+# Imported where used: the stack (boto3) and the dataset checks (Pillow) cost every command that
+# only asks Temporal a question a second of start-up.
 if TYPE_CHECKING:
     from workflows.training import TrainingWorkflow
+
+    from .devstack import ChildExited, DevStack
 
 app = typer.Typer(
     help="Train LoRA adapters on rented GPUs, durably, with Temporal.",
@@ -59,9 +64,15 @@ out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
 WORKFLOW_TYPE = "TrainingWorkflow"
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp"})
-CAPTION_SUFFIX = ".txt"
-QUERY_TIMEOUT = timedelta(seconds=10)
+# `watch` long-polls for changes; after this long without one it asks the status again, which
+# tells a quiet run from a dead worker (the update alone would wait for a worker forever).
+UPDATE_POLL_S = 60.0
+DOWNLOAD_CHUNK_BYTES = 1024 * 1024
+# Executions Temporal ended from outside: the run never reached a final status of its own, and a
+# query only replays the last one it had ("training 13 %").
+_ENDED_FROM_OUTSIDE = frozenset(
+    {WorkflowExecutionStatus.TERMINATED, WorkflowExecutionStatus.TIMED_OUT}
+)
 CONNECT_TIMEOUT_S = 10.0
 _STATUS_KEY = SearchAttributeKey.for_keyword(SEARCH_ATTRIBUTE)
 _NAMES = frozenset(s.value for s in RunStatusName)
@@ -154,7 +165,7 @@ async def describe_run(
     handle: WorkflowHandle[Any, Any], settings: Settings
 ) -> WorkflowExecutionDescription:
     try:
-        return await handle.describe()
+        return await handle.describe(rpc_timeout=timedelta(seconds=CONNECT_TIMEOUT_S))
     except RPCError as e:
         if e.status == RPCStatusCode.NOT_FOUND:
             if "namespace" in e.message.lower():
@@ -164,23 +175,41 @@ async def describe_run(
 
 
 async def query_status(
-    handle: WorkflowHandle[TrainingWorkflow, RunStatus], description: WorkflowExecutionDescription
+    handle: WorkflowHandle[TrainingWorkflow, RunStatus],
+    description: WorkflowExecutionDescription,
+    settings: Settings,
 ) -> RunStatus:
+    """The run's status; a run that Temporal terminated or timed out says so in
+    `execution_status`, whatever its last status was."""
     from workflows.training import TrainingWorkflow
 
+    timeout = timedelta(seconds=settings.query_timeout_s)
+    ended_from_outside = description.status in _ENDED_FROM_OUTSIDE
     try:
-        return await handle.query(TrainingWorkflow.status, rpc_timeout=QUERY_TIMEOUT)
+        status = await handle.query(TrainingWorkflow.status, rpc_timeout=timeout)
     except (RPCError, WorkflowQueryFailedError, WorkflowQueryRejectedError) as e:
         if description.status == WorkflowExecutionStatus.COMPLETED:
             # A completed run returns its final status; reading it needs no worker.
             return await handle.result()
         state = description.typed_search_attributes.get(_STATUS_KEY)
-        known = f"{state}, " if state else ""
-        fail(
-            f"run {handle.id!r} ({known}Temporal: {_execution_status(description)}) did not answer "
-            f"its status query within {QUERY_TIMEOUT.seconds} s ({e}): is a worker for task queue "
-            f"{description.task_queue!r} running (`loratrain worker` or `loratrain dev`)?"
-        )
+        if ended_from_outside:
+            # No worker to replay it: what Temporal itself knows is enough to say how it ended.
+            last = RunStatusName(state) if state in _NAMES else RunStatusName.PENDING
+            status = RunStatus(run_id=handle.id, status=last)
+        elif isinstance(e, RPCError):
+            # Timeouts come back worded in several ways; the user needs one answer, always.
+            known = f"{state}, " if state else ""
+            fail(
+                f"run {handle.id!r} ({known}Temporal: {_execution_status(description)}) did not "
+                f"answer its status query within {settings.query_timeout_s:g} s: is a worker for "
+                f"task queue {description.task_queue!r} running (`loratrain worker` or "
+                "`loratrain dev`)?"
+            )
+        else:
+            fail(f"run {handle.id!r} could not answer its status query: {e}")
+    if ended_from_outside and not status.status.terminal:
+        return status.model_copy(update={"execution_status": _execution_status(description)})
+    return status
 
 
 def _execution_status(execution: WorkflowExecution) -> str:
@@ -195,6 +224,31 @@ def run_async(main: Coroutine[Any, Any, None]) -> None:
         raise typer.Exit(130) from None
 
 
+def main() -> NoReturn:
+    """The `loratrain` process: run the command, then exit without finalizing the interpreter.
+
+    The Temporal client runs its RPCs on Rust (tokio) threads that Python cannot stop, and the
+    SDK has no way to shut them down (sdk-python#300). When the interpreter finalizes while one
+    of them still finishes a call (a query that just timed out, a connection being dropped), that
+    thread takes the GIL of a dying interpreter and CPython aborts with `Fatal Python error:
+    PyGILState_Release` (rc -6) after the command had already printed its answer. Everything the
+    command does is done when `app` returns, so the process flushes and leaves at once.
+    """
+    code = 0
+    try:
+        app()
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            err.print(e.code, markup=False, highlight=False)
+        code = 1 if isinstance(e.code, str) else (e.code or 0)
+    finally:
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+    os._exit(code)
+
+
 # ------------------------------------------------------------------------------------------------
 # Services
 # ------------------------------------------------------------------------------------------------
@@ -206,6 +260,8 @@ def dev() -> None:
 
     A part that crashes is restarted; Ctrl-C stops everything.
     """
+    from .devstack import ChildExited, DevStack, DevStackError, StartInterrupted
+
     settings = load_settings()
     stack = DevStack(settings)
 
@@ -319,8 +375,22 @@ def train(
     webhook_url: Annotated[str | None, typer.Option(help="Your endpoint for run events.")] = None,
     webhook_secret: Annotated[str | None, typer.Option(help="whsec_… signing secret.")] = None,
     trainer: Annotated[Trainer, typer.Option()] = Trainer.sd_scripts,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            metavar="KEY=VALUE",
+            help="Any training setting, e.g. --set batch_size=4 --set optimizer=Prodigy "
+            "--set mixed_precision=bf16 (repeat it).",
+        ),
+    ] = None,
 ) -> None:
-    """Start a training run and print its id and Temporal UI link."""
+    """Check the dataset and model here, then upload, start a run, and print its id.
+
+    Nothing is uploaded or started while any problem is found; every one is listed.
+    """
+    from .preflight import check_model, dataset_problems
+
     settings = load_settings()
     run_id = run_id or new_run_id()
     try:
@@ -331,33 +401,57 @@ def train(
             "at most 128, starting with a letter or digit)",
             code=2,
         )
+    if (webhook_url is None) != (webhook_secret is None):
+        fail("--webhook-url and --webhook-secret go together: give both or neither", code=2)
     folder, bucket, prefix = _images_source(images, settings, run_id)
     uploads = _dataset_files(folder) if folder else []
+    problems = dataset_problems(folder, uploads, settings) if folder else []
+    model, model_problem = check_model(model)
+    if model_problem:
+        problems.append(model_problem)
+    options = {"epochs": epochs, "resolution": resolution, "trigger_word": trigger_word}
+    training: dict[str, Any] = {k: v for k, v in options.items() if v is not None}
+    extra, set_problems = _training_settings(set_ or [], given=set(training))
+    problems.extend(set_problems)
     fields: dict[str, Any] = {
         "images": {"bucket": bucket, "prefix": prefix},
         "model": model,
-        "training": {
-            k: v
-            for k, v in {
-                "epochs": epochs,
-                "resolution": resolution,
-                "trigger_word": trigger_word,
-            }.items()
-            if v is not None
-        },
+        "training": {**training, **extra},
         "trainer": trainer.value,
     }
-    if (webhook_url is None) != (webhook_secret is None):
-        fail("--webhook-url and --webhook-secret go together: give both or neither", code=2)
     if webhook_url is not None:
         fields["webhook"] = {"url": webhook_url, "secret": webhook_secret}
     try:
         request = TrainingRequest.model_validate(fields)
     except ValidationError as e:
-        for line in _validation_lines(e):
+        problems.extend(_validation_lines(e, set_fields=set(extra)))
+    if problems:
+        for line in problems:
             err.print(f"error: {line}", style="red", markup=False, highlight=False)
-        raise typer.Exit(2) from None
+        raise typer.Exit(2)
     run_async(_start_run(settings, run_id, request, folder, uploads))
+
+
+def _training_settings(pairs: list[str], given: set[str]) -> tuple[dict[str, str], list[str]]:
+    """`--set key=value` pairs as TrainingConfig fields (pydantic converts and checks the
+    values), and the problems with the pairs themselves."""
+    fields = TrainingConfig.model_fields
+    values: dict[str, str] = {}
+    problems: list[str] = []
+    for pair in pairs:
+        key, separator, value = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not separator or not key:
+            problems.append(f"--set: {pair!r} is not KEY=VALUE")
+        elif key not in fields:
+            problems.append(
+                f"--set {key}: not a training setting (one of: {', '.join(sorted(fields))})"
+            )
+        elif key in given:
+            problems.append(f"--set {key}: also given as --{key.replace('_', '-')}; give it once")
+        else:
+            values[key] = value.strip()
+    return values, problems
 
 
 def _images_source(images: str, settings: Settings, run_id: str) -> tuple[Path | None, str, str]:
@@ -376,6 +470,8 @@ def _images_source(images: str, settings: Settings, run_id: str) -> tuple[Path |
 
 def _dataset_files(folder: Path) -> list[Path]:
     """The folder's images and captions; hidden files are skipped silently, others with a note."""
+    from .preflight import CAPTION_SUFFIX, IMAGE_SUFFIXES
+
     files: list[Path] = []
     for path in sorted(folder.iterdir()):
         if path.name.startswith("."):
@@ -389,15 +485,16 @@ def _dataset_files(folder: Path) -> list[Path]:
                 f"note: skipping {path.name} (not a .png/.jpg/.jpeg/.webp image or .txt caption)",
                 markup=False,
             )
-    if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in files):
-        fail(f"IMAGES: {folder} holds no .png, .jpg, .jpeg or .webp images", code=2)
     return files
 
 
-def _validation_lines(error: ValidationError) -> Iterator[str]:
+def _validation_lines(error: ValidationError, set_fields: set[str] | None = None) -> Iterator[str]:
     for e in error.errors():
         loc = tuple(e["loc"])
-        where = _OPTION_FOR_FIELD.get(loc, ".".join(str(part) for part in loc))
+        if len(loc) == 2 and loc[0] == "training" and loc[1] in (set_fields or set()):
+            where = f"--set {loc[1]}"
+        else:
+            where = _OPTION_FOR_FIELD.get(loc, ".".join(str(part) for part in loc))
         line = f"{where}: {e['msg']}"
         if "secret" not in where and isinstance(e.get("input"), str | int | float):
             line += f" (got {e['input']!r})"
@@ -486,53 +583,56 @@ async def _status(settings: Settings, run_id: str, as_json: bool) -> None:
     client = await connect(settings)
     handle = training_handle(client, run_id)
     description = await describe_run(handle, settings)
-    run_status = await query_status(handle, description)
+    run_status = await query_status(handle, description, settings)
     if as_json:
         typer.echo(run_status.model_dump_json(indent=2))
         return
-    out.print(_status_table(run_status))
+    _print_status(run_status)
     out.print(f"Temporal UI: {ui_link(settings, run_id)}", markup=False, style="dim")
 
 
-def _status_table(st: RunStatus) -> Table:
-    table = Table(show_header=False, box=None, padding=(0, 2))
-    table.add_column(style="bold")
-    table.add_column()
-    table.add_row("run", st.run_id)
-    table.add_row("status", f"[{_STATUS_STYLE.get(st.status, 'cyan')}]{st.status.value}[/]")
+def _print_status(st: RunStatus) -> None:
+    """One `label  value` line each, never wrapped or cut: ids, URIs and commands copy whole."""
+    rows: list[tuple[str, str]] = [("run", escape(st.run_id)), ("status", _status_text(st))]
     if st.attempt:
-        table.add_row("GPU attempt", str(st.attempt))
+        rows.append(("GPU attempt", str(st.attempt)))
     if st.progress is not None:
-        table.add_row("progress", _progress_text(st))
+        rows.append(("progress", _progress_text(st)))
     if st.gpu is not None:
         gpu = st.gpu
         price = f", ${gpu.dollars_per_hour:.3f}/h" if gpu.dollars_per_hour is not None else ""
-        table.add_row("GPU", f"{gpu.gpu_name or '?'} ({gpu.provider} {gpu.instance_id}{price})")
-    table.add_row("cost", f"${st.cost_usd:.2f}")
+        rows.append(
+            ("GPU", escape(f"{gpu.gpu_name or '?'} ({gpu.provider} {gpu.instance_id}{price})"))
+        )
+    rows.append(("cost", f"${st.cost_usd:.2f}"))
     if st.best_checkpoint is not None:
-        table.add_row("best epoch", str(st.best_checkpoint))
+        rows.append(("best epoch", str(st.best_checkpoint)))
     if st.result is not None:
         r = st.result
-        table.add_row("model", f"{r.location.uri} ({r.bytes:,} bytes, sha256 {r.sha256[:12]}…)")
+        rows.append(("model", escape(f"{r.location.uri} ({r.bytes:,} bytes)")))
+        rows.append(("sha256", r.sha256))
+        rows.append(("download", escape(f"loratrain download {st.run_id}")))
     if st.error is not None:
         e = st.error
         stage = f" during {e.stage}" if e.stage else ""
-        table.add_row("error", f"[red]{e.code}{stage}: {_escape(e.message)}[/]")
-        for line in e.log_tail[-10:]:
-            table.add_row("", f"[dim]{_escape(line)}[/]")
+        rows.append(("error", f"[red]{escape(f'{e.code}{stage}: {e.message}')}[/]"))
+        rows.extend(("", f"[dim]{escape(line)}[/]") for line in e.log_tail[-10:])
+        rows.append(("full log", escape(f"loratrain logs {st.run_id}")))
     for i, change in enumerate(st.history):
-        table.add_row("history" if i == 0 else "", f"{_local_time(change.at)}  {change.status}")
-    return table
+        rows.append(("history" if i == 0 else "", f"{_local_time(change.at)}  {change.status}"))
+    for label, value in rows:
+        out.print(f"[bold]{label:<12}[/] {value}", highlight=False)
+
+
+def _status_text(st: RunStatus) -> str:
+    if st.execution_status:
+        # Temporal ended it: the run's own last status is history, not the present.
+        return f"[red]{st.execution_status}[/] (by Temporal, while {st.status.value})"
+    return f"[{_STATUS_STYLE.get(st.status, 'cyan')}]{st.status.value}[/]"
 
 
 def _local_time(at: datetime, seconds: bool = True) -> str:
     return f"{at.astimezone():%Y-%m-%d %H:%M{':%S' if seconds else ''}}"
-
-
-def _escape(text: str) -> str:
-    from rich.markup import escape
-
-    return escape(text)
 
 
 def _progress_text(st: RunStatus) -> str:
@@ -577,54 +677,95 @@ def list_runs(
         RunStatusName | None, typer.Option("--status", help="Only runs in this status.")
     ] = None,
     limit: Annotated[int, typer.Option(min=1, help="At most this many runs, newest first.")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per run.")] = False,
 ) -> None:
     """List training runs with their status."""
-    run_async(_list(load_settings(), status_filter, limit))
+    run_async(_list(load_settings(), status_filter, limit, as_json))
 
 
-async def _list(settings: Settings, status_filter: RunStatusName | None, limit: int) -> None:
+async def _list(
+    settings: Settings, status_filter: RunStatusName | None, limit: int, as_json: bool
+) -> None:
     client = await connect(settings)
     query = f"WorkflowType = '{WORKFLOW_TYPE}'"
     if status_filter is not None:
         query += f" AND {SEARCH_ATTRIBUTE} = '{status_filter.value}'"
-    table = Table(box=None, padding=(0, 2))
-    for column in ("run", "status", "started", "ended"):
-        table.add_column(column, no_wrap=True)
+    runs: list[dict[str, Any]] = []
     try:
         async for wf in client.list_workflows(query, limit=limit):
-            state = wf.typed_search_attributes.get(_STATUS_KEY) or "?"
-            style = _STATUS_STYLE.get(RunStatusName(state), "cyan") if state in _NAMES else "dim"
-            if wf.status != WorkflowExecutionStatus.RUNNING and state not in _TERMINAL_NAMES:
-                # Ended without reaching a final status (terminated, timed out): say how.
-                state += f" ({_execution_status(wf)})"
-            table.add_row(
-                wf.id,
-                f"[{style}]{state}[/]",
-                _local_time(wf.start_time, seconds=False),
-                _local_time(wf.close_time, seconds=False) if wf.close_time else "",
+            state = wf.typed_search_attributes.get(_STATUS_KEY)
+            runs.append(
+                {
+                    "run_id": wf.id,
+                    "status": state,
+                    # Set when Temporal ended the run (terminated, timed out) before a final status.
+                    "execution_status": (
+                        _execution_status(wf) if wf.status in _ENDED_FROM_OUTSIDE else None
+                    ),
+                    "started": wf.start_time,
+                    "ended": wf.close_time,
+                }
             )
     except RPCError as e:
         fail(f"Temporal refused to list runs: {e.message}")
-    if table.row_count == 0:
+    if as_json:
+        for run in runs:
+            typer.echo(json.dumps(run, default=lambda at: at.isoformat()))
+        return
+    if not runs:
         out.print("no runs" + (f" in status {status_filter.value}" if status_filter else ""))
         return
-    out.print(table)
+    rows = [("run", "status", "started", "ended")] + [
+        (
+            run["run_id"],
+            _list_state(run["status"], run["execution_status"]),
+            _local_time(run["started"], seconds=False),
+            _local_time(run["ended"], seconds=False) if run["ended"] else "",
+        )
+        for run in runs
+    ]
+    # Plain padded columns, never cut: a table would shorten run ids to fit the terminal.
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for n, row in enumerate(rows):
+        line = "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
+        line = f"{line}  {row[3]}".rstrip()
+        out.print(line, markup=False, highlight=False, style="bold" if n == 0 else None)
+
+
+def _list_state(state: str | None, execution_status: str | None) -> str:
+    if execution_status:
+        return f"{execution_status} (while {state or '?'})"
+    return state or "?"
 
 
 @app.command()
-def watch(run_id: Annotated[str, typer.Argument(metavar="RUN")]) -> None:
+def watch(
+    run_id: Annotated[str, typer.Argument(metavar="RUN")],
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print each new RunStatus as one JSON line.")
+    ] = False,
+) -> None:
     """Follow a run until it ends; exit code 0 only when it completed."""
-    run_async(_watch(load_settings(), run_id))
+    run_async(_watch(load_settings(), run_id, as_json))
 
 
-async def _watch(settings: Settings, run_id: str) -> None:
-    from workflows.training import TrainingWorkflow
-
+async def _watch(settings: Settings, run_id: str, as_json: bool) -> None:
     client = await connect(settings)
     handle = training_handle(client, run_id)
-    description = await describe_run(handle, settings)
-    st = await query_status(handle, description)
-    out.print(f"watching {run_id}  ({ui_link(settings, run_id)})", markup=False)
+    st = await query_status(handle, await describe_run(handle, settings), settings)
+    if as_json:
+        final = await _follow(handle, settings, st, lambda s: typer.echo(s.model_dump_json()))
+    else:
+        final = await _watch_with_bar(handle, settings, st)
+        _print_status(final)
+    if final.status != RunStatusName.COMPLETED or final.execution_status:
+        raise typer.Exit(1)
+
+
+async def _watch_with_bar(
+    handle: WorkflowHandle[TrainingWorkflow, RunStatus], settings: Settings, st: RunStatus
+) -> RunStatus:
+    out.print(f"watching {st.run_id}  ({ui_link(settings, st.run_id)})", markup=False)
     shown: set[tuple[RunStatusName, datetime]] = set()
     with Progress(
         TextColumn("{task.description}"),
@@ -635,7 +776,8 @@ async def _watch(settings: Settings, run_id: str) -> None:
         transient=True,
     ) as bar:
         task = bar.add_task(st.status.value, total=100, detail="")
-        while True:
+
+        def show(st: RunStatus) -> None:
             for change in st.history:
                 if (change.status, change.at) not in shown:
                     shown.add((change.status, change.at))
@@ -647,19 +789,173 @@ async def _watch(settings: Settings, run_id: str) -> None:
                 completed=st.progress.percent if st.progress else 0,
                 detail=_progress_text(st),
             )
-            if st.status.terminal:
-                break
-            try:
+
+        return await _follow(handle, settings, st, show)
+
+
+async def _follow(
+    handle: WorkflowHandle[TrainingWorkflow, RunStatus],
+    settings: Settings,
+    st: RunStatus,
+    show: Callable[[RunStatus], None],
+) -> RunStatus:
+    """Show `st` and every change after it until the run ends; the final status."""
+    from workflows.training import TrainingWorkflow
+
+    while True:
+        show(st)
+        if st.status.terminal or st.execution_status:
+            return st
+        try:
+            async with asyncio.timeout(UPDATE_POLL_S):
                 st = await handle.execute_update(TrainingWorkflow.wait_for_change, st.version)
-            except (RPCError, WorkflowUpdateFailedError) as e:
-                # The run closed between two polls: its last status still answers queries.
-                st = await query_status(handle, await describe_run(handle, settings))
-                if not st.status.terminal:
-                    fail(f"lost track of run {run_id} ({e}); try `loratrain watch {run_id}` again")
-    out.print(_status_table(st))
-    if st.status != RunStatusName.COMPLETED:
-        raise typer.Exit(1)
+        except (RPCError, RPCTimeoutOrCancelledError, WorkflowUpdateFailedError, TimeoutError):
+            # No change for a while, the run closed between two polls (its last status still
+            # answers), Temporal ended it, or the worker is gone (query_status fails in one line).
+            st = await query_status(handle, await describe_run(handle, settings), settings)
+
+
+# ------------------------------------------------------------------------------------------------
+# The model and the log
+# ------------------------------------------------------------------------------------------------
+
+
+@app.command()
+def download(
+    run_id: Annotated[str, typer.Argument(metavar="RUN")],
+    output: Annotated[
+        str,
+        typer.Option(
+            "--output", "-o", help="A folder (ending in /, or existing) or a file for the model."
+        ),
+    ] = "outputs/",
+) -> None:
+    """Download a completed run's model, check its sha256, and print where it is."""
+    into_folder = output.endswith(("/", os.sep)) or Path(output).is_dir()
+    run_async(_download(load_settings(), run_id, Path(output), into_folder))
+
+
+async def _download(settings: Settings, run_id: str, output: Path, into_folder: bool) -> None:
+    client = await connect(settings)
+    handle = training_handle(client, run_id)
+    st = await query_status(handle, await describe_run(handle, settings), settings)
+    if st.result is None:
+        state = st.execution_status or st.status.value
+        fail(f"run {run_id} has no model to download ({state}); `loratrain status {run_id}`")
+    result = st.result
+    bucket, key = result.location.bucket, result.location.key
+    target = output / f"{run_id}-{key.rsplit('/', 1)[-1]}" if into_folder else output
+    await asyncio.to_thread(target.parent.mkdir, parents=True, exist_ok=True)
+    url = st.download_url or _presign_download(settings, bucket, key)
+    try:
+        sha256 = await _fetch(url, target, result.bytes)
+        if sha256 is None:  # the run's link expired (it lives a day): sign a fresh one here
+            fresh = _presign_download(settings, bucket, key)
+            sha256 = await _fetch(fresh, target, result.bytes)
+    except (httpx.HTTPError, OSError) as e:
+        target.with_name(target.name + ".part").unlink(missing_ok=True)
+        fail(f"could not download the model of run {run_id}: {type(e).__name__}: {e}")
+    if sha256 is None:
+        fail(f"S3 refused the download of {result.location.uri}: the link has expired or is wrong")
+    if sha256 != result.sha256:
+        target.unlink(missing_ok=True)
+        fail(
+            f"the download of {result.location.uri} has sha256 {sha256}, not the verified "
+            f"{result.sha256}; nothing was kept, try again"
+        )
+    out.print(str(target.resolve()), markup=False, highlight=False)
+
+
+def _presign_download(settings: Settings, bucket: str, key: str) -> str:
+    from worker.main import s3_client
+
+    return str(
+        s3_client(settings).generate_presigned_url(
+            "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=3600
+        )
+    )
+
+
+async def _fetch(url: str, target: Path, size: int) -> str | None:
+    """Stream `url` to `target` (through a .part file); its sha256, or None on 403."""
+    partial = target.with_name(target.name + ".part")
+    digest = hashlib.sha256()
+    async with (
+        httpx.AsyncClient(timeout=CONNECT_TIMEOUT_S) as http,
+        http.stream("GET", url) as response,
+    ):
+        if response.status_code == 403:
+            return None
+        response.raise_for_status()
+        with partial.open("wb") as f:
+            async for chunk in response.aiter_bytes(DOWNLOAD_CHUNK_BYTES):
+                digest.update(chunk)
+                f.write(chunk)
+    if partial.stat().st_size != size:
+        partial.unlink()
+        raise OSError(f"got {partial.stat().st_size} bytes of {size}")
+    partial.replace(target)
+    return digest.hexdigest()
+
+
+@app.command()
+def logs(run_id: Annotated[str, typer.Argument(metavar="RUN")]) -> None:
+    """Print the run's full log (runner and trainer output), one section per GPU attempt."""
+    run_async(_logs(load_settings(), run_id))
+
+
+async def _logs(settings: Settings, run_id: str) -> None:
+    from activities.storage import run_prefix
+
+    client = await connect(settings)
+    description = await describe_run(training_handle(client, run_id), settings)
+    execution = description.raw_description.workflow_execution_info.first_run_id
+    # Runs from before per-execution keys kept their logs under runs/<run>/logs/.
+    prefixes = [f"{run_prefix(run_id, execution)}/logs/", f"{run_prefix(run_id)}/logs/"]
+    sections = await asyncio.to_thread(_read_logs, settings, prefixes)
+    if not sections:
+        fail(
+            f"no log for run {run_id} yet: the GPU uploads it when training ends or fails "
+            f"(look in s3://{settings.bucket}/{prefixes[0]})"
+        )
+    for key, text in sections:
+        if len(sections) > 1:
+            err.print(f"== {key} ==", style="bold", markup=False)
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+
+
+def _read_logs(settings: Settings, prefixes: list[str]) -> list[tuple[str, str]]:
+    """(key, text) of each attempt's log under the first prefix that has any, oldest first."""
+    from worker.main import s3_client
+
+    s3 = s3_client(settings)
+    for prefix in prefixes:
+        try:
+            listing = s3.list_objects_v2(Bucket=settings.bucket, Prefix=prefix)
+            keys = sorted(
+                (o["Key"] for o in listing.get("Contents", [])),
+                key=lambda k: (
+                    int(k.rsplit("-", 1)[-1].split(".")[0])
+                    if k.rsplit("-", 1)[-1].split(".")[0].isdigit()
+                    else 0
+                ),
+            )
+            if keys:
+                return [
+                    (
+                        key,
+                        s3.get_object(Bucket=settings.bucket, Key=key)["Body"]
+                        .read()
+                        .decode("utf-8", errors="replace"),
+                    )
+                    for key in keys
+                ]
+        except ClientError as e:
+            fail(f"S3 refused to read the logs under s3://{settings.bucket}/{prefix}: {e}")
+        except BotoCoreError as e:
+            fail(f"cannot reach S3 at {settings.s3_endpoint_url or 'AWS'} ({e})")
+    return []
 
 
 if __name__ == "__main__":
-    app()
+    main()

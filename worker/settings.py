@@ -68,6 +68,8 @@ class Settings(BaseSettings):
     # deployments sharing a provider account never reap each other; default: namespace.queue.
     deployment: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")
     temporal_ui_url: str = "http://127.0.0.1:8233"
+    # How long a CLI command waits for a run to answer its status query (a worker must be up).
+    query_timeout_s: float = Field(default=10.0, gt=0, le=300)
     # AES-256-GCM key for workflow payloads, base64 of 32 bytes. Required outside the dev stack.
     codec_key: SecretStr | None = None
     codec_key_id: str = "k1"

@@ -210,3 +210,8 @@ class RunStatus(_Model):
         default_factory=list, description="Why each replaced GPU was given up, in order."
     )
     error: RunError | None = None
+    execution_status: str | None = Field(
+        default=None,
+        description="Set by clients from Temporal, never by the workflow: 'terminated' or "
+        "'timed_out' when Temporal ended the run before it reached a final status.",
+    )
