@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import SecretStr
 from temporalio.client import Client, WorkflowFailureError
 from temporalio.testing import WorkflowEnvironment
 
@@ -72,9 +75,10 @@ def runner_env(tmp_path: Path) -> dict[str, str]:
 
 
 @pytest.fixture
-async def stack(
+async def parts(
     dev_env: WorkflowEnvironment, settings: Settings, s3: Any, tmp_path: Path
 ) -> AsyncIterator[VastStack]:
+    """Everything but the worker: the relay, the fake Vast API, a model in S3."""
     s3.put_object(
         Bucket=settings.bucket, Key="models/base-sd15.safetensors", Body=b"{}" + bytes(1024)
     )
@@ -95,14 +99,20 @@ async def stack(
                 ),
             }
         )
-        provider = VastProvider(run_settings)
-        async with running_worker(dev_env.client, run_settings, provider):  # type: ignore[arg-type]
-            yield VastStack(
-                dev_env.client,
-                run_settings,
-                fake,
-                f"s3://{settings.bucket}/models/base-sd15.safetensors",
-            )
+        yield VastStack(
+            dev_env.client,
+            run_settings,
+            fake,
+            f"s3://{settings.bucket}/models/base-sd15.safetensors",
+        )
+
+
+@pytest.fixture
+async def stack(parts: VastStack) -> AsyncIterator[VastStack]:
+    """The parts and a worker with the Vast provider."""
+    provider = VastProvider(parts.settings)
+    async with running_worker(parts.client, parts.settings, provider):  # type: ignore[arg-type]
+        yield parts
 
 
 def vast_request(stack: VastStack, s3: Any, **overrides: Any) -> TrainingRequest:
@@ -276,3 +286,64 @@ async def test_the_cost_cap_ends_the_run_before_it_is_crossed(stack: VastStack, 
     assert final.cost_usd < cap
     assert_nothing_left(stack.fake)
     assert time.monotonic() - started < 60
+
+
+def worker_env(settings: Settings, temporal_address: str) -> dict[str, str]:
+    """The LORA_* environment that gives a worker process exactly these settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORA_")}
+    for name, value in settings.model_dump().items():
+        if value is None:
+            continue
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        elif isinstance(value, list | dict):
+            value = json.dumps(value)
+        env[f"LORA_{name.upper()}"] = str(value)
+    env["LORA_TEMPORAL_ADDRESS"] = temporal_address
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+def start_worker_process(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    with log_path.open("wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "tests.vast_worker_process"],
+            env=env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
+async def test_a_worker_killed_mid_allocation_rents_one_instance(
+    parts: VastStack, s3: Any, tmp_path: Path
+) -> None:
+    """Slow by design (~1 min): Temporal retries the allocation only once its heartbeat timeout
+    says the killed worker is gone."""
+    fake = parts.fake
+    fake.create_answer_delay_s = 5.0  # the worker dies while Vast is making its instance
+    target = parts.client.service_client.config.target_host
+    worker = start_worker_process(worker_env(parts.settings, target), tmp_path / "worker.log")
+    try:
+        handle = await start_run(parts.client, parts.settings, vast_request(parts, s3))
+        deadline = time.monotonic() + 60
+        while not fake.created():
+            assert worker.poll() is None, (tmp_path / "worker.log").read_text()
+            assert time.monotonic() < deadline, "the worker never asked Vast for an instance"
+            await asyncio.sleep(0.05)
+        worker.kill()
+    finally:
+        worker.kill()
+        worker.wait(timeout=10)
+    fake.create_answer_delay_s = 0.0
+
+    # The worker comes back (any worker on the queue will do): the retried allocation finds the
+    # instance by its label instead of renting another.
+    provider = VastProvider(parts.settings)
+    async with running_worker(parts.client, parts.settings, provider):  # type: ignore[arg-type]
+        final = await finish(handle, timeout_s=200)
+
+    assert final.status == RunStatusName.COMPLETED, final.error
+    assert len(fake.created()) == 1
+    assert final.attempt == 1
+    assert_nothing_left(fake)

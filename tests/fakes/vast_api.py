@@ -30,11 +30,13 @@ Faults: `machine_faults[machine_id]` = "exits" (the container exits at boot, the
 starts), "stuck_loading", "pull_error" (an image pull error in status_msg), "taken" (someone
 else rents the offer at create); `rate_limit(n, retry_after_s)` (429 bursts), `server_errors(n,
 status)` (5xx), `lose_create_responses(n)` (the instance is made, the answer is a 504),
-`instance_keys_may_destroy = False` (an instance key may only stop its instance).
+`instance_keys_may_destroy = False` (an instance key may only stop its instance),
+`create_answer_delay_s` (the create is slow to answer after the instance was made).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import secrets
@@ -196,6 +198,8 @@ class FakeVast:
         self.boot_delay_s = boot_delay_s
         self.runner_command = runner_command or [sys.executable, "-m", "gpu_runner"]
         self.machine_faults: dict[int, MachineFault] = {}
+        # Seconds between making an instance and answering the create.
+        self.create_answer_delay_s = 0.0
         # False: an instance's own key may stop it but not destroy it (403).
         self.instance_keys_may_destroy = True
         self.instances: dict[int, FakeInstance] = {}
@@ -363,13 +367,14 @@ class FakeVast:
             if self._lost_creates > 0:
                 self._lost_creates -= 1
                 return JSONResponse({"success": False, "error": "gateway_timeout"}, 504)
-            return JSONResponse(
-                {
-                    "success": True,
-                    "new_contract": instance.id,
-                    "instance_api_key": instance.api_key,
-                }
-            )
+            answer = {
+                "success": True,
+                "new_contract": instance.id,
+                "instance_api_key": instance.api_key,
+            }
+        # The instance exists from here on, whether or not the caller lives to hear of it.
+        await asyncio.sleep(self.create_answer_delay_s)
+        return JSONResponse(answer)
 
     async def _list(self, request: Request) -> Response:
         with self._lock:
