@@ -279,7 +279,9 @@ class StorageActivities:
                 max_bytes=self.settings.max_model_bytes,
             ),
             log_upload=UploadTarget(
-                url=self._presign("put_object", log, self.settings.upload_url_ttl_s),
+                url=self._presign(
+                    "put_object", log, input.upload_url_ttl_s or self.settings.upload_url_ttl_s
+                ),
                 bucket=log.bucket,
                 key=log.key,
                 max_bytes=MAX_LOG_BYTES,
