@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -400,3 +402,34 @@ def test_the_worker_refuses_vast_with_addresses_a_gpu_cannot_reach(
 
 
 VAST_KEY_FOR_CHECKS = "checks-only-key"
+
+
+def test_loratrain_worker_names_the_unreachable_address_in_one_line(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORA_")}
+    env.update(
+        {
+            "LORA_STATE_DIR": str(tmp_path / "state"),
+            "LORA_CODEC_KEY": "bG9yYXRyYWluLXRlc3QtY29kZWMta2V5LTMyLWJ5dGU=",
+            "LORA_WEBHOOK_MASTER_SECRET": "test-master-secret",
+            "LORA_GPU_PROVIDER": "vast",
+            "LORA_VAST_API_KEY": VAST_KEY_FOR_CHECKS,
+            "LORA_S3_PUBLIC_ENDPOINT_URL": "http://127.0.0.1:9000",
+            "LORA_RELAY_PUBLIC_URL": "https://relay.example.com",
+            # Nothing listens here: the refusal must come before any connection.
+            "LORA_TEMPORAL_ADDRESS": "127.0.0.1:9",
+        }
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "worker"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        "error: LORA_S3_PUBLIC_ENDPOINT_URL=http://127.0.0.1:9000 is a loopback address that "
+        "Vast GPUs cannot reach; set it to an address reachable from the internet"
+    ], done.stderr
+    assert "Traceback" not in done.stdout + done.stderr

@@ -352,10 +352,8 @@ class VastProvider:
                 return self._created_anyway(label, e)
             except requests.RequestException as e:
                 return self._created_anyway(label, e)
-            if not isinstance(answer, dict) or not answer.get("success", True):
-                raise VastApiError(f"Vast did not create an instance for offer {offer.id}")
-            new_id = answer.get("new_contract")
-            if not isinstance(new_id, int):
+            new_id = answer.get("new_contract") if isinstance(answer, dict) else None
+            if not isinstance(new_id, int) or not answer.get("success", True):
                 # Created or not, the label tells: look before anyone rents again.
                 found = self.find(label)
                 if found is not None:
