@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import threading
 import time
@@ -500,9 +501,13 @@ class _Training:
         weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
             plan.mixed_precision
         ]
+        where = plan.device
+        if plan.device == "cpu":
+            torch.set_num_threads(cpu_threads())
+            where = f"cpu, {torch.get_num_threads()} threads"
         self.note(
             f"builtin trainer: {len(plan.images)} images x {config.repeats} repeats, "
-            f"{plan.epochs} epochs of {plan.steps_per_epoch} steps on {plan.device} "
+            f"{plan.epochs} epochs of {plan.steps_per_epoch} steps on {where} "
             f"({'fp32' if plan.mixed_precision == 'no' else plan.mixed_precision})"
         )
         started_at = time.time()
@@ -871,6 +876,14 @@ class _Training:
         save_file(tensors, str(partial), saved)
         partial.replace(path)
         self.note(f"saved epoch {epoch}: {path.name}")
+
+
+def cpu_threads() -> int:
+    """Threads for training on the CPU: all cores but one, which the runner (and, on a dev
+    machine, the rest of the stack) needs. On 2 busy cores one thread trains ~2.5x faster than
+    two, which spend their time waiting for each other."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) - 1)
 
 
 def _training_scheduler(scheduler: Any) -> Any:
