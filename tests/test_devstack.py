@@ -9,11 +9,10 @@ import json
 import os
 import re
 import signal
-import struct
+import socket
 import subprocess
 import sys
 import time
-import zlib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,36 +20,19 @@ from pathlib import Path
 import pytest
 from temporalio.client import Client
 
-from worker.devstack import read_dev_env
+from worker.devstack import DevStack, LocalS3Ports, PortsInUse, read_dev_env
 from worker.main import connect_client
 from worker.settings import Settings
 from workflows.models import RunStatusName
 from workflows.training import TrainingWorkflow
 
+from .images import encoded
 from .test_cli import group_members, stack_env, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 # The worker's and relay's log lines start with a UTC time to the millisecond and a level.
 STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
 STANDIN = ROOT / "tests" / "sd_scripts_standin"
-
-
-def tiny_png(seed: int) -> bytes:
-    """A real 8x8 RGB PNG (decodes with any image library), different for each seed."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        body = kind + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
-
-    rows = b"".join(
-        b"\x00" + bytes((seed * 40 + x * 3 + y) % 256 for x in range(24)) for y in range(8)
-    )
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 8, 2, 0, 0, 0))
-        + chunk(b"IDAT", zlib.compress(rows))
-        + chunk(b"IEND", b"")
-    )
 
 
 def runner_env(tmp_path: Path, step_s: float) -> dict[str, str]:
@@ -171,7 +153,7 @@ def start_run(tmp_path: Path, elsewhere: Path, state: Path, run_id: str) -> None
     images = elsewhere / "cats"
     images.mkdir()
     for i in range(2):
-        (images / f"cat{i}.png").write_bytes(tiny_png(i))
+        (images / f"cat{i}.png").write_bytes(encoded("PNG", seed=i))
         (images / f"cat{i}.txt").write_text("a photo of sks cat")
     model = tmp_path / "base-sd15.safetensors"
     model.write_bytes(b"{}" + bytes(1024))
@@ -184,25 +166,41 @@ def start_run(tmp_path: Path, elsewhere: Path, state: Path, run_id: str) -> None
 # ------------------------------------------------------------------------------------------------
 
 
-def test_commands_find_the_running_stack_from_any_directory(tmp_path: Path) -> None:
-    with running_dev(tmp_path) as dev:
-        elsewhere = tmp_path / "somewhere-else"
-        elsewhere.mkdir()
+def test_every_port_of_the_local_s3_server_is_checked_before_anything_starts(
+    tmp_path: Path,
+) -> None:
+    """SeaweedFS opens ten ports; one of them taken (here its volume server's gRPC port, by
+    another program or another stack) is named, and nothing starts."""
+    env = stack_env()
+    settings = Settings(
+        state_dir=tmp_path / "state",
+        temporal_address=env["LORA_TEMPORAL_ADDRESS"],
+        temporal_ui_url=env["LORA_TEMPORAL_UI_URL"],
+        s3_endpoint_url=env["LORA_S3_ENDPOINT_URL"],
+        local_s3_internal_port=int(env["LORA_LOCAL_S3_INTERNAL_PORT"]),
+        relay_port=int(env["LORA_RELAY_PORT"]),
+    )
+    stack = DevStack(settings)
+    s3_ports = {
+        port
+        for _, port in LocalS3Ports(
+            stack.local_s3.port, stack.settings.local_s3_internal_port
+        ).named()
+    }
+    assert s3_ports <= {e.port for e in stack.endpoints}
+    assert len(s3_ports) == 10
 
-        listed = loratrain(["list"], elsewhere, dev.state)
-        assert listed.returncode == 0, listed.stdout + listed.stderr
-
-        # A second stack on the same state is refused, naming the one that runs; that one
-        # keeps running.
-        second = loratrain(["dev"], elsewhere, dev.state)
-        assert second.returncode == 1
-        assert (
-            f"`loratrain dev` is already running (pid {dev.proc.pid}) with state in {dev.state}"
-            in second.stderr
-        )
-        assert "kill" not in second.stderr
-        assert dev.proc.poll() is None
-        dev.stop()
+    volume_grpc = int(env["LORA_LOCAL_S3_INTERNAL_PORT"]) + 1 + 10000
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", volume_grpc))
+        taken.listen()
+        with pytest.raises(PortsInUse) as refused:
+            stack.start()
+    assert str(refused.value) == (
+        f"port {volume_grpc} (local S3 volume gRPC) is already in use: "
+        "is another `loratrain dev` running?"
+    )
+    assert not (tmp_path / "state").exists()
 
 
 @pytest.mark.parametrize("service", ["worker", "relay"])
@@ -211,9 +209,19 @@ async def test_a_killed_service_is_restarted_and_the_run_completes_on_its_first_
 ) -> None:
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    with running_dev(tmp_path, runner_env(tmp_path, step_s=0.25)) as dev:
+    with running_dev(tmp_path, runner_env(tmp_path, step_s=0.15)) as dev:
         run_id = f"supervised-{service}"
+        # From another directory, with nothing but the state dir to go on (a user with the
+        # default one would not even set that), commands find the stack.
         await asyncio.to_thread(start_run, tmp_path, elsewhere, dev.state, run_id)
+        # A second stack on the same state is refused, naming the one that runs.
+        second = await asyncio.to_thread(loratrain, ["dev"], elsewhere, dev.state)
+        assert second.returncode == 1
+        assert (
+            f"`loratrain dev` is already running (pid {dev.proc.pid}) with state in {dev.state}"
+            in second.stderr
+        )
+        assert "kill --" not in second.stderr  # the healthy stack is not to be killed
         async with client_of(dev.state) as client:
             await wait_for_training(client, run_id, timeout_s=90)
             before = dev.pids()
