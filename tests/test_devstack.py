@@ -203,6 +203,31 @@ def test_every_port_of_the_local_s3_server_is_checked_before_anything_starts(
     assert not (tmp_path / "state").exists()
 
 
+def test_after_dev_itself_is_killed_the_next_dev_names_what_it_left_running(
+    tmp_path: Path,
+) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    with running_dev(tmp_path) as dev:
+        children = dev.pids()
+        dev.proc.kill()  # dev alone: its children live in groups of their own
+        dev.proc.communicate()
+
+        # Its dev.env says where that stack listened, so this one checks the same ports.
+        again = loratrain(["dev"], elsewhere, dev.state)
+
+        assert again.returncode == 1
+        running = ", ".join(f"{name} pid {pid}" for name, pid in children.items())
+        groups = " ".join(f"-{pid}" for pid in children.values())
+        assert (
+            f"processes of an earlier `loratrain dev` with state in {dev.state} are still "
+            f"running ({running}), but that `loratrain dev` itself is not; stop them with: "
+            f"kill -- {groups}"
+        ) in again.stderr
+        assert "already running" not in again.stderr
+        assert group_members(set(children.values())), "nothing was stopped or started"
+
+
 @pytest.mark.parametrize("service", ["worker", "relay"])
 async def test_a_killed_service_is_restarted_and_the_run_completes_on_its_first_gpu(
     tmp_path: Path, service: str
