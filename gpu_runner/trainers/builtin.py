@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -419,7 +420,7 @@ class BuiltinTrainer:
         try:
             while (progress := await updates.get()) is not None:
                 result = on_progress(progress)
-                if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
+                if inspect.isawaitable(result):
                     await result
             return await task
         finally:
@@ -459,9 +460,10 @@ class BuiltinTrainer:
                 self._log.append(line)
             out_of_memory = "out of memory" in str(e).lower()
             hint = ": use a smaller batch_size or resolution" if out_of_memory else ""
+            message = f"the builtin trainer failed: {type(e).__name__}: {e}{hint}"
             raise TrainerError(
                 "trainer_crashed",
-                f"the builtin trainer failed: {type(e).__name__}: {e}{hint}",
+                _redact(message, inputs.secrets),
                 log_tail=[_redact(line, inputs.secrets) for line in self._log],
             ) from None
 
@@ -496,7 +498,6 @@ class _Training:
 
         config, plan = self.config, self.plan
         torch.manual_seed(config.seed)
-        random.seed(config.seed)
         device = torch.device(plan.device)
         weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
             plan.mixed_precision
@@ -533,6 +534,8 @@ class _Training:
         lr_scheduler = self._lr_scheduler(optimizer)
         noise_scheduler = _training_scheduler(model.scheduler)
         metadata = self._metadata(model, optimizer_name, captions, started_at)
+        # fp16 gradients underflow without loss scaling (accelerate does the same for sd-scripts).
+        scaler = torch.amp.GradScaler(plan.device, enabled=weight_dtype == torch.float16)
 
         step = 0
         epoch_losses: list[float] = []
@@ -548,23 +551,26 @@ class _Training:
                 self.check_stop()
                 began = time.monotonic()
                 batch = torch.tensor(order[start : start + batch_size])
-                hidden = (
-                    cached_text[batch]
-                    if cached_text is not None
-                    else model.text_encoder(token_ids[batch].to(device))[0]
-                )
-                loss = self._step(
+                if cached_text is not None:
+                    hidden = cached_text[batch]
+                else:
+                    with _autocast(device, weight_dtype):  # fp32 adapters on half weights
+                        hidden = model.text_encoder(token_ids[batch].to(device))[0]
+                loss_tensor = self._step(
                     model, noise_scheduler, latents[batch], hidden, weight_dtype, device
                 )
+                loss = float(loss_tensor.detach())
                 if not math.isfinite(loss):
                     raise TrainerError(
                         "loss_diverged",
                         f"training stopped: the loss became {loss} at step {step + 1}. Try a "
                         "lower learning rate, another optimizer, or mixed_precision bf16.",
                     )
-                params = [*unet_params, *text_params]
-                torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
-                optimizer.step()
+                scaler.scale(loss_tensor).backward()
+                scaler.unscale_(optimizer)  # clip the true gradients
+                torch.nn.utils.clip_grad_norm_([*unet_params, *text_params], MAX_GRAD_NORM)
+                scaler.step(optimizer)
+                scaler.update()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
@@ -715,8 +721,8 @@ class _Training:
         hidden: Any,
         weight_dtype: Any,
         device: Any,
-    ) -> float:
-        """One forward and backward pass: the UNet learns to predict the added noise."""
+    ) -> Any:
+        """One forward pass: the UNet learns to predict the added noise. Returns the loss."""
         import torch
         import torch.nn.functional as F
 
@@ -729,13 +735,9 @@ class _Training:
             target = noise_scheduler.get_velocity(latents, noise, timesteps)
         else:
             target = noise
-        with torch.autocast(
-            device_type=device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32
-        ):
+        with _autocast(device, weight_dtype):
             prediction = model.unet(noisy.to(weight_dtype), timesteps, hidden).sample
-        loss = F.mse_loss(prediction.float(), target.float())
-        loss.backward()
-        return float(loss.detach())
+        return F.mse_loss(prediction.float(), target.float())
 
     def _report(self, step: int, epoch: int, losses: list[float], step_times: deque[float]) -> None:
         per_step = sum(step_times) / len(step_times)
@@ -876,6 +878,15 @@ class _Training:
         save_file(tensors, str(partial), saved)
         partial.replace(path)
         self.note(f"saved epoch {epoch}: {path.name}")
+
+
+def _autocast(device: Any, weight_dtype: Any) -> Any:
+    """Mixed precision for a forward pass: the adapters are fp32, the base weights may not be."""
+    import torch
+
+    return torch.autocast(
+        device_type=device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32
+    )
 
 
 def cpu_threads() -> int:
