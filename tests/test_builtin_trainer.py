@@ -182,6 +182,17 @@ def test_the_tiny_model_is_built_once(tiny_model: Path) -> None:
     )
 
 
+def test_importing_the_trainer_and_demo_assets_loads_no_torch() -> None:
+    """The orchestrator and the runner import these; torch and friends load only to train."""
+    code = (
+        "import sys, gpu_runner.runner, gpu_runner.trainers.builtin, gpu_runner.demo_assets\n"
+        "heavy = {'torch', 'diffusers', 'transformers', 'peft'} & set(sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
 def test_demo_assets_command_writes_the_images(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "gpu_runner.demo_assets", "--images", str(tmp_path / "images")],
