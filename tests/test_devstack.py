@@ -293,3 +293,45 @@ def check_service_logs(state: Path, run_id: str) -> None:
     for name in ("LORA_CODEC_KEY", "LORA_WEBHOOK_MASTER_SECRET", "LORA_S3_SECRET_ACCESS_KEY"):
         for log in (state / "logs").iterdir():
             assert secrets[name] not in log.read_text(), f"{name} in {log.name}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Where the state is
+# ------------------------------------------------------------------------------------------------
+
+
+def test_the_state_dir_is_per_user(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LORA_STATE_DIR")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("XDG_STATE_HOME", raising=False)
+    assert Settings().state_dir == tmp_path / "home" / ".local" / "state" / "loratrain"
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
+    assert Settings().state_dir == tmp_path / "xdg" / "loratrain"
+
+    monkeypatch.setenv("XDG_STATE_HOME", "relative/state")  # the XDG spec: ignore it
+    assert Settings().state_dir == tmp_path / "home" / ".local" / "state" / "loratrain"
+
+    monkeypatch.setenv("LORA_STATE_DIR", str(tmp_path / "mine"))
+    assert Settings().state_dir == tmp_path / "mine"
+
+
+def test_settings_read_the_dev_env_of_their_state_dir_wherever_they_are_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "dev.env").write_text(
+        'LORA_TEMPORAL_ADDRESS="127.0.0.1:17233"\nLORA_BUCKET="from-dev-env"\n'
+    )
+    monkeypatch.chdir(tmp_path)  # not where the file is
+    monkeypatch.setenv("LORA_STATE_DIR", str(state))
+    monkeypatch.setenv("LORA_BUCKET", "from-the-environment")
+
+    settings = Settings()
+    assert settings.temporal_address == "127.0.0.1:17233"
+    assert settings.bucket == "from-the-environment"  # the environment wins over the file
+
+    monkeypatch.setenv("LORA_STATE_DIR", str(tmp_path / "elsewhere"))
+    assert Settings().temporal_address == "127.0.0.1:7233"
+    assert Settings(state_dir=state).temporal_address == "127.0.0.1:17233"
