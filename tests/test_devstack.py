@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -21,9 +22,9 @@ import pytest
 from temporalio.client import Client
 
 from worker.devstack import DevStack, LocalS3Ports, PortsInUse, read_dev_env
-from worker.main import connect_client
+from worker.main import connect_client, s3_client
 from worker.settings import Settings
-from workflows.models import RunStatusName
+from workflows.models import RunStatus, RunStatusName
 from workflows.training import TrainingWorkflow
 
 from .images import encoded
@@ -76,7 +77,7 @@ def running_dev(tmp_path: Path, extra_env: dict[str, str] | None = None) -> Iter
     """`loratrain dev` started in a directory of its own, its state in its own LORA_STATE_DIR,
     on free ports; returns once it says it is up. Killed, with its children, if still up."""
     started_in = tmp_path / "dev-cwd"
-    started_in.mkdir()
+    started_in.mkdir(exist_ok=True)
     state = tmp_path / "state"
     env = {
         **os.environ,
@@ -228,9 +229,13 @@ def test_after_dev_itself_is_killed_the_next_dev_names_what_it_left_running(
         assert group_members(set(children.values())), "nothing was stopped or started"
 
 
-@pytest.mark.parametrize("service", ["worker", "relay"])
+@pytest.mark.parametrize(
+    ("service", "then_restart_the_stack"),
+    [("worker", True), ("relay", False)],
+    ids=["worker, then the whole stack", "relay"],
+)
 async def test_a_killed_service_is_restarted_and_the_run_completes_on_its_first_gpu(
-    tmp_path: Path, service: str
+    tmp_path: Path, service: str, then_restart_the_stack: bool
 ) -> None:
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -274,6 +279,25 @@ async def test_a_killed_service_is_restarted_and_the_run_completes_on_its_first_
         assert f"{service} restarted (pid {after[service]}, restart 1)" in out
         assert group_members(set(after.values())) == []
         check_service_logs(dev.state, run_id)
+
+    if then_restart_the_stack:
+        await check_the_model_survives_a_restart(tmp_path, run_id, final)
+
+
+async def check_the_model_survives_a_restart(tmp_path: Path, run_id: str, final: RunStatus) -> None:
+    """Stopped and started again (other ports, same state), the stack still has the run and the
+    model it points at, byte for byte."""
+    assert final.result is not None
+    with running_dev(tmp_path) as dev:
+        settings = Settings(state_dir=dev.state)
+        async with client_of(dev.state) as client:
+            handle = client.get_workflow_handle_for(TrainingWorkflow.run, run_id)
+            assert await handle.result() == final
+        location = final.result.location
+        s3 = s3_client(settings)
+        model = s3.get_object(Bucket=location.bucket, Key=location.key)["Body"].read()
+        assert hashlib.sha256(model).hexdigest() == final.result.sha256
+        await asyncio.to_thread(dev.stop)
 
 
 def check_service_logs(state: Path, run_id: str) -> None:
