@@ -359,3 +359,6 @@ def test_settings_read_the_dev_env_of_their_state_dir_wherever_they_are_made(
     monkeypatch.setenv("LORA_STATE_DIR", str(tmp_path / "elsewhere"))
     assert Settings().temporal_address == "127.0.0.1:7233"
     assert Settings(state_dir=state).temporal_address == "127.0.0.1:17233"
+    # An explicit `_env_file` replaces it (None: no file at all).
+    monkeypatch.setenv("LORA_STATE_DIR", str(state))
+    assert Settings(_env_file=None).temporal_address == "127.0.0.1:7233"

@@ -41,7 +41,11 @@ def dev_env_file(init_values: dict[str, Any] | None = None) -> Path:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="LORA_", env_file_encoding="utf-8", extra="ignore")
+    # No env file of its own: `()` marks "not given", so settings_customise_sources can put the
+    # state dir's dev.env there, while an explicit `_env_file` (None: none) still replaces it.
+    model_config = SettingsConfigDict(
+        env_prefix="LORA_", env_file=(), env_file_encoding="utf-8", extra="ignore"
+    )
 
     @classmethod
     def settings_customise_sources(
@@ -52,13 +56,14 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        """Below init values, the environment and an explicit `_env_file`: the state dir's
-        dev env file, wherever the command runs."""
-        init_values = (
-            init_settings.init_kwargs if isinstance(init_settings, InitSettingsSource) else {}
-        )
-        dev_env = DotEnvSettingsSource(settings_cls, env_file=dev_env_file(init_values))
-        return init_settings, env_settings, dotenv_settings, dev_env, file_secret_settings
+        """Below init values and the environment: the state dir's dev env file, wherever the
+        command runs (unless `_env_file` names other files, or None)."""
+        if isinstance(dotenv_settings, DotEnvSettingsSource) and dotenv_settings.env_file == ():
+            init_values = (
+                init_settings.init_kwargs if isinstance(init_settings, InitSettingsSource) else {}
+            )
+            dotenv_settings = DotEnvSettingsSource(settings_cls, env_file=dev_env_file(init_values))
+        return init_settings, env_settings, dotenv_settings, file_secret_settings
 
     # Temporal
     temporal_address: str = "127.0.0.1:7233"
