@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -362,3 +363,32 @@ def test_settings_read_the_dev_env_of_their_state_dir_wherever_they_are_made(
     # An explicit `_env_file` replaces it (None: no file at all).
     monkeypatch.setenv("LORA_STATE_DIR", str(state))
     assert Settings(_env_file=None).temporal_address == "127.0.0.1:7233"
+
+
+def test_a_child_that_keeps_failing_is_restarted_with_a_growing_backoff(tmp_path: Path) -> None:
+    """Each exit gets a line with the reason and the log's last line; the waits double."""
+    stack = DevStack(Settings(state_dir=tmp_path / "state"))
+    stack.logs_dir.mkdir(parents=True)
+    failing = "print('error: LORA_CODEC_KEY is not set', flush=True); raise SystemExit(3)"
+    stack._launch("worker", [sys.executable, "-c", failing], env=dict(os.environ))
+    reports: list[str] = []
+    supervisor = threading.Thread(target=stack.supervise, args=(reports.append,))
+    supervisor.start()
+    try:
+        deadline = time.monotonic() + 20
+        while sum("restarted" in r for r in reports) < 2:
+            assert time.monotonic() < deadline, reports
+            time.sleep(0.05)
+    finally:
+        stack.request_stop()
+        supervisor.join()
+        stack.stop()
+
+    log = stack.logs_dir / "worker.log"
+    for wait_s, exited in ((1, reports[0]), (2, reports[2])):
+        assert exited == (
+            f"worker exited unexpectedly (exit code 3); restarting it in {wait_s} s. Its log is "
+            f"{log}, which ends: error: LORA_CODEC_KEY is not set"
+        )
+    assert re.fullmatch(r"worker restarted \(pid \d+, restart 1\)", reports[1])
+    assert re.fullmatch(r"worker restarted \(pid \d+, restart 2\)", reports[3])

@@ -619,9 +619,11 @@ class DevStack:
                     if now - child.started_at >= HEALTHY_AFTER_S:
                         child.backoff_s = RESTART_BACKOFF_INITIAL_S
                     child.restart_at = now + child.backoff_s
+                    last = child.log_tail(1)
                     report(
                         f"{child.name} exited unexpectedly ({_exit_reason(child)}); "
                         f"restarting it in {child.backoff_s:.0f} s. Its log is {child.log_path}"
+                        + (f", which ends: {last[0].strip()}" if last and last[0].strip() else "")
                     )
                 elif now >= child.restart_at:
                     self._restart(child)
@@ -719,6 +721,9 @@ class DevStack:
             "LORA_RELAY_HOST": s.relay_host,
             "LORA_RELAY_PORT": str(s.relay_port),
             "LORA_RELAY_PUBLIC_URL": s.relay_public_url,
+            # One machine, one user: webhooks to a receiver on this machine are the point.
+            "LORA_WEBHOOK_ALLOW_HTTP": "true",
+            "LORA_WEBHOOK_ALLOW_PRIVATE_ADDRESSES": "true",
         }
         # Generated keys already there are kept: a new codec key would make old histories
         # unreadable, new S3 credentials would lock the stored data away.
