@@ -8,7 +8,10 @@ can deduplicate.
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 import json
+import socket
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -68,11 +71,18 @@ class NotifyActivities:
         body = webhook_body(input, occurred_at)
         headers = {**sign_payload(input.secret, input.msg_id, body), "user-agent": USER_AGENT}
         where = _safe_url(input.url)
+        url, host = await self._pinned_destination(input, where)
+        extensions: dict[str, Any] = {}
+        if host is not None:
+            headers["host"] = host
+            extensions["sni_hostname"] = urlsplit(input.url).hostname
         try:
             async with httpx.AsyncClient(
                 timeout=self.settings.http_timeout_s, follow_redirects=False
             ) as client:
-                response = await client.post(input.url, content=body, headers=headers)
+                response = await client.post(
+                    url, content=body, headers=headers, extensions=extensions
+                )
         except httpx.TimeoutException:
             raise ApplicationError(
                 f"{input.event_type} webhook to {where} timed out after "
@@ -104,11 +114,54 @@ class NotifyActivities:
                 next_retry_delay=_retry_after(response),
             )
         hint = " (redirects are not followed: configure the final URL)" if status < 400 else ""
-        raise ApplicationError(
-            f"{answer}{hint}: {response.text[:200]}".rstrip(": "),
-            type="WebhookRejected",
-            non_retryable=True,
-        )
+        # The answer's body stays out of the error: it would land in workflow history.
+        raise ApplicationError(f"{answer}{hint}", type="WebhookRejected", non_retryable=True)
+
+    async def _pinned_destination(
+        self, input: UserWebhookInput, where: str
+    ) -> tuple[str, str | None]:
+        """The URL to connect to and the Host it stands for; refuses what the worker must never
+        call (SSRF).
+
+        Outside the embedded stack the URL must be https and every address its host resolves
+        to must be public. The request then goes to the checked address itself (TLS still
+        verifies the host name), so a DNS answer that changes after the check cannot redirect it.
+        """
+        parts = urlsplit(input.url)
+        if parts.scheme != "https" and not self.settings.webhook_allow_http:
+            raise _refused(input, where, "only https webhook URLs are allowed")
+        host = parts.hostname or ""
+        if self.settings.webhook_allow_private_addresses:
+            return input.url, None
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                host, port, type=socket.SOCK_STREAM
+            )
+        except OSError as e:
+            raise ApplicationError(
+                f"{input.event_type} webhook to {where}: cannot resolve {host}: {e}; will retry",
+                type="WebhookDeliveryFailed",
+            ) from None
+        addresses = [ipaddress.ip_address(info[4][0]) for info in infos]
+        private = [str(a) for a in addresses if not a.is_global]
+        if private or not addresses:
+            raise _refused(
+                input, where, f"{host} resolves to a non-public address ({', '.join(private)})"
+            )
+        address = addresses[0]
+        literal = f"[{address}]" if address.version == 6 else str(address)
+        pinned = parts._replace(netloc=f"{literal}:{port}").geturl()
+        netloc = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
+        return pinned, netloc
+
+
+def _refused(input: UserWebhookInput, where: str, reason: str) -> ApplicationError:
+    return ApplicationError(
+        f"{input.event_type} webhook to {where} refused: {reason}",
+        type="WebhookRefused",
+        non_retryable=True,
+    )
 
 
 def _safe_url(url: str) -> str:

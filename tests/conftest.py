@@ -80,6 +80,9 @@ def base_settings(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) ->
         webhook_master_secret=SecretStr(TEST_MASTER_SECRET),
         civitai_api_key=None,
         state_dir=tmp_path_factory.mktemp("state"),
+        # The tests' webhook receivers listen on loopback over http, as in the embedded stack.
+        webhook_allow_http=True,
+        webhook_allow_private_addresses=True,
     )
 
 

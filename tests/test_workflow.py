@@ -27,6 +27,7 @@ from .workflow_support import (
     SLEEPING_RUNNER,
     RecordingProvider,
     ScriptedEvents,
+    check_replays,
     local_model,
     make_request,
     put_dataset,
@@ -128,6 +129,7 @@ async def test_stall_in_each_gpu_status_ends_stalled_with_gpu_destroyed(
             READY_EVENTS[stalled_in],
         )
         status, error = await finish(handle)
+        await check_replays(run_settings, handle, name=f"v2-stalled-in-{stalled_in.value}")
 
     assert status.status == RunStatusName.STALLED
     assert status.error is not None and status.error.code == "stalled"
@@ -154,6 +156,7 @@ async def test_stall_while_pending_when_no_gpu_can_be_rented(
     async with running_worker(client, broken, provider):
         handle = await start_run(client, broken, request_factory())
         status, error = await finish(handle)
+        await check_replays(broken, handle, name="v2-stalled-in-pending")
 
     assert status.status == RunStatusName.STALLED
     assert status.error is not None and status.error.stage == "pending"
@@ -205,6 +208,7 @@ async def test_cancel_during_training_ends_cancelled_with_gpu_destroyed(
         )
         await handle.cancel()
         status, error = await finish(handle)
+        await check_replays(run_settings, handle, name="v2-cancelled-in-training")
 
     assert isinstance(error, CancelledError)
     assert status.status == RunStatusName.CANCELLED
@@ -229,6 +233,7 @@ async def run_with_events(
         events = ScriptedEvents(handle.id).happy_path(key, MODEL_BYTES)
         await send_all(handle, arrange(events))
         status, error = await finish(handle)
+        await check_replays(settings, handle, name="v2-completed-run")
     assert error is None, error
     return status
 

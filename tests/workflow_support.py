@@ -194,13 +194,19 @@ HISTORIES = Path(__file__).parent / "histories"
 
 
 async def check_replays(
-    settings: Settings, handle: WorkflowHandle[Any, Any], record: bool = True
+    settings: Settings,
+    handle: WorkflowHandle[Any, Any],
+    record: bool = True,
+    name: str | None = None,
 ) -> None:
-    """Replay a finished run's history now; with LORA_RECORD_HISTORIES=1 also keep it in
-    tests/histories/ for tests/test_replay.py to replay against later code."""
+    """Replay a finished run's history now; with LORA_RECORD_HISTORIES=1 also add it to
+    tests/histories/ (as `name`, which carries the code version) for tests/test_replay.py.
+    The corpus only grows: a history already there is never overwritten."""
     history = await handle.fetch_history()
     replayer = Replayer(workflows=WORKFLOWS, data_converter=data_converter(settings))
     await replayer.replay_workflow(history)
     if record and os.environ.get("LORA_RECORD_HISTORIES"):
         HISTORIES.mkdir(exist_ok=True)
-        (HISTORIES / f"{handle.id}.json").write_text(history.to_json())
+        path = HISTORIES / f"{name or handle.id}.json"
+        if not path.exists():
+            path.write_text(history.to_json())

@@ -46,7 +46,8 @@ log = logging.getLogger("loratrain.worker")
 WORKFLOWS: list[type] = [TrainingWorkflow, UserWebhookWorkflow, ReaperWorkflow]
 
 REAPER_SCHEDULE_ID = "loratrain-reaper"
-REAPER_INTERVAL = timedelta(minutes=5)
+# Cheap (one list call when nothing is orphaned), so a terminated run's GPU goes within a minute.
+REAPER_INTERVAL = timedelta(minutes=1)
 # A pass that hangs must not block the reaper forever (the schedule skips while one runs).
 REAPER_RUN_TIMEOUT = timedelta(minutes=30)
 SCHEDULE_RPC_TIMEOUT = timedelta(seconds=10)
@@ -144,8 +145,8 @@ def activities_for(settings: Settings, provider: GpuProvider | None = None) -> l
         storage.build_images_zip,
         storage.write_job_spec,
         storage.verify_upload,
-        models.resolve_model,
         storage.delete_job_specs,
+        models.resolve_model,
         gpu.allocate_gpu,
         gpu.get_gpu_instance,
         gpu.deallocate_gpu,
@@ -173,8 +174,8 @@ def build_worker(
 
 async def run_worker(settings: Settings) -> None:
     """Run the worker until cancelled (Ctrl-C)."""
-    # Refuse a provider that cannot work before connecting to anything.
     configure_logging()
+    # Refuse a provider that cannot work before connecting to anything.
     provider = gpu_provider(settings)
     client = await connect_client(settings)
     try:

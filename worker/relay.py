@@ -13,9 +13,12 @@ so operators can read encrypted payloads in the Temporal UI.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hmac
+import ipaddress
 import logging
+import math
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -240,9 +243,36 @@ def _age_ms(sent_at: datetime) -> float:
     return (datetime.now(UTC) - sent_at).total_seconds() * 1000
 
 
+class RunEventRate:
+    """At most `per_minute` signed events per run and minute through this relay process.
+
+    A runner sends a handful a minute (progress is coalesced); a flood from a leaked run secret
+    would only grow the run's history. Counted after the signature check, so an unsigned caller
+    cannot spend a run's allowance. Per process: N relays allow N times as much.
+    """
+
+    def __init__(self, per_minute: int) -> None:
+        self.per_minute = per_minute
+        self._windows: dict[str, collections.deque[float]] = {}
+
+    def admit(self, run_id: str, now: float) -> float | None:
+        """None when admitted, else the seconds until the run may send again."""
+        window = self._windows.setdefault(run_id, collections.deque())
+        while window and now - window[0] >= 60:
+            window.popleft()
+        if len(window) >= self.per_minute:
+            return 60 - (now - window[0])
+        window.append(now)
+        if len(self._windows) > 10_000:  # forget runs that went quiet
+            self._windows = {k: w for k, w in self._windows.items() if w and now - w[-1] < 60}
+        return None
+
+
 def _events_endpoint(
     settings: Settings, connection: TemporalConnection
 ) -> Callable[[Request], Awaitable[Response]]:
+    rate = RunEventRate(settings.relay_max_events_per_minute)
+
     async def post_event(request: Request) -> Response:
         received = time.monotonic()
         run_id = request.path_params["run_id"]
@@ -250,6 +280,13 @@ def _events_endpoint(
             async with asyncio.timeout(settings.http_timeout_s):
                 body = await _read_limited_body(request, protocol.MAX_EVENT_BYTES)
             _verify_signature(settings, run_id, request, body)
+            wait_s = rate.admit(run_id, received)
+            if wait_s is not None:
+                raise Rejection(
+                    429,
+                    f"run {run_id} sent more than {rate.per_minute} events in a minute",
+                    headers={"Retry-After": str(max(1, math.ceil(wait_s)))},
+                )
             event = _parse_event(run_id, request, body)
             await _signal_run(await connection.get(), event)
         except Rejection as rejection:
@@ -386,8 +423,28 @@ def create_app(settings: Settings, client: Client | None = None) -> Starlette:
     )
 
 
+def check_codec_exposure(settings: Settings) -> None:
+    """Refuse an open codec server on a relay that listens beyond loopback: GPU boxes (the
+    internet) reach the relay, and the codec decrypts every payload of every run."""
+    if settings.codec_auth_token is None and not _is_loopback(settings.relay_host):
+        raise RuntimeError(
+            f"the relay listens on {settings.relay_host}, beyond loopback, so its codec routes "
+            "need a token: set LORA_CODEC_AUTH_TOKEN"
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def run_relay(settings: Settings) -> None:
     """Serve the relay on settings.relay_host:settings.relay_port until interrupted."""
+    check_codec_exposure(settings)
     configure_logging()
     config = uvicorn.Config(
         create_app(settings),

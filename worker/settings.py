@@ -102,6 +102,12 @@ class Settings(BaseSettings):
     relay_port: int = 8088
     relay_public_url: str = "http://127.0.0.1:8088"
     webhook_master_secret: SecretStr | None = None
+    # User webhooks go to https URLs on public addresses only. The embedded stack (and tests)
+    # allow http and loopback/private receivers; never turn these on where users are strangers.
+    webhook_allow_http: bool = False
+    webhook_allow_private_addresses: bool = False
+    # Signed runner events one relay process accepts per run and minute (a runner sends a few).
+    relay_max_events_per_minute: int = 120
     # When set, the codec routes answer only requests with `Authorization: Bearer <token>`;
     # set it wherever GPU boxes (the public internet) can reach the relay.
     codec_auth_token: SecretStr | None = None

@@ -13,7 +13,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.storage import ImagesZip
     from gpu_runner.protocol import ModelUploadedData, RunFailedData
 
-    from .models import RunStatus, S3Location
+    from .models import RunStatus, S3Location, TrainingRequest
     from .status import Fact
     from .webhooks import WebhookQueueState
 
@@ -52,3 +52,10 @@ class RunState(BaseModel):
     runner_failure: RunFailedData | None = None
     uploaded: ModelUploadedData | None = None
     webhooks: WebhookQueueState = WebhookQueueState()
+
+
+class ContinuedRun(BaseModel):
+    """The input of an execution that continues a run: its request and everything it knew."""
+
+    request: TrainingRequest
+    state: RunState

@@ -49,7 +49,7 @@ with workflow.unsafe.imports_passed_through():
         TrainingRequest,
         UserEventType,
     )
-    from .state import SEEN_WINDOW, GpuSpan, PreparedInputs, RunState
+    from .state import SEEN_WINDOW, ContinuedRun, GpuSpan, PreparedInputs, RunState
     from .status import Fact, derive_status, statuses_between
     from .training_v1 import LegacyTrainingRun
     from .webhooks import UserWebhooks
@@ -113,10 +113,10 @@ class _ContinueAsNew(Exception):
 @workflow.defn(name="TrainingWorkflow")
 class TrainingWorkflow:
     @workflow.init
-    def __init__(self, request: TrainingRequest, carried: RunState | None = None) -> None:
-        # The SDK applies type hints only when the payload count matches: a start carries one
-        # payload (the request), continue-as-new two, so a start's request arrives as a dict.
-        request = TrainingRequest.model_validate(request)
+    def __init__(self, input: TrainingRequest | ContinuedRun) -> None:
+        request, carried = (
+            (input.request, input.state) if isinstance(input, ContinuedRun) else (input, None)
+        )
         self._legacy = None if workflow.patched(LIFECYCLE_V2) else LegacyTrainingRun(request)
         self._request = request
         info = workflow.info()
@@ -137,18 +137,23 @@ class TrainingWorkflow:
         # progress alone only changes the query's answer and wakes nothing.
         self._wake = 0
         self._closing = False
+        # Set once the run stops waiting for work in flight (deadline or cancel).
+        self._giving_up = False
 
     # ----------------------------------------------------------------------------------------
     # The run
     # ----------------------------------------------------------------------------------------
 
     @workflow.run
-    async def run(self, request: TrainingRequest, carried: RunState | None = None) -> RunStatus:
-        """Validate, zip, rent a GPU, follow it to a verified model; give the GPU back always."""
+    async def run(self, input: TrainingRequest | ContinuedRun) -> RunStatus:
+        """Validate, zip, rent a GPU, follow it to a verified model; give the GPU back always.
+
+        A backend starts it with a TrainingRequest; a ContinuedRun is the run handing itself
+        over to a fresh execution (continue-as-new)."""
         if self._legacy is not None:
             return await self._legacy.run(self._request)
         notifier = asyncio.create_task(self._webhooks.deliver_forever())
-        if carried is None:
+        if not isinstance(input, ContinuedRun):
             self._announce(RunStatusName.PENDING)
         else:
             self._state.executions += 1
@@ -278,6 +283,8 @@ class TrainingWorkflow:
             cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
             summary=f"rent GPU attempt {attempt}",
         )
+        if self._giving_up:
+            return  # the release that follows destroys it by its label
         state.instance = instance
         state.gpu_spans.append(
             GpuSpan(dollars_per_hour=instance.dollars_per_hour or 0.0, start=workflow.now())
@@ -414,7 +421,7 @@ class TrainingWorkflow:
         await self._webhooks.drain(WEBHOOK_HANDOVER)
         await self._answer_waiters()
         self._state.facts = sorted(self._facts)
-        workflow.continue_as_new(args=[self._request, self._state])
+        workflow.continue_as_new(ContinuedRun(request=self._request, state=self._state))
 
     async def _answer_waiters(self) -> None:
         """Every wait_for_change in flight gets an answer before this execution ends."""
@@ -528,6 +535,7 @@ class TrainingWorkflow:
         elif isinstance(data, ModelUploadedData):
             state.uploaded = data
             self._learn(Fact.MODEL_UPLOADED)
+            self._wake += 1  # no status follows training: verify now, not at the next check
         elif isinstance(data, RunFailedData):
             state.runner_failure = data
             self._wake += 1
@@ -590,6 +598,10 @@ class TrainingWorkflow:
         if self._legacy is not None:
             self._legacy.validate_wait_for_change(after_version)
             return
+        if self._closing:
+            # Answered at once, a watcher would ask again at once and keep the hand-over
+            # waiting; refused, it asks the next execution.
+            raise ValueError("the run is closing or continuing as new: ask again")
         version = self._state.status.version
         if not 0 <= after_version <= version:
             raise ValueError(
@@ -746,6 +758,7 @@ class TrainingWorkflow:
         """Run `work` under the current status's deadline. On timeout or cancel it is cancelled
         and waited for, so whatever it rented is visible to the release that follows."""
         task = asyncio.ensure_future(work)
+        status = self._state.status.status
         deadline = self._deadline()
         try:
             done = await self._wait(task.done, deadline.at - workflow.now(), deadline.summary)
@@ -754,12 +767,12 @@ class TrainingWorkflow:
             raise
         if not done:
             await self._settle(task)
-            status = self._state.status.status.value
-            raise _Stalled(f"{what} took longer than the {status} deadline")
+            limit_s = int((deadline.at - self._entered_at(status)).total_seconds())
+            raise _Stalled(f"{what} took longer than the {status.value} deadline ({limit_s} s)")
         task.result()
 
-    @staticmethod
-    async def _settle(task: asyncio.Future[None]) -> None:
+    async def _settle(self, task: asyncio.Future[None]) -> None:
+        self._giving_up = True
         task.cancel()
         # A cancelled activity ends as ActivityError, not CancelledError: both mean "gave up".
         with contextlib.suppress(asyncio.CancelledError, Exception):
