@@ -282,6 +282,7 @@ def test_stack_refuses_to_start_when_a_port_is_taken(workdir: Path, busy_port: i
         temporal_address=env["LORA_TEMPORAL_ADDRESS"],
         temporal_ui_url=f"http://127.0.0.1:{busy_port}",
         s3_endpoint_url=env["LORA_S3_ENDPOINT_URL"],
+        local_s3_internal_port=int(env["LORA_LOCAL_S3_INTERNAL_PORT"]),
         relay_port=int(env["LORA_RELAY_PORT"]),
         state_dir=workdir / ".loratrain",
     )

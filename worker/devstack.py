@@ -295,8 +295,10 @@ def free_local_s3_ports(host: str = "127.0.0.1") -> LocalS3Ports:
 
     def free_block(size: int) -> int:
         while True:
-            # Below the kernel's ephemeral range, so gRPC ports (+10000) stay under 65536.
-            first = rng.randrange(20000, 32000 - size)
+            # HTTP ports in 20000-28999 and gRPC ports in 30000-38999: clear of the dev stack's
+            # defaults (9000, 19000, 19333-19336, 29333-29336), so tests never take the ports
+            # of a developer's own stack, and of most of the kernel's ephemeral range.
+            first = rng.randrange(20000, 29000 - size)
             ports = [p + offset for p in range(first, first + size) for offset in (0, GRPC_OFFSET)]
             if all(port_is_free(host, port) for port in ports):
                 return first
