@@ -512,12 +512,11 @@ class StorageActivities:
             checks = [(f, pool.submit(check_image, f)) for f in image_files] + [
                 (f, pool.submit(check_caption, f)) for f in caption_files
             ]
-            for done, (item, future) in enumerate(checks, start=1):
+            for item, future in checks:
                 problem = future.result()
                 if problem is not None:
                     problems.append((item.name, problem))
-                if done % 50 == 0:
-                    _heartbeat()
+                _heartbeat()  # decoding a large image takes a while; the SDK throttles these
         return problems
 
     # ----------------------------------------------------------------------------------------

@@ -310,3 +310,9 @@ async def test_with_no_worker_status_exits_cleanly_every_time(
     )
     for args, result in zip(commands, results, strict=True):
         assert (result.returncode, result.stderr.strip()) == (1, expected), (args, result)
+
+    # Terminated while no worker could replay it: Temporal's own word is enough.
+    await dev_env.client.get_workflow_handle(run_id).terminate("operator ended it")
+    shown = await asyncio.to_thread(loratrain, ["status", run_id], workdir, env)
+    assert shown.returncode == 0, shown.stderr
+    assert "status       terminated (by Temporal, while pending)" in shown.stdout

@@ -288,6 +288,17 @@ def dev() -> None:
     out.print("stopped")
 
 
+@app.command()
+def demo() -> None:
+    """Train a LoRA end to end on this machine, offline: a tiny base model and demo images made
+    here, a real run on the embedded stack (started for the demo unless `dev` runs), live
+    progress, and the LoRA downloaded into ./outputs/. Ctrl-C cancels the run.
+    """
+    from .demo import run_demo
+
+    run_demo(load_settings())
+
+
 def _report_dead_child(e: ChildExited) -> None:
     err.print(f"error: {e}", style="red", markup=False, highlight=False)
     tail = e.child.log_tail(15)
@@ -617,7 +628,8 @@ def _print_status(st: RunStatus) -> None:
         stage = f" during {e.stage}" if e.stage else ""
         rows.append(("error", f"[red]{escape(f'{e.code}{stage}: {e.message}')}[/]"))
         rows.extend(("", f"[dim]{escape(line)}[/]") for line in e.log_tail[-10:])
-        rows.append(("full log", escape(f"loratrain logs {st.run_id}")))
+        if st.attempt:  # a GPU ran: its runner uploads the whole log when the run ends
+            rows.append(("full log", escape(f"loratrain logs {st.run_id}")))
     for i, change in enumerate(st.history):
         rows.append(("history" if i == 0 else "", f"{_local_time(change.at)}  {change.status}"))
     for label, value in rows:
@@ -754,7 +766,14 @@ async def _watch(settings: Settings, run_id: str, as_json: bool) -> None:
     handle = training_handle(client, run_id)
     st = await query_status(handle, await describe_run(handle, settings), settings)
     if as_json:
-        final = await _follow(handle, settings, st, lambda s: typer.echo(s.model_dump_json()))
+        printed: set[tuple[int, str | None]] = set()
+
+        def print_json(st: RunStatus) -> None:
+            if (st.version, st.execution_status) not in printed:  # a quiet poll repeats one
+                printed.add((st.version, st.execution_status))
+                typer.echo(st.model_dump_json())
+
+        final = await _follow(handle, settings, st, print_json)
     else:
         final = await _watch_with_bar(handle, settings, st)
         _print_status(final)
@@ -839,6 +858,16 @@ async def _download(settings: Settings, run_id: str, output: Path, into_folder: 
     client = await connect(settings)
     handle = training_handle(client, run_id)
     st = await query_status(handle, await describe_run(handle, settings), settings)
+    target = await download_model(settings, st, output, into_folder)
+    out.print(str(target), markup=False, highlight=False)
+
+
+async def download_model(
+    settings: Settings, st: RunStatus, output: Path, into_folder: bool
+) -> Path:
+    """Download the run's verified model into `output` (a folder, or the file itself) and check
+    its sha256; the absolute path of the file."""
+    run_id = st.run_id
     if st.result is None:
         state = st.execution_status or st.status.value
         fail(f"run {run_id} has no model to download ({state}); `loratrain status {run_id}`")
@@ -863,7 +892,7 @@ async def _download(settings: Settings, run_id: str, output: Path, into_folder: 
             f"the download of {result.location.uri} has sha256 {sha256}, not the verified "
             f"{result.sha256}; nothing was kept, try again"
         )
-    out.print(str(target.resolve()), markup=False, highlight=False)
+    return target.resolve()
 
 
 def _presign_download(settings: Settings, bucket: str, key: str) -> str:
