@@ -260,6 +260,7 @@ class Runner:
         self._last_step: int | None = None
         self._upload_retry: tuple[int, str] | None = None
         self._log_file: logging.Handler | None = None
+        self._log_level_before = logging.NOTSET
         self._terminate_signal: int | None = None
         self._terminated = asyncio.Event()
         self._http = httpx.AsyncClient(timeout=settings.runner_http_timeout_s)
@@ -439,6 +440,7 @@ class Runner:
         handler.setLevel(logging.INFO)
         logger = logging.getLogger("gpu_runner")
         logger.addHandler(handler)
+        self._log_level_before = logger.level
         if logger.getEffectiveLevel() > logging.INFO:
             logger.setLevel(logging.INFO)  # the file keeps INFO lines whatever stderr shows
         return handler
@@ -446,7 +448,9 @@ class Runner:
     def _stop_log_file(self) -> None:
         handler, self._log_file = self._log_file, None
         if handler is not None:
-            logging.getLogger("gpu_runner").removeHandler(handler)
+            logger = logging.getLogger("gpu_runner")
+            logger.removeHandler(handler)
+            logger.setLevel(self._log_level_before)
             handler.close()
 
     async def _upload_log(self) -> None:
