@@ -58,6 +58,7 @@ def test_train_lists_every_problem_and_uploads_nothing(workdir: Path) -> None:
     (images / "signature-only.png").write_bytes(PNG[:16] + bytes(64))
     (images / "truncated.jpg").write_bytes(encoded("JPEG", size=64)[:-200])
     (images / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    (images / "renamed.png").write_bytes(encoded("JPEG"))
     dead = {"LORA_TEMPORAL_ADDRESS": f"127.0.0.1:{free_port()}"}  # nothing would answer
 
     result = loratrain(
@@ -66,6 +67,7 @@ def test_train_lists_every_problem_and_uploads_nothing(workdir: Path) -> None:
 
     assert result.returncode == 2, result.stdout + result.stderr
     assert errors(result.stderr) == [
+        "IMAGES: renamed.png: the file is a JPEG image but its name says PNG; fix the extension",
         "IMAGES: signature-only.png: the PNG image cannot be decoded (not recognised); "
         "open and save it again",
         "IMAGES: truncated.jpg: the JPEG image cannot be decoded (Truncated File Read); "
@@ -76,6 +78,30 @@ def test_train_lists_every_problem_and_uploads_nothing(workdir: Path) -> None:
         "--set batch_size: Input should be greater than or equal to 1 (got '0')",
     ]
     assert "Traceback" not in result.stderr and "cannot reach Temporal" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("limits", "expected"),
+    [
+        ({"LORA_MAX_IMAGES": "1"}, "IMAGES: 2 images, more than the limit of 1; remove some"),
+        ({"LORA_MAX_IMAGE_BYTES": "50"}, "IMAGES: cat1.png: {png} bytes is over the limit of 50"),
+        (
+            {"LORA_MAX_DATASET_BYTES": "100"},
+            "IMAGES: the images and captions add up to {all} bytes",
+        ),
+    ],
+)
+def test_train_checks_the_dataset_limits_here(
+    limits: dict[str, str], expected: str, workdir: Path
+) -> None:
+    images = image_folder(workdir / "images")
+    sizes = {p.name: p.stat().st_size for p in images.iterdir()}
+    expected = expected.format(
+        png=sizes["cat1.png"], all=sizes["cat1.png"] + sizes["cat2.png"] + sizes["cat1.txt"]
+    )
+    result = cli(["train", str(images), "--model", "civitai:1"], env=limits)
+    assert result.exit_code == 2, result.output
+    assert any(line.startswith(expected) for line in errors(result.output)), result.output
 
 
 @pytest.mark.parametrize(
