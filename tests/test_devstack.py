@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from temporalio.client import Client
 
+from activities.providers.local import LocalProvider
 from worker.devstack import DevStack, LocalS3Ports, PortsInUse, read_dev_env
 from worker.main import connect_client, s3_client
 from worker.settings import Settings
@@ -106,15 +107,21 @@ def running_dev(tmp_path: Path, extra_env: dict[str, str] | None = None) -> Iter
         # What it prints from here on (a few lines) waits in the pipe for stop().
         yield dev
     finally:
-        pgids: set[int] = set()
-        with contextlib.suppress(OSError, ValueError):
-            pgids = set(dev.pids().values())
         if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-        for pgid in pgids:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pgid, signal.SIGKILL)
+            # Stopped as a user stops it, so it also gives its local GPUs back.
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+        with contextlib.suppress(OSError, ValueError):
+            for pgid in dev.pids().values():  # left by a `dev` that was killed
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pgid, signal.SIGKILL)
+        provider = LocalProvider(Settings(state_dir=state))
+        for instance in provider.list_instances():
+            provider.destroy(instance.instance_id)
 
 
 def loratrain(args: list[str], cwd: Path, state: Path) -> subprocess.CompletedProcess[str]:

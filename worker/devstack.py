@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import ctypes
 import fcntl
 import ipaddress
 import json
@@ -373,6 +374,25 @@ def ensure_bucket(s3: Any, bucket: str, region: str = "us-east-1") -> None:
             raise
 
 
+def local_s3_volumes_served(data_dir: Path, host: str, ports: LocalS3Ports) -> bool:
+    """Whether the master knows every volume on disk. Until the volume server's first heartbeat
+    it does not, and reads of stored objects fail (InternalError) though the S3 port answers."""
+    on_disk = len(list(data_dir.glob("*.dat")))
+    if on_disk == 0:
+        return True
+    try:
+        status = httpx.get(f"http://{host}:{ports.internal}/dir/status", timeout=2.0).json()
+    except (httpx.HTTPError, ValueError):
+        return False
+    served = sum(
+        int(node.get("Volumes", 0))
+        for center in status.get("Topology", {}).get("DataCenters") or []
+        for rack in center.get("Racks") or []
+        for node in rack.get("DataNodes") or []
+    )
+    return served >= on_disk
+
+
 @contextlib.contextmanager
 def local_s3_server(
     data_dir: Path,
@@ -400,6 +420,8 @@ def local_s3_server(
             stderr=subprocess.STDOUT,
             env=local_s3_env(access_key_id, secret_access_key),
             start_new_session=True,
+            # A test run killed by a timeout must not leave its S3 server behind.
+            preexec_fn=_die_with_parent,
         )
     try:
         s3 = _s3_client(url, access_key_id, secret_access_key, "us-east-1")
@@ -411,11 +433,14 @@ def local_s3_server(
                 )
             try:
                 ensure_bucket(s3, bucket)
-                break
+                if local_s3_volumes_served(data_dir, "127.0.0.1", ports):
+                    break
             except (BotoCoreError, ClientError):
                 if time.monotonic() > deadline:
                     raise
-                time.sleep(0.1)
+            if time.monotonic() > deadline:
+                raise DevStackError(f"weed mini did not load its volumes; see {log_path}")
+            time.sleep(0.1)
         yield url
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -597,6 +622,13 @@ class DevStack:
             )
             self._wait_until(lambda: _answers_http(self.s3_url), "local S3", s3)
             self._wait_until(self._bucket_ready, "the local S3 bucket", s3)
+            self._wait_until(
+                lambda: local_s3_volumes_served(
+                    self.state_dir / S3_DATA_DIR, self.local_s3.host, self.local_s3_ports
+                ),
+                "the local S3 server's stored data",
+                s3,
+            )
             relay = self._launch(RELAY, [sys.executable, "-m", "worker.cli", "relay"])
             self._launch(WORKER, [sys.executable, "-m", "worker.cli", "worker"])
             self._wait_until(lambda: _accepts_tcp(self.relay), "relay", relay)
@@ -900,6 +932,12 @@ def _exit_reason(child: Child) -> str:
     if code is not None and code < 0:
         with contextlib.suppress(ValueError):
             return f"killed by {signal.Signals(-code).name}"
+def _die_with_parent() -> None:
+    """In a child before it runs its program: be killed when the parent ends (Linux prctl)."""
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
     return f"exit code {code}"
 
 
