@@ -49,7 +49,7 @@ def runner_env(tmp_path: Path, step_s: float) -> dict[str, str]:
         "LORA_RUNNER_TOKENIZER_CACHE_DIR": str(tmp_path / "tokenizers"),
         "LORA_RUNNER_RETRY_INITIAL_S": "0.2",
         "LORA_RUNNER_RETRY_MAX_S": "1",
-        "LORA_RUNNER_PROGRESS_INTERVAL_S": "0.5",
+        "LORA_RUNNER_PROGRESS_INTERVAL_S": "1",
         "LORA_RUNNER_DISK_MARGIN_BYTES": "0",
         # The stand-in reads its pace from its environment, which the runner passes on.
         "LORA_LOCAL_RUNNER_COMMAND": json.dumps(
