@@ -829,6 +829,11 @@ async def _follow(
             async with asyncio.timeout(UPDATE_POLL_S):
                 st = await handle.execute_update(TrainingWorkflow.wait_for_change, st.version)
         except (RPCError, RPCTimeoutOrCancelledError, WorkflowUpdateFailedError, TimeoutError):
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                # The SDK turns the cancel of this task (Ctrl-C) into an update error; a
+                # timeout's own cancel is already taken back here.
+                raise asyncio.CancelledError from None
             # No change for a while, the run closed between two polls (its last status still
             # answers), Temporal ended it, or the worker is gone (query_status fails in one line).
             st = await query_status(handle, await describe_run(handle, settings), settings)

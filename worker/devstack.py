@@ -854,6 +854,12 @@ class DevStack:
             if value is not None:
                 env[f"LORA_{name.upper()}"] = _env_value(value)
         env["PYTHONUNBUFFERED"] = "1"
+        # The local provider's GPU is this machine, whatever it has: without one the runner
+        # trains on the CPU (the builtin trainer). It reports progress often enough for a live
+        # display, and still under the relay's cap on events per run and minute (about 20
+        # progress events and the few others). LORA_RUNNER_ variables of the environment win.
+        env.setdefault("LORA_RUNNER_REQUIRE_GPU", "false")
+        env.setdefault("LORA_RUNNER_PROGRESS_INTERVAL_S", "3")
         return env
 
     def _wait_until(self, ready: Callable[[], bool], what: str, child: Child) -> None:
@@ -927,17 +933,17 @@ def _spawn(command: list[str], env: dict[str, str], log_path: Path) -> subproces
         )
 
 
-def _exit_reason(child: Child) -> str:
-    code = child.popen.returncode
-    if code is not None and code < 0:
-        with contextlib.suppress(ValueError):
-            return f"killed by {signal.Signals(-code).name}"
 def _die_with_parent() -> None:
     """In a child before it runs its program: be killed when the parent ends (Linux prctl)."""
     pr_set_pdeathsig = 1
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
+def _exit_reason(child: Child) -> str:
+    code = child.popen.returncode
+    if code is not None and code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
     return f"exit code {code}"
 
 
