@@ -647,11 +647,12 @@ def _local_time(at: datetime, seconds: bool = True) -> str:
     return f"{at.astimezone():%Y-%m-%d %H:%M{':%S' if seconds else ''}}"
 
 
-def _progress_text(st: RunStatus) -> str:
+def _progress_text(st: RunStatus, percent: bool = True) -> str:
     p = st.progress
     if p is None:
         return ""
-    parts = [f"{p.percent:.0f}%", f"step {p.step}/{p.total}"]
+    parts = [f"{p.percent:.0f}%"] if percent else []
+    parts.append(f"step {p.step}/{p.total}")
     if p.epoch is not None:
         parts.append(f"epoch {p.epoch}/{p.total_epochs or '?'}")
     if p.loss is not None:
@@ -806,7 +807,7 @@ async def _watch_with_bar(
                 task,
                 description=st.status.value,
                 completed=st.progress.percent if st.progress else 0,
-                detail=_progress_text(st),
+                detail=_progress_text(st, percent=False),  # the bar shows it
             )
 
         return await _follow(handle, settings, st, show)
