@@ -290,9 +290,10 @@ def dev() -> None:
 
 @app.command()
 def demo() -> None:
-    """Train a LoRA end to end on this machine, offline: a tiny base model and demo images made
-    here, a real run on the embedded stack (started for the demo unless `dev` runs), live
-    progress, and the LoRA downloaded into ./outputs/. Ctrl-C cancels the run.
+    """Train a real LoRA end to end on this machine, offline; Ctrl-C cancels the run.
+
+    A tiny base model and demo images made here, a run on the embedded stack (started for the
+    demo unless `loratrain dev` runs), live progress, and the LoRA downloaded into ./outputs/.
     """
     from .demo import run_demo
 
