@@ -5,7 +5,9 @@ workflow fails here.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from temporalio.client import WorkflowHistory
@@ -15,8 +17,9 @@ from worker.converter import data_converter
 from worker.main import WORKFLOWS
 from worker.settings import Settings
 
-HISTORIES = {
-    path.stem: path.read_text() for path in (Path(__file__).parent / "histories").glob("*.json")
+HISTORIES: dict[str, dict[str, Any]] = {
+    path.stem: json.loads(path.read_text())
+    for path in (Path(__file__).parent / "histories").glob("*.json")
 }
 
 
@@ -45,7 +48,9 @@ def test_recorded_histories_exist() -> None:
 
 @pytest.mark.parametrize("workflow_id", sorted(HISTORIES))
 async def test_recorded_history_replays(workflow_id: str, base_settings: Settings) -> None:
-    history = WorkflowHistory.from_json(workflow_id, HISTORIES[workflow_id])
+    recorded = dict(HISTORIES[workflow_id])
+    # v2 files carry the run's id; v1 files were recorded with their name as the run id.
+    history = WorkflowHistory.from_json(recorded.pop("workflowId", workflow_id), recorded)
     replayer = Replayer(workflows=WORKFLOWS, data_converter=data_converter(base_settings))
     result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
     assert result.replay_failure is None, result.replay_failure

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sys
 import uuid
@@ -209,4 +210,6 @@ async def check_replays(
         HISTORIES.mkdir(exist_ok=True)
         path = HISTORIES / f"{name or handle.id}.json"
         if not path.exists():
-            path.write_text(history.to_json())
+            # The run's id travels with its history: the runner's events name it.
+            recorded = {"workflowId": handle.id, **json.loads(history.to_json())}
+            path.write_text(json.dumps(recorded))

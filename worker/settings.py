@@ -106,8 +106,9 @@ class Settings(BaseSettings):
     # allow http and loopback/private receivers; never turn these on where users are strangers.
     webhook_allow_http: bool = False
     webhook_allow_private_addresses: bool = False
-    # Signed runner events one relay process accepts per run and minute (a runner sends a few).
-    relay_max_events_per_minute: int = 120
+    # Signed runner events one relay process accepts per run and minute. A runner sends about
+    # 7 (progress every 10 s, a heartbeat a minute); a flood would only grow the run's history.
+    relay_max_events_per_minute: int = 30
     # When set, the codec routes answer only requests with `Authorization: Bearer <token>`;
     # set it wherever GPU boxes (the public internet) can reach the relay.
     codec_auth_token: SecretStr | None = None

@@ -135,7 +135,8 @@ class TrainingRequest(_Model):
         description="The run ends failed (cost_cap), its GPU destroyed, before this is spent.",
     )
     continue_as_new_after_events: int = Field(
-        default=5000,
+        # Small enough that the replay a hand-over may need stays short (see README).
+        default=2000,
         ge=200,
         le=9000,
         description="History events per execution before the run continues as new (operations).",

@@ -528,6 +528,10 @@ class TrainingWorkflow:
         elif isinstance(data, HeartbeatData):
             if data.step is not None:
                 self._note_step(data.step)
+            if data.stage == "upload" and Fact.TRAINING_COMPLETED in self._facts:
+                # Trained, and retrying the model upload through an S3 outage: that is
+                # progress too, bounded by the runner's orphan timeout and the total deadline.
+                self._state.last_step_at = workflow.now()
         elif isinstance(data, TrainingCompletedData):
             state.status.epoch_losses = data.epoch_losses
             state.status.best_checkpoint = data.best_epoch
