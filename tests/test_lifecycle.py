@@ -14,7 +14,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
+import httpx
 import pytest
 from pydantic import SecretStr
 from temporalio.client import (
@@ -28,7 +30,7 @@ from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 
 from activities.storage import StorageActivities, VerifyUploadInput
-from gpu_runner.protocol import HeartbeatData, RunFailedData, TrainingProgressData
+from gpu_runner.protocol import HeartbeatData, JobSpec, RunFailedData, TrainingProgressData
 from worker.settings import Settings
 from workflows.models import Deadlines, RunStatus, RunStatusName, S3Location, UserWebhook
 from workflows.training import INSTANCE_CHECK_INTERVAL, TrainingWorkflow
@@ -341,6 +343,41 @@ async def test_reused_run_id_trains_on_its_own_dataset_and_is_not_held_by_old_we
     # One instance per run (the label names the run id, so the local ids repeat), none left.
     assert len(provider.created) == len(provider.destroyed) == 2
     assert provider.list_instances() == []
+
+
+def _expires_s(url: str) -> int:
+    return int(parse_qs(urlsplit(url).query)["X-Amz-Expires"][0])
+
+
+async def test_the_gpus_urls_live_as_long_as_needed_and_the_job_is_deleted_at_the_end(
+    time_skipping_env: WorkflowEnvironment,
+    run_settings: Settings,
+    request_factory: Any,
+    s3: Any,
+) -> None:
+    env, provider = time_skipping_env, RecordingProvider(run_settings)
+    deadlines = SHORT_DEADLINES
+    async with running_worker(env.client, run_settings, provider):
+        handle = await start_run(env.client, run_settings, request_factory())
+        await wait_for_status(handle, RunStatusName.PENDING_GPU)
+        [job_url] = provider.job_urls
+        async with httpx.AsyncClient() as http:
+            spec = JobSpec.model_validate_json((await http.get(job_url)).content)
+        key = upload_model(s3, run_settings, handle)
+        await send_all(handle, ScriptedEvents(handle.id).happy_path(key, MODEL_BYTES))
+        status, _ = await finish(handle)
+
+    assert status.status == RunStatusName.COMPLETED
+    # The job outlives the boot deadline; the upload URL, only the attempt's possible training.
+    assert _expires_s(job_url) == deadlines.pending_gpu_s + 600
+    runtime_s = deadlines.pending_images_s + deadlines.pending_model_s + deadlines.training_total_s
+    assert _expires_s(spec.upload.url) == deadlines.pending_gpu_s + runtime_s
+    # The job held the run's secret (and a Civitai key when needed): gone once the run closed.
+    prefix = f"runs/{handle.id}/{handle.first_execution_run_id}/"
+    left = s3.list_objects_v2(Bucket=run_settings.bucket, Prefix=prefix).get("Contents", [])
+    assert [o["Key"] for o in left if o["Key"][len(prefix) :].startswith("job")] == []
+    async with httpx.AsyncClient() as http:
+        assert (await http.get(job_url)).status_code == 404
 
 
 def test_unreadable_upload_fails_at_once_instead_of_retrying(settings: Settings, s3: Any) -> None:

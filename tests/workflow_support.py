@@ -87,10 +87,12 @@ class RecordingProvider(LocalProvider):
         super().__init__(settings)
         self.created: list[str] = []
         self.destroyed: list[str] = []
+        self.job_urls: list[str] = []
 
     def create(self, label: str, job_url: str, requirements: Any, **options: Any) -> Instance:
         instance = super().create(label, job_url, requirements, **options)
         self.created.append(instance.instance_id)
+        self.job_urls.append(job_url)
         return instance
 
     def destroy(self, instance_id: str) -> bool:
