@@ -38,6 +38,7 @@ from workflows.training import INSTANCE_CHECK_INTERVAL, TrainingWorkflow
 from .conftest import free_port, s3_client_for
 from .test_workflow import MODEL_BYTES, assert_no_instance_left, finish, send_all, upload_model
 from .workflow_support import (
+    CODE_VERSION,
     SEED_ORDER,
     SHORT_DEADLINES,
     SLEEPING_RUNNER,
@@ -120,7 +121,7 @@ async def test_instance_dying_in_training_is_replaced_and_the_run_completes(
         key = upload_model(s3, run_settings, handle)
         await send_all(handle, ScriptedEvents(handle.id, attempt=2).happy_path(key, MODEL_BYTES))
         status, error = await finish(handle)
-        await check_replays(run_settings, handle, name="v2-gpu-replaced-in-training")
+        await check_replays(run_settings, handle, name=f"{CODE_VERSION}-gpu-replaced-in-training")
 
     assert error is None, error
     assert status.status == RunStatusName.COMPLETED and status.attempt == 2
@@ -301,7 +302,7 @@ async def test_runner_failure_in_training_fails_the_run_and_is_recorded(
         failure = RunFailedData(stage="training", code="trainer_crashed", message="CUDA OOM")
         await send_all(handle, [script.next("run.failed", failure)])
         status, _ = await finish(handle)
-        await check_replays(run_settings, handle, name="v2-runner-failed-in-training")
+        await check_replays(run_settings, handle, name=f"{CODE_VERSION}-runner-failed-in-training")
 
     assert status.status == RunStatusName.FAILED
     assert status.error is not None and status.error.code == "trainer_crashed"
@@ -543,8 +544,12 @@ async def test_a_run_continues_as_new_with_its_gpu_progress_and_webhooks(
         final = RunStatus.model_validate(await asyncio.wait_for(latest.result(), timeout=60))
         first = env.client.get_workflow_handle(handle.id, run_id=handle.first_execution_run_id)
         first_history = await first.fetch_history()
-        await check_replays(run_settings, first, name="v2-continued-as-new-first-execution")
-        await check_replays(run_settings, latest, name="v2-continued-as-new-last-execution")
+        await check_replays(
+            run_settings, first, name=f"{CODE_VERSION}-continued-as-new-first-execution"
+        )
+        await check_replays(
+            run_settings, latest, name=f"{CODE_VERSION}-continued-as-new-last-execution"
+        )
 
     assert final.status == RunStatusName.COMPLETED
     assert final.progress is not None and final.progress.step == 310

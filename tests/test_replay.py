@@ -17,6 +17,8 @@ from worker.converter import data_converter
 from worker.main import WORKFLOWS
 from worker.settings import Settings
 
+from .workflow_support import CODE_VERSION
+
 HISTORIES: dict[str, dict[str, Any]] = {
     path.stem: json.loads(path.read_text())
     for path in (Path(__file__).parent / "histories").glob("*.json")
@@ -24,21 +26,21 @@ HISTORIES: dict[str, dict[str, Any]] = {
 
 
 # The corpus only grows; a name says which code version recorded it (v1 names carry none).
-REQUIRED = {
-    "completed-run-1",
-    "baddata-run-1",
-    "reaper-pass-1",
-    "v2-completed-run",
-    "v2-stalled-in-pending",
-    "v2-stalled-in-pendingGpu",
-    "v2-stalled-in-pendingImages",
-    "v2-stalled-in-pendingModel",
-    "v2-stalled-in-training",
-    "v2-cancelled-in-training",
-    "v2-gpu-replaced-in-training",
-    "v2-runner-failed-in-training",
-    "v2-continued-as-new-first-execution",
-    "v2-continued-as-new-last-execution",
+_PER_VERSION = [
+    "completed-run",
+    "stalled-in-pending",
+    "stalled-in-pendingGpu",
+    "stalled-in-pendingImages",
+    "stalled-in-pendingModel",
+    "stalled-in-training",
+    "cancelled-in-training",
+    "gpu-replaced-in-training",
+    "runner-failed-in-training",
+    "continued-as-new-first-execution",
+    "continued-as-new-last-execution",
+]
+REQUIRED = {"completed-run-1", "baddata-run-1", "reaper-pass-1"} | {
+    f"{version}-{name}" for version in ("v2", CODE_VERSION) for name in _PER_VERSION
 }
 
 

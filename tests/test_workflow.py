@@ -21,6 +21,7 @@ from workflows.models import RunStatus, RunStatusName, S3Prefix
 from workflows.training import TrainingWorkflow
 
 from .workflow_support import (
+    CODE_VERSION,
     PNG,
     SEED_ORDER,
     SHORT_DEADLINES,
@@ -129,7 +130,9 @@ async def test_stall_in_each_gpu_status_ends_stalled_with_gpu_destroyed(
             READY_EVENTS[stalled_in],
         )
         status, error = await finish(handle)
-        await check_replays(run_settings, handle, name=f"v2-stalled-in-{stalled_in.value}")
+        await check_replays(
+            run_settings, handle, name=f"{CODE_VERSION}-stalled-in-{stalled_in.value}"
+        )
 
     assert status.status == RunStatusName.STALLED
     assert status.error is not None and status.error.code == "stalled"
@@ -156,7 +159,7 @@ async def test_stall_while_pending_when_no_gpu_can_be_rented(
     async with running_worker(client, broken, provider):
         handle = await start_run(client, broken, request_factory())
         status, error = await finish(handle)
-        await check_replays(broken, handle, name="v2-stalled-in-pending")
+        await check_replays(broken, handle, name=f"{CODE_VERSION}-stalled-in-pending")
 
     assert status.status == RunStatusName.STALLED
     assert status.error is not None and status.error.stage == "pending"
@@ -208,7 +211,7 @@ async def test_cancel_during_training_ends_cancelled_with_gpu_destroyed(
         )
         await handle.cancel()
         status, error = await finish(handle)
-        await check_replays(run_settings, handle, name="v2-cancelled-in-training")
+        await check_replays(run_settings, handle, name=f"{CODE_VERSION}-cancelled-in-training")
 
     assert isinstance(error, CancelledError)
     assert status.status == RunStatusName.CANCELLED
@@ -233,7 +236,7 @@ async def run_with_events(
         events = ScriptedEvents(handle.id).happy_path(key, MODEL_BYTES)
         await send_all(handle, arrange(events))
         status, error = await finish(handle)
-        await check_replays(settings, handle, name="v2-completed-run")
+        await check_replays(settings, handle, name=f"{CODE_VERSION}-completed-run")
     assert error is None, error
     return status
 

@@ -57,6 +57,8 @@ with workflow.unsafe.imports_passed_through():
 LORA_STATUS = SearchAttributeKey.for_keyword("LoraTrainingStatus")
 # Runs started before this patch finish on LegacyTrainingRun (README: shipping workflow changes).
 LIFECYCLE_V2 = "lifecycle-v2"
+# A GPU that misses its boot deadline is named with the host's own reason (asks the provider).
+HOST_REASON_AT_BOOT_DEADLINE = "host-reason-at-boot-deadline"
 
 # Named retry policies: side effects retry until the status deadline calls a stall; giving a
 # GPU back never gives up.
@@ -313,7 +315,10 @@ class TrainingWorkflow:
             if now >= deadline.at:
                 if deadline.replace_gpu:
                     limit_s = self._request.deadlines.pending_gpu_s
-                    raise _ReplaceGpu(f"GPU not ready within {limit_s} s")
+                    reason = f"GPU not ready within {limit_s} s"
+                    if workflow.patched(HOST_REASON_AT_BOOT_DEADLINE):
+                        reason += await self._host_says()
+                    raise _ReplaceGpu(reason)
                 raise _Stalled(deadline.message)
             cost_cap_at = self._cost_cap_at()
             if cost_cap_at is not None and now >= cost_cap_at:
@@ -331,8 +336,8 @@ class TrainingWorkflow:
             await self._wait(lambda: self._wake != seen, wake - now, summary)  # noqa: B023
         self._raise_if_runner_failed()
 
-    async def _check_instance(self) -> None:
-        """A dead or exited instance is replaced at once, whatever the status."""
+    async def _instance_now(self) -> tuple[bool, Instance | None]:
+        """(asked, the provider's view): asked is False when the provider did not answer."""
         instance = self._state.instance
         assert instance is not None
         try:
@@ -345,6 +350,24 @@ class TrainingWorkflow:
             )
         except ActivityError:
             workflow.logger.warning("run %s: instance check failed; next one soon", self._run_id)
+            return False, None
+        return True, current
+
+    async def _host_says(self) -> str:
+        """The host's own word on an instance that did not boot, for the run's error."""
+        asked, current = await self._instance_now()
+        if not asked:
+            return ""
+        if current is None:
+            return " (the provider no longer knows the instance)"
+        return f" (instance {current.state}: {current.message})" if current.message else ""
+
+    async def _check_instance(self) -> None:
+        """A dead or exited instance is replaced at once, whatever the status."""
+        instance = self._state.instance
+        assert instance is not None
+        asked, current = await self._instance_now()
+        if not asked:
             return
         if Fact.MODEL_UPLOADED in self._facts or self._state.runner_failure is not None:
             return  # the runner ends its process after these: not a death
