@@ -19,6 +19,7 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 from pydantic import SecretStr
+from temporalio.api.sdk.v1 import WorkflowMetadata
 from temporalio.client import (
     Client,
     WorkflowExecutionStatus,
@@ -344,6 +345,28 @@ async def test_reused_run_id_trains_on_its_own_dataset_and_is_not_held_by_old_we
     # One instance per run (the label names the run id, so the local ids repeat), none left.
     assert len(provider.created) == len(provider.destroyed) == 2
     assert provider.list_instances() == []
+
+
+async def test_operators_see_the_runs_details_in_the_temporal_ui(
+    time_skipping_env: WorkflowEnvironment,
+    run_settings: Settings,
+    request_factory: Any,
+) -> None:
+    env, provider = time_skipping_env, RecordingProvider(run_settings)
+    async with running_worker(env.client, run_settings, provider):
+        handle = await start_run(env.client, run_settings, request_factory())
+        await wait_for_status(handle, RunStatusName.PENDING_GPU)
+        await reach_training(handle)
+        # What the UI's "current details" shows: the SDK's built-in metadata query.
+        metadata = await handle.query("__temporal_workflow_metadata", result_type=WorkflowMetadata)
+        await handle.cancel()
+        await finish(handle)
+
+    details = metadata.current_details
+    assert details.startswith("**training** (GPU attempt 1)"), details
+    assert "step 10/20 (50 %), loss 0.2000" in details
+    assert "GPU: Test GPU" in details and "cost so far: $" in details
+    assert metadata.definition.type == "TrainingWorkflow"
 
 
 def _expires_s(url: str) -> int:
