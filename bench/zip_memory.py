@@ -28,6 +28,7 @@ from typing import Any
 import boto3
 from PIL import Image
 
+from bench.common import Row
 from worker.devstack import local_s3_server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,9 +52,13 @@ def main() -> None:
     parser.add_argument("--sizes", default="100,300", help="dataset sizes in MB, comma separated")
     parser.add_argument("--file-mb", type=float, default=1.0, help="size of each image, MB")
     parser.add_argument("--child", nargs=3, metavar=("ENDPOINT", "PREFIX", "RUN_ID"))
+    parser.add_argument("--copy-child", nargs=2, metavar=("ENDPOINT", "PREFIX"))
     args = parser.parse_args()
     if args.child:
         print(json.dumps(zip_in_this_process(*args.child)))
+        return
+    if args.copy_child:
+        print(json.dumps(copy_in_this_process(*args.copy_child)))
         return
 
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -116,6 +121,74 @@ def zip_in_this_process(endpoint: str, prefix: str, run_id: str) -> dict[str, An
         "rss_before": rss_before,
         "peak_rss": proc_status_bytes("VmHWM"),  # the kernel's exact high-water mark
     }
+
+
+def copy_in_this_process(endpoint: str, prefix: str) -> dict[str, Any]:
+    """The baseline: copy every object of the dataset through this client (GET, then PUT under
+    copies/), one after the other as the zip reads them. Runs in a fresh child process."""
+    s3 = client(endpoint)
+    keys = [
+        o["Key"]
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+        for o in page.get("Contents", [])
+    ]
+    rss_before = proc_status_bytes("VmRSS")
+    started = time.monotonic()
+    copied = 0
+    for key in keys:
+        body = s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+        s3.put_object(Bucket=BUCKET, Key=f"copies/{key}", Body=body)
+        copied += len(body)
+    return {
+        "bytes": copied,
+        "wall_s": time.monotonic() - started,
+        "rss_before": rss_before,
+        "peak_rss": proc_status_bytes("VmHWM"),
+    }
+
+
+def _child(*args: str) -> dict[str, Any]:
+    child = subprocess.run(
+        [sys.executable, "-m", "bench.zip_memory", *args],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    if child.returncode != 0:
+        raise RuntimeError(f"bench.zip_memory {args[0]} failed: {child.stderr[-1500:]}")
+    result: dict[str, Any] = json.loads(child.stdout)
+    return result
+
+
+def p4_zip_throughput(sizes_mb: tuple[int, ...] = (100, 1024)) -> Row:
+    """Zip throughput and peak RSS rise per dataset size, against a plain copy of the objects."""
+    figures, baselines, ratios, rss_rises = [], [], [], []
+    with local_s3() as endpoint:
+        s3 = client(endpoint)
+        for size in sizes_mb:
+            prefix = f"datasets/{size}mb"
+            # Datasets hold at most 1,000 images (the default limit): bigger sets, bigger images.
+            file_mb = -(-size // 900)
+            upload_dataset(s3, prefix, size // file_mb, file_mb * MB)
+            zipped = _child("--child", endpoint, prefix, f"bench-{size}")
+            copied = _child("--copy-child", endpoint, prefix)
+            zip_rate = zipped["zip_bytes"] / MB / zipped["wall_s"]
+            copy_rate = copied["bytes"] / MB / copied["wall_s"]
+            rise = (zipped["peak_rss"] - zipped["rss_before"]) / MB
+            rss_rises.append(rise)
+            ratios.append(zip_rate / copy_rate)
+            label = f"{size / 1024:g} GB" if size >= 1024 else f"{size} MB"
+            figures.append(f"{label}: {zip_rate:.0f} MB/s, RSS +{rise:.0f} MB")
+            baselines.append(f"{label}: {copy_rate:.0f} MB/s")
+    return Row(
+        "P4",
+        "images zip: throughput and peak RSS rise (images of 1 MB below 900 MB, 2 MB to 1.8 GB)",
+        "; ".join(figures),
+        "S3 -> S3 copy " + "; ".join(baselines),
+        " / ".join(f"{r:.2f} x" for r in ratios),
+        ">= 0.8 x, RSS flat < 100 MB",
+        min(ratios) >= 0.8 and max(rss_rises) < 100,
+        "zip = validate (magic bytes) + stream into one multipart upload + metadata self-copy;"
+        " copy = GET + PUT of each object, both in a fresh child process",
+    )
 
 
 def proc_status_bytes(field: str) -> int:

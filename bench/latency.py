@@ -1,0 +1,372 @@
+"""P1 (`model.uploaded` at the relay -> provider destroy call) and P3 (relay signal throughput).
+
+Both run on the embedded stack's real parts: Temporal's dev server, SeaweedFS, the relay app
+over real HTTP, and (P1) the real worker with the local provider. Each measures its baseline,
+the bare Temporal client signal, on the same server in the same run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+from temporalio import workflow
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from bench.common import (
+    CODEC_KEY,
+    MASTER_SECRET,
+    ROOT,
+    Row,
+    bench_settings,
+    child_pid,
+    cpu_seconds,
+    dev_server,
+    local_s3,
+    median,
+    percentile,
+    s3_client,
+)
+from gpu_runner import protocol
+from gpu_runner.protocol import ImagesReadyData, RunnerEvent
+from tests.http_support import serve_asgi
+from tests.workflow_support import (
+    SLEEPING_RUNNER,
+    RecordingProvider,
+    ScriptedEvents,
+    local_model,
+    make_request,
+    put_dataset,
+    running_worker,
+    start_run,
+    wait_for_status,
+)
+from worker.relay import create_app
+from worker.settings import Settings
+from workflows.models import RunStatusName
+
+P1_RUNS = 20
+MODEL_BYTES = b"lora-weights" * 1000
+
+# When each bench workflow's signal handler ran, by (workflow id, seq). A benchmark-only side
+# channel: the workflow is unsandboxed and never replayed, so reading the clock there is safe.
+_HANDLED: dict[tuple[str, int], float] = {}
+
+
+@workflow.defn(sandboxed=False)
+class SignalSink:
+    """Takes `runner_event` signals (as a run does) until told to finish."""
+
+    @workflow.init
+    def __init__(self) -> None:
+        self._finished = False
+        self._count = 0
+
+    @workflow.run
+    async def run(self) -> int:
+        await workflow.wait_condition(lambda: self._finished)
+        return self._count
+
+    @workflow.signal
+    def runner_event(self, event: RunnerEvent) -> None:
+        self._count += 1
+        _HANDLED[(workflow.info().workflow_id, event.seq)] = time.monotonic()
+
+    @workflow.signal
+    def finish(self) -> None:
+        self._finished = True
+
+
+class TimedProvider(RecordingProvider):
+    """The real local provider; notes when each destroy call was issued."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.destroy_called: dict[str, float] = {}
+
+    def destroy(self, instance_id: str) -> bool:
+        self.destroy_called.setdefault(instance_id, time.monotonic())
+        return super().destroy(instance_id)
+
+
+def _event(run_id: str, seq: int) -> RunnerEvent:
+    return protocol.make_event(run_id, seq, ImagesReadyData(image_count=3, bytes=1), "images.ready")
+
+
+async def _post(http: httpx.AsyncClient, relay_url: str, event: RunnerEvent) -> None:
+    body, headers = protocol.sign_event(
+        protocol.derive_run_secret(MASTER_SECRET, event.run_id), event
+    )
+    response = await http.post(
+        f"{relay_url}/v1/runs/{event.run_id}/events", content=body, headers=headers
+    )
+    if response.status_code != 202:
+        raise RuntimeError(f"relay answered {response.status_code}: {response.text}")
+
+
+async def _raw_signal_latencies(client: Client, task_queue: str, count: int) -> list[float]:
+    """Signal -> the workflow's signal handler running (one workflow task), one at a time."""
+    latencies = []
+    async with Worker(client, task_queue=task_queue, workflows=[SignalSink]):
+        handle = await client.start_workflow(
+            SignalSink.run, id=f"sink-{uuid.uuid4().hex[:8]}", task_queue=task_queue
+        )
+        for seq in range(1, count + 1):
+            sent = time.monotonic()
+            await handle.signal(SignalSink.runner_event, _event(handle.id, seq))
+            # Set from the worker's workflow thread: polled at 1 ms, not awaited as an event.
+            while (handle.id, seq) not in _HANDLED:  # noqa: ASYNC110
+                await asyncio.sleep(0.001)
+            latencies.append(_HANDLED[(handle.id, seq)] - sent)
+            await asyncio.sleep(0.1)
+        await handle.signal(SignalSink.finish)
+        await handle.result()
+    return latencies
+
+
+async def _p1(work: Path, endpoint: str) -> tuple[list[float], list[float]]:
+    settings = bench_settings(endpoint, work / "state", local_runner_command=SLEEPING_RUNNER)
+    s3 = s3_client(endpoint)
+    async with dev_server(settings) as env:
+        with serve_asgi(create_app(settings, env.client)) as relay_url:
+            run_settings = settings.model_copy(update={"relay_public_url": relay_url})
+            provider = TimedProvider(run_settings)
+            latencies: list[float] = []
+            async with (
+                running_worker(env.client, run_settings, provider),
+                httpx.AsyncClient(timeout=30) as http,
+            ):
+                images = put_dataset(s3, settings.bucket, "uploads/cats/", count=3)
+                for _ in range(P1_RUNS):
+                    request = make_request(images, local_model(work))
+                    handle = await start_run(env.client, run_settings, request)
+                    await wait_for_status(handle, RunStatusName.PENDING_GPU, timeout_s=60)
+                    key = f"runs/{handle.id}/{handle.first_execution_run_id}/model/lora.safetensors"
+                    s3.put_object(Bucket=settings.bucket, Key=key, Body=MODEL_BYTES)
+                    events = ScriptedEvents(handle.id).happy_path(key, MODEL_BYTES)
+                    for event in events[:-1]:
+                        await _post(http, relay_url, event)
+                    await wait_for_status(handle, RunStatusName.TRAINING, timeout_s=60)
+                    await asyncio.sleep(0.3)  # training.completed handled; the worker is idle
+                    instance = provider.created[-1]
+                    sent = time.monotonic()
+                    await _post(http, relay_url, events[-1])
+                    # Set from the worker's activity thread: polled at 1 ms.
+                    while instance not in provider.destroy_called:  # noqa: ASYNC110
+                        await asyncio.sleep(0.001)
+                    latencies.append(provider.destroy_called[instance] - sent)
+                    await asyncio.wait_for(handle.result(), timeout=60)
+            raw = await _raw_signal_latencies(env.client, f"raw-{uuid.uuid4()}", P1_RUNS)
+    return latencies, raw
+
+
+def p1_uploaded_to_destroy() -> Row:
+    with tempfile.TemporaryDirectory(prefix="bench-p1-") as tmp, local_s3() as endpoint:
+        latencies, raw = asyncio.run(_p1(Path(tmp), endpoint))
+    p50, p99 = median(latencies), percentile(latencies, 99)
+    raw50, raw99 = median(raw), percentile(raw, 99)
+    return Row(
+        "P1",
+        "model.uploaded posted to the relay -> provider destroy call, embedded stack",
+        f"p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms ({len(latencies)} runs)",
+        f"raw signal -> workflow task p50 {raw50 * 1000:.0f} ms, p99 {raw99 * 1000:.0f} ms",
+        f"{p50 / raw50:.1f} x (p50)",
+        "p50 <= 100 ms, p99 <= 250 ms",
+        p50 <= 0.1 and p99 <= 0.25,
+    )
+
+
+P3_RUNS = 20
+P3_EVENTS_PER_RUN = 50
+P3_CONCURRENCY = 16
+
+
+async def _deliver(count: int, send: Any) -> float:
+    """`count` sends, at most P3_CONCURRENCY in flight; returns sends per second."""
+    gate = asyncio.Semaphore(P3_CONCURRENCY)
+
+    async def one(i: int) -> None:
+        async with gate:
+            await send(i)
+
+    started = time.monotonic()
+    await asyncio.gather(*(one(i) for i in range(count)))
+    return count / (time.monotonic() - started)
+
+
+@contextlib.contextmanager
+def relay_process(settings: Settings, temporal_address: str, log_path: Path) -> Iterator[str]:
+    """`loratrain relay` as production runs it: a process of its own, INFO log lines included."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORA_")}
+    env.update(
+        {
+            "LORA_STATE_DIR": str(settings.state_dir),
+            "LORA_TEMPORAL_ADDRESS": temporal_address,
+            "LORA_CODEC_KEY": CODEC_KEY,
+            "LORA_WEBHOOK_MASTER_SECRET": MASTER_SECRET,
+            "LORA_RELAY_PORT": str(port),
+            "LORA_RELAY_MAX_EVENTS_PER_MINUTE": str(settings.relay_max_events_per_minute),
+        }
+    )
+    url = f"http://127.0.0.1:{port}"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "worker.cli", "relay"], cwd=ROOT, env=env, stdout=log, stderr=log
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the relay did not start: {log_path.read_text()[-2000:]}")
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+
+
+def _request_bytes(host: str, event: RunnerEvent) -> bytes:
+    """A whole signed HTTP/1.1 request, built before timing: runners sign on their own box."""
+    body, headers = protocol.sign_event(
+        protocol.derive_run_secret(MASTER_SECRET, event.run_id), event
+    )
+    lines = [
+        f"POST /v1/runs/{event.run_id}/events HTTP/1.1",
+        f"Host: {host}",
+        "Content-Type: application/json",
+        f"Content-Length: {len(body)}",
+        *(f"{name}: {value}" for name, value in headers.items()),
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+async def _send_over(connection: tuple[str, int], requests: list[bytes]) -> None:
+    """Send `requests` one after another over one keep-alive connection; each must get 202.
+
+    A bare sender (no HTTP client library), so that on these 2 shared cores the load generator
+    takes as little CPU from the relay as it can."""
+    reader, writer = await asyncio.open_connection(*connection)
+    try:
+        for request in requests:
+            writer.write(request)
+            status_line = await reader.readline()
+            length = 0
+            while (header := await reader.readline()) not in (b"\r\n", b""):
+                name, _, value = header.decode().partition(":")
+                if name.lower() == "content-length":
+                    length = int(value)
+            await reader.readexactly(length)
+            if b" 202 " not in status_line:
+                raise RuntimeError(f"relay answered {status_line!r}")
+    finally:
+        writer.close()
+
+
+async def _relay_rate(handles: list[Any], relay_url: str) -> float:
+    count = len(handles) * P3_EVENTS_PER_RUN
+    host = relay_url.removeprefix("http://")
+    name, _, port = host.partition(":")
+    requests = [
+        _request_bytes(host, _event(handles[i % len(handles)].id, i // len(handles) + 1))
+        for i in range(count)
+    ]
+    warm_up = _request_bytes(host, _event(handles[0].id, 10**6))
+    await _send_over((name, int(port)), [warm_up])
+    started = time.monotonic()
+    await asyncio.gather(
+        *(_send_over((name, int(port)), requests[i::P3_CONCURRENCY]) for i in range(P3_CONCURRENCY))
+    )
+    return count / (time.monotonic() - started)
+
+
+async def _p3(work: Path, endpoint: str) -> tuple[float, float, float, str]:
+    # The per-run cap guards production from a runaway runner; here each run takes 50 events.
+    settings = bench_settings(endpoint, work / "state", relay_max_events_per_minute=10**6)
+    async with dev_server(settings) as env:
+        client = env.client
+        async with Worker(client, task_queue=settings.task_queue, workflows=[SignalSink]):
+            handles = [
+                await client.start_workflow(
+                    SignalSink.run,
+                    id=f"sink-{uuid.uuid4().hex[:8]}",
+                    task_queue=settings.task_queue,
+                )
+                for _ in range(3 * P3_RUNS)
+            ]
+            in_process, in_thread, raw_runs = (
+                handles[:P3_RUNS],
+                handles[P3_RUNS : 2 * P3_RUNS],
+                handles[2 * P3_RUNS :],
+            )
+            address = client.service_client.config.target_host
+            server = child_pid("temporal")
+            with relay_process(settings, address, work / "relay.log") as relay_url:
+                relay = child_pid("worker.cli relay")
+                before = {p: cpu_seconds(p) for p in (server, relay, os.getpid())}
+                process_rate = await _relay_rate(in_process, relay_url)
+                via_relay = {p: cpu_seconds(p) - before[p] for p in before}
+            with serve_asgi(create_app(settings, client)) as relay_url:
+                thread_rate = await _relay_rate(in_thread, relay_url)
+
+            raw_events = [
+                _event(raw_runs[i % P3_RUNS].id, i // P3_RUNS + 1)
+                for i in range(P3_RUNS * P3_EVENTS_PER_RUN)
+            ]
+
+            async def raw_signal(i: int) -> None:
+                await raw_runs[i % P3_RUNS].signal(SignalSink.runner_event, raw_events[i])
+
+            before = {p: cpu_seconds(p) for p in (server, os.getpid())}
+            raw_rate = await _deliver(P3_RUNS * P3_EVENTS_PER_RUN, raw_signal)
+            raw = {p: cpu_seconds(p) - before[p] for p in before}
+            for handle in handles:
+                await handle.signal(SignalSink.finish)
+            delivered = sum([await h.result() for h in handles])
+    sent = 3 * P3_RUNS * P3_EVENTS_PER_RUN + 2
+    if delivered != sent:
+        raise RuntimeError(f"{delivered} signals handled, {sent} sent")
+    per_event = 1000 / (P3_RUNS * P3_EVENTS_PER_RUN)  # CPU ms per event
+    cpu = (
+        f"CPU ms per event, relay path: relay process {via_relay[relay] * per_event:.1f},"
+        f" dev server {via_relay[server] * per_event:.1f}, sender + sink worker"
+        f" {via_relay[os.getpid()] * per_event:.1f} (bare HTTP sender); raw path: dev server"
+        f" {raw[server] * per_event:.1f}, sender + sink worker {raw[os.getpid()] * per_event:.1f}"
+    )
+    return process_rate, thread_rate, raw_rate, cpu
+
+
+def p3_relay_throughput() -> Row:
+    with tempfile.TemporaryDirectory(prefix="bench-p3-") as tmp, local_s3() as endpoint:
+        process_rate, thread_rate, raw_rate, cpu = asyncio.run(_p3(Path(tmp), endpoint))
+    return Row(
+        "P3",
+        "relay (`loratrain relay` process): signed events -> signals delivered per second",
+        f"{process_rate:.0f} events/s",
+        f"raw client signals {raw_rate:.0f}/s",
+        f"{process_rate / raw_rate:.2f} x",
+        ">= 0.9 x",
+        process_rate / raw_rate >= 0.9,
+        f"{P3_RUNS} runs x {P3_EVENTS_PER_RUN} events, {P3_CONCURRENCY} in flight, per-run cap"
+        f" raised; the same app in a thread of the benchmark process (tests' serve pattern):"
+        f" {thread_rate:.0f} events/s ({thread_rate / raw_rate:.2f} x); {cpu}",
+    )

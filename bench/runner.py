@@ -1,0 +1,194 @@
+"""P5 (runner setup vs the slower download alone) and P7 (runner overhead on trainer wall time).
+
+The runner runs as a real process (`python -m gpu_runner`) against SeaweedFS and the tests'
+recording relay over HTTP, with bench.standin's fixed-step trainer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.common import MB, Row, local_s3, median, s3_client
+from bench.standin import FixedStepTrainer
+from gpu_runner.protocol import RunnerLimits, TrainingConfig
+from gpu_runner.settings import RunnerSettings
+from gpu_runner.trainers.base import PreparedTraining, TrainingInputs
+from tests.http_support import serve_asgi
+from tests.images import PNG
+from tests.runner.relay_recorder import RecordingRelay
+from tests.runner.support import MASTER_SECRET, Job, make_job, run_runner, runner_env
+
+EPOCHS = 2
+RUNS = 3
+LIMITS = RunnerLimits(max_runtime_s=900, orphan_timeout_s=120, heartbeat_interval_s=60)
+
+
+def _images_zip(total_bytes: int, image_bytes: int = MB) -> bytes:
+    """Stored (not deflated) "images": a real PNG followed by random bytes, as uploads are."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+        for i in range(total_bytes // image_bytes):
+            archive.writestr(f"img{i:04d}.png", PNG + os.urandom(image_bytes - len(PNG)))
+            archive.writestr(f"img{i:04d}.txt", f"photo {i}")
+    return buffer.getvalue()
+
+
+def _run_runner(
+    s3: Any, relay: RecordingRelay, relay_url: str, work: Path, name: str, **job: Any
+) -> tuple[float, dict[str, float], Job]:
+    """One runner process to completion: its wall time, the trainer's own start/end, the job."""
+    spec = make_job(
+        s3,
+        "bench",
+        lambda run_id: relay.events_url(relay_url, run_id),
+        limits=LIMITS,
+        training=TrainingConfig(epochs=EPOCHS),
+        **job,
+    )
+    times = work / f"{name}-train.json"
+    env = runner_env(
+        spec.job_url,
+        work / name,
+        trainer_factory="bench.standin:FixedStepTrainer",
+        progress_interval_s="10",  # the image's default: the trainer reports every step
+    )
+    env["BENCH_TRAIN_TIMES"] = str(times)
+    finished = run_runner(env, work / f"{name}.log", timeout_s=300)
+    if finished.code != 0:
+        raise RuntimeError(f"runner exited {finished.code}: {finished.log[-2000:]}")
+    return finished.seconds, json.loads(times.read_text()), spec
+
+
+async def _trainer_alone(work: Path) -> float:
+    """The same trainer in this process with nothing around it: no runner, no-op progress."""
+    inputs = TrainingInputs(
+        run_dir=work,
+        dataset_dir=work,
+        model_path=Path(__file__),
+        family="sd15",
+        config=TrainingConfig(epochs=EPOCHS),
+        output_dir=work,
+        cuda=False,
+    )
+    trainer = FixedStepTrainer(RunnerSettings())
+    prepared = PreparedTraining(inputs=inputs, total_steps=None, paths={})
+    started = time.monotonic()
+    await trainer.train(prepared, lambda progress: None)
+    return time.monotonic() - started
+
+
+def p7_runner_overhead() -> Row:
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-p7-") as tmp,
+        local_s3() as endpoint,
+    ):
+        work = Path(tmp)
+        s3 = s3_client(endpoint)
+        recorder = RecordingRelay(MASTER_SECRET)
+        under_runner: list[float] = []
+        processes: list[float] = []
+        alone: list[float] = []
+        with serve_asgi(recorder.app) as relay_url:
+            for i in range(RUNS):
+                alone.append(asyncio.run(_trainer_alone(work)))
+                wall, times, _ = _run_runner(s3, recorder, relay_url, work, f"p7-{i}")
+                under_runner.append(times["end"] - times["start"])
+                processes.append(wall)
+    trained, baseline = median(under_runner), median(alone)
+    overhead = trained / baseline - 1
+    return Row(
+        "P7",
+        "runner overhead on trainer wall time",
+        f"{trained:.3f} s training under the runner (median of {RUNS})",
+        f"trainer alone {baseline:.3f} s",
+        f"{trained / baseline:.4f} x ({overhead:+.2%})",
+        "< 1 %",
+        overhead < 0.01,
+        f"{EPOCHS * FixedStepTrainer.steps_per_epoch} steps of {FixedStepTrainer.step_s * 1000:g}"
+        f" ms, progress to the runner every step; whole runner process (start, job, tiny"
+        f" downloads, training, upload, exit) {median(processes):.2f} s",
+    )
+
+
+async def _download_alone(url: str, dest: Path) -> float:
+    started = time.monotonic()
+    async with (
+        httpx.AsyncClient(timeout=60) as client,
+        client.stream("GET", url) as response,
+    ):
+        response.raise_for_status()
+        with dest.open("wb") as out:
+            async for chunk in response.aiter_bytes(1024 * 1024):
+                out.write(chunk)
+    return time.monotonic() - started
+
+
+async def _downloads_together(job: Job, work: Path) -> float:
+    """Both plain downloads at the same time, as the runner runs them."""
+    started = time.monotonic()
+    await asyncio.gather(
+        _download_alone(job.spec.images.url, work / "images.zip"),
+        _download_alone(job.spec.model.url, work / "model.bin"),
+    )
+    return time.monotonic() - started
+
+
+def p5_runner_setup(model_mb: int = 200, images_mb: int = 100) -> Row:
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-p5-") as tmp,
+        local_s3() as endpoint,
+    ):
+        work = Path(tmp)
+        s3 = s3_client(endpoint)
+        images = _images_zip(images_mb * MB)
+        model = os.urandom(model_mb * MB)
+        setups: list[float] = []
+        slower: list[float] = []
+        together: list[float] = []
+        phases: dict[str, list[float]] = {"images.ready": [], "model.ready": []}
+        recorder = RecordingRelay(MASTER_SECRET)
+        with serve_asgi(recorder.app) as relay_url:
+            for i in range(RUNS):
+                before = len(recorder.answers)
+                _, _, job = _run_runner(
+                    s3, recorder, relay_url, work, f"p5-{i}", images_zip=images, model_content=model
+                )
+                received = {
+                    a.event.type: a.at
+                    for a in recorder.answers[before:]
+                    if a.event is not None and a.status == 202
+                }
+                setups.append(received["files.ready"] - received["gpu.ready"])
+                for name in ("images.ready", "model.ready"):
+                    phases[name].append(received[name] - received["gpu.ready"])
+                slower.append(
+                    max(
+                        asyncio.run(_download_alone(job.spec.images.url, work / "images.zip")),
+                        asyncio.run(_download_alone(job.spec.model.url, work / "model.bin")),
+                    )
+                )
+                together.append(asyncio.run(_downloads_together(job, work)))
+    setup, baseline = median(setups), median(slower)
+    return Row(
+        "P5",
+        f"runner setup: {model_mb} MB model + {images_mb} MB zip downloaded, verified, unzipped",
+        f"{setup:.2f} s gpu.ready -> files.ready (median of {RUNS})",
+        f"slower download alone {baseline:.2f} s",
+        f"{setup / baseline:.2f} x",
+        "<= 1.05 x",
+        setup / baseline <= 1.05,
+        f"SeaweedFS on loopback. After gpu.ready: images.ready (downloaded, verified, unzipped)"
+        f" at {median(phases['images.ready']):.2f} s, model.ready (downloaded, verified) at"
+        f" {median(phases['model.ready']):.2f} s; both plain downloads at once take"
+        f" {median(together):.2f} s",
+    )

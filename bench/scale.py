@@ -1,0 +1,287 @@
+"""P6: many concurrent runs on one worker process and one dev server, driven by scripted runners
+(no GPU runner or trainer processes: the local provider starts `sleep`) that post signed events
+to the relay over HTTP and send training progress every 10 s.
+
+For each progress event it measures event -> status: from posting the event to a watcher's
+`wait_for_change` answer showing that step (what `loratrain watch` sees). The worker runs as
+`loratrain worker` in a process of its own, so its RSS is its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from temporalio.client import Client
+
+from bench.common import (
+    CODEC_KEY,
+    MASTER_SECRET,
+    ROOT,
+    S3_KEY_ID,
+    S3_SECRET,
+    Row,
+    bench_settings,
+    child_pid,
+    cpu_seconds,
+    dev_server,
+    local_s3,
+    percentile,
+    s3_client,
+)
+from bench.latency import relay_process
+from gpu_runner import protocol
+from gpu_runner.protocol import TrainingProgressData
+from tests.workflow_support import ScriptedEvents, local_model, make_request, put_dataset
+from worker.settings import Settings
+from workflows.models import RunStatus, RunStatusName
+from workflows.training import TrainingWorkflow
+
+PROGRESS_EVENTS = 3
+PROGRESS_INTERVAL_S = 10.0
+MODEL_BYTES = b"lora-weights" * 1000
+
+
+@dataclass
+class Outcome:
+    """What one load level produced."""
+
+    runs: int
+    completed: int = 0
+    stalled: int = 0
+    other: list[str] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)
+    post_latencies: list[float] = field(default_factory=list)  # until the relay's 202
+    peak_rss_mb: float = 0.0
+    wall_s: float = 0.0
+    cores: dict[str, float] = field(default_factory=dict)  # CPU seconds / wall, per process
+
+    def summary(self) -> str:
+        p99 = percentile(self.latencies, 99) * 1000 if self.latencies else float("nan")
+        ends = f"{self.completed}/{self.runs} completed, {self.stalled} stalled"
+        if self.other:
+            ends += f", other ends: {', '.join(sorted(set(self.other)))}"
+        post99 = percentile(self.post_latencies, 99) * 1000 if self.post_latencies else 0.0
+        return (
+            f"{self.runs} runs: {ends}; worker RSS peak {self.peak_rss_mb:.0f} MB;"
+            f" event->status p99 {p99:.0f} ms (of which relay's 202 p99 {post99:.0f} ms);"
+            f" {self.wall_s:.0f} s"
+        )
+
+    def cpu(self) -> str:
+        used = ", ".join(f"{name} {cores:.2f}" for name, cores in self.cores.items())
+        return f"{self.runs} runs, cores busy: {used}"
+
+    @property
+    def healthy(self) -> bool:
+        return (
+            self.completed == self.runs
+            and self.peak_rss_mb < 500
+            and bool(self.latencies)
+            and percentile(self.latencies, 99) < 1.0
+        )
+
+
+@contextlib.contextmanager
+def worker_process(settings: Settings, temporal_address: str, log_path: Path) -> Iterator[int]:
+    """`loratrain worker` with the local provider starting `sleep` as each run's "GPU"."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORA_")}
+    env.update(
+        {
+            "LORA_STATE_DIR": str(settings.state_dir),
+            "LORA_TEMPORAL_ADDRESS": temporal_address,
+            "LORA_TASK_QUEUE": settings.task_queue,
+            "LORA_CODEC_KEY": CODEC_KEY,
+            "LORA_WEBHOOK_MASTER_SECRET": MASTER_SECRET,
+            "LORA_S3_ENDPOINT_URL": str(settings.s3_endpoint_url),
+            "LORA_S3_ACCESS_KEY_ID": S3_KEY_ID,
+            "LORA_S3_SECRET_ACCESS_KEY": S3_SECRET,
+            "LORA_BUCKET": settings.bucket,
+            "LORA_RELAY_PUBLIC_URL": settings.relay_public_url,
+            "LORA_GPU_PROVIDER": "local",
+            "LORA_LOCAL_RUNNER_COMMAND": json.dumps(["sleep", "3600"]),
+        }
+    )
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "worker.cli", "worker"],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=log,
+        )
+    try:
+        yield proc.pid
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def _post(http: httpx.AsyncClient, relay_url: str, event: protocol.RunnerEvent) -> None:
+    body, headers = protocol.sign_event(
+        protocol.derive_run_secret(MASTER_SECRET, event.run_id), event
+    )
+    for _ in range(30):  # as the runner does: 503 and 429 are retried
+        response = await http.post(
+            f"{relay_url}/v1/runs/{event.run_id}/events", content=body, headers=headers
+        )
+        if response.status_code == 202:
+            return
+        if response.status_code not in (429, 503):
+            raise RuntimeError(f"relay answered {response.status_code}: {response.text}")
+        await asyncio.sleep(1)
+    raise RuntimeError(f"relay kept answering {response.status_code}")
+
+
+async def _wait_for(
+    client: Client, run_id: str, done: Any, poll_s: float = 1.0, timeout_s: float = 900
+) -> RunStatus:
+    handle = client.get_workflow_handle(run_id)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status: RunStatus = await handle.query(TrainingWorkflow.status)
+        if done(status) or status.status.terminal or time.monotonic() > deadline:
+            return status
+        await asyncio.sleep(poll_s)
+
+
+async def _scripted_run(
+    client: Client,
+    settings: Settings,
+    http: httpx.AsyncClient,
+    relay_url: str,
+    request: Any,
+    outcome: Outcome,
+    spread_s: float,
+) -> None:
+    await asyncio.sleep(random.uniform(0, spread_s))  # runs start over a while, as users do
+    handle = await client.start_workflow(
+        TrainingWorkflow.run,
+        request,
+        id=f"scale-{uuid.uuid4().hex[:12]}",
+        task_queue=settings.task_queue,
+    )
+    status = await _wait_for(client, handle.id, lambda s: s.status != RunStatusName.PENDING)
+    if status.status.terminal:
+        outcome.other.append(status.status.value)
+        return
+    key = f"runs/{handle.id}/{handle.first_execution_run_id}/model/lora.safetensors"
+    s3 = s3_client(str(settings.s3_endpoint_url))
+    await asyncio.to_thread(s3.put_object, Bucket=settings.bucket, Key=key, Body=MODEL_BYTES)
+    events = ScriptedEvents(handle.id).happy_path(key, MODEL_BYTES, epochs=PROGRESS_EVENTS)
+    ready, progress, finished = events[:4], events[4:-2], events[-2:]
+    for event in ready:
+        await _post(http, relay_url, event)
+    for event in progress:
+        await asyncio.sleep(PROGRESS_INTERVAL_S)
+        step = TrainingProgressData.model_validate(event.data).step
+        version = (await handle.query(TrainingWorkflow.status)).version
+        sent = time.monotonic()
+        await _post(http, relay_url, event)
+        outcome.post_latencies.append(time.monotonic() - sent)
+        while True:
+            seen: RunStatus = await handle.execute_update(TrainingWorkflow.wait_for_change, version)
+            version = seen.version
+            if (seen.progress and seen.progress.step >= step) or seen.status.terminal:
+                break
+        outcome.latencies.append(time.monotonic() - sent)
+    for event in finished:
+        await _post(http, relay_url, event)
+    final: RunStatus = await handle.result()
+    if final.status == RunStatusName.COMPLETED:
+        outcome.completed += 1
+    elif final.status == RunStatusName.STALLED:
+        outcome.stalled += 1
+    else:
+        outcome.other.append(final.status.value)
+
+
+async def _level(runs: int, work: Path, endpoint: str) -> Outcome:
+    settings = bench_settings(endpoint, work / f"state-{runs}")
+    outcome = Outcome(runs)
+    s3 = s3_client(endpoint)
+    images = put_dataset(s3, settings.bucket, "uploads/cats/", count=3)
+    request = make_request(images, local_model(work))
+    async with dev_server(settings) as env:
+        address = env.client.service_client.config.target_host
+        with relay_process(settings, address, work / f"relay-{runs}.log") as relay_url:
+            run_settings = settings.model_copy(update={"relay_public_url": relay_url})
+            with worker_process(run_settings, address, work / f"worker-{runs}.log") as pid:
+                processes = {
+                    "dev server": child_pid("temporal"),
+                    "worker": pid,
+                    "relay": child_pid("worker.cli relay"),
+                    "scripted runners": os.getpid(),
+                }
+                cpu_before = {name: cpu_seconds(p) for name, p in processes.items()}
+                sampling = True
+
+                async def sample() -> None:
+                    while sampling:
+                        outcome.peak_rss_mb = max(outcome.peak_rss_mb, rss_mb(pid))
+                        await asyncio.sleep(0.5)
+
+                sampler = asyncio.create_task(sample())
+                started = time.monotonic()
+                async with httpx.AsyncClient(
+                    timeout=30, limits=httpx.Limits(max_connections=32)
+                ) as http:
+                    await asyncio.gather(
+                        *(
+                            _scripted_run(
+                                env.client, run_settings, http, relay_url, request, outcome,
+                                spread_s=PROGRESS_INTERVAL_S if runs > 1 else 0,
+                            )
+                            for _ in range(runs)
+                        )
+                    )  # fmt: skip
+                outcome.wall_s = time.monotonic() - started
+                outcome.cores = {
+                    name: (cpu_seconds(p) - cpu_before[name]) / outcome.wall_s
+                    for name, p in processes.items()
+                }
+                sampling = False
+                await sampler
+    return outcome
+
+
+def p6_concurrent_runs(levels: tuple[int, ...] = (50, 200)) -> Row:
+    outcomes: list[Outcome] = []
+    with tempfile.TemporaryDirectory(prefix="bench-p6-") as tmp, local_s3() as endpoint:
+        work = Path(tmp)
+        alone = asyncio.run(_level(1, work, endpoint))
+        for runs in levels:
+            outcomes.append(asyncio.run(_level(runs, work, endpoint)))
+    largest = outcomes[-1]
+    return Row(
+        "P6",
+        "concurrent scripted runs on one worker + one dev server, progress every 10 s",
+        "; ".join(o.summary() for o in outcomes),
+        f"1 run: RSS {alone.peak_rss_mb:.0f} MB,"
+        f" p99 {percentile(alone.latencies, 99) * 1000:.0f} ms",
+        f"RSS {largest.peak_rss_mb / alone.peak_rss_mb:.2f} x at {largest.runs} runs",
+        "1,000 runs: all complete, RSS < 500 MB, 0 missed deadlines, p99 < 1 s",
+        None if largest.healthy and largest.runs < 1000 else largest.healthy,
+        f"{PROGRESS_EVENTS} progress events per run; runs start spread over 10 s; relay and"
+        f" worker are processes of their own; " + "; ".join(o.cpu() for o in [alone, *outcomes]),
+    )
