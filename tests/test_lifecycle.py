@@ -483,13 +483,29 @@ class Watcher:
             await asyncio.sleep(0.5)  # a display refreshes a few times a second at most
 
 
+async def _pause_while_handing_over(handle: WorkflowHandle[Any, Any], budget: int) -> None:
+    """The sender pauses once the run is due to continue as new, until it has.
+
+    A real runner sends an event every few seconds at most (the relay caps a run at 30 a minute),
+    and the server takes a hand-over only from a workflow task that saw every signal; this
+    sender fires hundreds a second, so it leaves the gap a runner would leave anyway.
+    """
+    described = await handle.describe()
+    if (described.history_length or 0) < budget:
+        return
+    deadline = time.monotonic() + 60
+    while (await handle.describe()).run_id == described.run_id:
+        assert time.monotonic() < deadline, "the run did not continue as new within 60 s"
+        await asyncio.sleep(0.1)
+
+
 async def test_long_progress_heavy_run_with_a_watcher_keeps_every_history_bounded(
     dev_env: WorkflowEnvironment, run_settings: Settings, request_factory: Any, s3: Any
 ) -> None:
     client, provider = dev_env.client, RecordingProvider(run_settings)
-    deadlines = Deadlines(training_idle_s=3600)
+    request = request_factory(deadlines=Deadlines(training_idle_s=3600))
     async with running_worker(client, run_settings, provider):
-        handle = await start_run(client, run_settings, request_factory(deadlines=deadlines))
+        handle = await start_run(client, run_settings, request)
         await wait_for_status(handle, RunStatusName.PENDING_GPU, timeout_s=30)
         script = await reach_training(handle)
         watcher = Watcher(client, handle.id)
@@ -507,10 +523,7 @@ async def test_long_progress_heavy_run_with_a_watcher_keeps_every_history_bounde
             ]
             await asyncio.gather(*(latest.signal(TrainingWorkflow.runner_event, e) for e in batch))
             if start % 100 == 0:
-                # A real runner sends one event every few seconds at most (the relay caps a run
-                # at 30 a minute): the gaps are where a continue-as-new goes through, since the
-                # server refuses one while signals it has not seen are waiting.
-                await asyncio.sleep(1)
+                await _pause_while_handing_over(latest, request.continue_as_new_after_events)
         key = upload_model(s3, run_settings, handle)
         await send_all(latest, script.happy_path(key, MODEL_BYTES)[-2:])
         final: RunStatus = await asyncio.wait_for(latest.result(), timeout=120)

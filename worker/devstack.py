@@ -325,6 +325,10 @@ def local_s3_command(data_dir: Path, host: str, ports: LocalS3Ports, bucket: str
         f"-ip.bind={host}",
         f"-bucket={bucket}",
         "-master.telemetry=false",
+        # Each bucket takes a volume of its own; the automatic limit stops writes after about 75
+        # buckets (InternalError). Small volumes, and many of them, for a stack of many runs.
+        "-master.volumeSizeLimitMB=64",
+        "-volume.max=5000",
         "-admin.ui=false",
         "-webdav=false",
         "-s3.port.iceberg=0",
