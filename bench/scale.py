@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -128,10 +129,33 @@ def worker_process(settings: Settings, temporal_address: str, log_path: Path) ->
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+        # Runs the worker had no time to finish leave their "GPU" (a `sleep`) behind.
+        for pid in _working_under(Path(settings.state_dir)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _working_under(directory: Path) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cwd = Path(os.readlink(entry / "cwd"))
+        except OSError:
+            continue
+        if cwd.is_relative_to(directory):
+            found.append(int(entry.name))
+    return found
 
 
 def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+    """The process's resident memory now; 0 once it has exited."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0.0
+    for line in status.splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return 0.0
@@ -141,16 +165,21 @@ async def _post(http: httpx.AsyncClient, relay_url: str, event: protocol.RunnerE
     body, headers = protocol.sign_event(
         protocol.derive_run_secret(MASTER_SECRET, event.run_id), event
     )
-    for _ in range(30):  # as the runner does: 503 and 429 are retried
-        response = await http.post(
-            f"{relay_url}/v1/runs/{event.run_id}/events", content=body, headers=headers
-        )
+    for _ in range(30):  # as the runner does: 503, 429 and broken connections are retried
+        try:
+            response = await http.post(
+                f"{relay_url}/v1/runs/{event.run_id}/events", content=body, headers=headers
+            )
+        except httpx.TransportError:
+            # A keep-alive connection the relay closed as it was reused: send again.
+            await asyncio.sleep(0.1)
+            continue
         if response.status_code == 202:
             return
         if response.status_code not in (429, 503):
             raise RuntimeError(f"relay answered {response.status_code}: {response.text}")
         await asyncio.sleep(1)
-    raise RuntimeError(f"relay kept answering {response.status_code}")
+    raise RuntimeError(f"run {event.run_id}: the relay did not take event {event.seq}")
 
 
 async def _wait_for(
@@ -174,6 +203,23 @@ async def _scripted_run(
     outcome: Outcome,
     spread_s: float,
 ) -> None:
+    """One run's scripted runner; what went wrong is counted, not raised: one slow run must not
+    hide the others' figures."""
+    try:
+        await _script(client, settings, http, relay_url, request, outcome, spread_s)
+    except Exception as e:
+        outcome.other.append(f"{type(e).__name__}: {str(e)[:80]}")
+
+
+async def _script(
+    client: Client,
+    settings: Settings,
+    http: httpx.AsyncClient,
+    relay_url: str,
+    request: Any,
+    outcome: Outcome,
+    spread_s: float,
+) -> None:
     await asyncio.sleep(random.uniform(0, spread_s))  # runs start over a while, as users do
     handle = await client.start_workflow(
         TrainingWorkflow.run,
@@ -181,7 +227,9 @@ async def _scripted_run(
         id=f"scale-{uuid.uuid4().hex[:12]}",
         task_queue=settings.task_queue,
     )
-    status = await _wait_for(client, handle.id, lambda s: s.status != RunStatusName.PENDING)
+    status = await _wait_for(
+        client, handle.id, lambda s: s.status != RunStatusName.PENDING, poll_s=2.0
+    )
     if status.status.terminal:
         outcome.other.append(status.status.value)
         return
