@@ -79,8 +79,13 @@ def main() -> None:
     if unknown:
         parser.error(f"no benchmark {', '.join(unknown)} (choose from {', '.join(BENCHMARKS)})")
     ids = [i.upper() for i in args.ids] or list(BENCHMARKS)
-    # Never read or write the user's own `loratrain dev` state.
-    os.environ["LORA_STATE_DIR"] = tempfile.mkdtemp(prefix="bench-state-")
+    with tempfile.TemporaryDirectory(prefix="bench-state-") as state:
+        # Never read or write the user's own `loratrain dev` state.
+        os.environ["LORA_STATE_DIR"] = state
+        run_and_print(ids)
+
+
+def run_and_print(ids: list[str]) -> None:
     # The servers the benchmarks start print banners on stdout: keep stdout for the table.
     table_out = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)

@@ -84,7 +84,7 @@ class Outcome:
 
     def cpu(self) -> str:
         used = ", ".join(f"{name} {cores:.2f}" for name, cores in self.cores.items())
-        return f"{self.runs} runs, cores busy: {used}"
+        return f"cores busy at {self.runs} run(s): {used}"
 
     @property
     def healthy(self) -> bool:
