@@ -305,6 +305,15 @@ async def check_the_model_survives_a_restart(tmp_path: Path, run_id: str, final:
         s3 = s3_client(settings)
         model = s3.get_object(Bucket=location.bucket, Key=location.key)["Body"].read()
         assert hashlib.sha256(model).hexdigest() == final.result.sha256
+        # And the user gets it as a user would, from another directory.
+        elsewhere = tmp_path / "after-restart"
+        elsewhere.mkdir()
+        fetched = await asyncio.to_thread(loratrain, ["download", run_id], elsewhere, dev.state)
+        assert fetched.returncode == 0, fetched.stdout + fetched.stderr
+        downloaded = Path(fetched.stdout.strip())
+        assert downloaded.parent == elsewhere / "outputs"
+        body = await asyncio.to_thread(downloaded.read_bytes)
+        assert hashlib.sha256(body).hexdigest() == final.result.sha256
         await asyncio.to_thread(dev.stop)
 
 

@@ -884,8 +884,12 @@ async def download_model(
     await asyncio.to_thread(target.parent.mkdir, parents=True, exist_ok=True)
     url = st.download_url or _presign_download(settings, bucket, key)
     try:
-        sha256 = await _fetch(url, target, result.bytes)
-        if sha256 is None:  # the run's link expired (it lives a day): sign a fresh one here
+        try:
+            sha256 = await _fetch(url, target, result.bytes)
+        except httpx.TransportError:
+            # The run's link names S3 as it was then: a restarted stack may listen elsewhere.
+            sha256 = None
+        if sha256 is None:  # or the link expired (it lives a day): sign a fresh one here
             fresh = _presign_download(settings, bucket, key)
             sha256 = await _fetch(fresh, target, result.bytes)
     except (httpx.HTTPError, OSError) as e:
