@@ -5,24 +5,19 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import statistics
-import sys
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import boto3
 from pydantic import SecretStr
-from temporalio.common import SearchAttributeKey
-from temporalio.testing import WorkflowEnvironment
 
-from worker.converter import data_converter
 from worker.devstack import local_s3_server
-from worker.settings import SEARCH_ATTRIBUTE, Settings
+from worker.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 MB = 1024 * 1024
@@ -106,25 +101,6 @@ def bench_settings(endpoint: str, state_dir: Path, **update: Any) -> Settings:
         webhook_allow_http=True,
         webhook_allow_private_addresses=True,
     ).model_copy(update=update)
-
-
-@contextlib.asynccontextmanager
-async def dev_server(settings: Settings) -> AsyncIterator[WorkflowEnvironment]:
-    """Temporal's dev server as tests/conftest.py starts it (SQLite in memory, updates on)."""
-    env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=shutil.which("temporal")
-        or str(Path(sys.executable).parent / "temporal"),
-        search_attributes=[SearchAttributeKey.for_keyword(SEARCH_ATTRIBUTE)],
-        data_converter=data_converter(settings),
-        dev_server_extra_args=[
-            "--dynamic-config-value",
-            "frontend.enableUpdateWorkflowExecution=true",
-        ],
-    )
-    try:
-        yield env
-    finally:
-        await env.shutdown()
 
 
 def cpu_seconds(pid: int) -> float:

@@ -38,7 +38,6 @@ from bench.common import (
     bench_settings,
     child_pid,
     cpu_seconds,
-    dev_server,
     local_s3,
     percentile,
     s3_client,
@@ -46,7 +45,13 @@ from bench.common import (
 from bench.latency import relay_process
 from gpu_runner import protocol
 from gpu_runner.protocol import TrainingProgressData
-from tests.workflow_support import ScriptedEvents, local_model, make_request, put_dataset
+from tests.workflow_support import (
+    ScriptedEvents,
+    dev_server,
+    local_model,
+    make_request,
+    put_dataset,
+)
 from worker.settings import Settings
 from workflows.models import RunStatus, RunStatusName
 from workflows.training import TrainingWorkflow

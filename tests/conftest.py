@@ -18,12 +18,13 @@ import pytest
 from pydantic import SecretStr
 from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
-from temporalio.common import SearchAttributeKey
 from temporalio.testing import WorkflowEnvironment
 
 from worker.converter import data_converter
 from worker.devstack import local_s3_server
 from worker.settings import SEARCH_ATTRIBUTE, STATE_DIR_VARIABLE, Settings
+
+from .workflow_support import dev_server
 
 # Fixed test-only keys, so histories recorded by the integration tests replay in later runs.
 TEST_CODEC_KEY = "bG9yYXRyYWluLXRlc3QtY29kZWMta2V5LTMyLWJ5dGU="
@@ -141,17 +142,5 @@ async def time_skipping_env(base_settings: Settings) -> AsyncIterator[WorkflowEn
 
 @pytest.fixture(scope="session")
 async def dev_env(base_settings: Settings) -> AsyncIterator[WorkflowEnvironment]:
-    env = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=shutil.which("temporal")
-        or str(Path(sys.executable).parent / "temporal"),
-        search_attributes=[SearchAttributeKey.for_keyword(SEARCH_ATTRIBUTE)],
-        data_converter=data_converter(base_settings),
-        dev_server_extra_args=[
-            "--dynamic-config-value",
-            "frontend.enableUpdateWorkflowExecution=true",
-        ],
-    )
-    try:
+    async with dev_server(base_settings) as env:
         yield env
-    finally:
-        await env.shutdown()

