@@ -386,6 +386,14 @@ def running_dev(workdir: Path) -> Iterator[RunningDev]:
     state = workdir / ".loratrain"
     pids: dict[str, int] = {}
     try:
+        # Up means start() returned: a child that dies before then fails the start instead of
+        # being restarted, so the tests below wait for the line that says so.
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if "loratrain dev is up" in line:
+                break
+        else:
+            raise AssertionError(f"`loratrain dev` exited ({proc.wait()}) before it was up")
         wait_until(lambda: answers(env["LORA_TEMPORAL_UI_URL"]), "the Temporal UI", proc)
         wait_until(lambda: answers(env["LORA_S3_ENDPOINT_URL"]), "local S3", proc)
         dev_env = dict(
@@ -451,7 +459,10 @@ def test_dev_restarts_a_child_that_dies_and_keeps_the_others(workdir: Path) -> N
         os.killpg(dev.pids["worker"], signal.SIGKILL)
 
         def restarted() -> bool:
-            pids = json.loads((dev.state / "dev.pids").read_text())
+            path = dev.state / "dev.pids"
+            if not path.exists():  # the stack stopped: wait_until reports its output
+                return False
+            pids = json.loads(path.read_text())
             return bool(pids["worker"] != dev.pids["worker"])
 
         wait_until(restarted, "the worker's restart", dev.proc, timeout_s=30)
