@@ -7,8 +7,9 @@ import io
 import logging
 import re
 import zipfile
-from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -70,6 +71,9 @@ _COPY_CONFIG = TransferConfig(
     multipart_threshold=5 * 1024**3, multipart_chunksize=512 * 1024**2, use_threads=False
 )
 _CHECK_THREADS = 8  # concurrent GETs while decoding images
+# Files read (and checked) ahead of the one being zipped, in bytes: bounds memory; one file
+# larger than this is still read, alone.
+_READ_AHEAD_BYTES = 24 * 1024 * 1024
 _MAGIC_BYTES = 16
 _MESSAGE_PROBLEMS = 200  # problems spelled out in the error message; details hold up to 1,000
 _DETAIL_PROBLEMS = 1000
@@ -165,6 +169,7 @@ class _DatasetFile:
 
 @dataclass(frozen=True)
 class _Dataset:
+    where: str  # s3://bucket/folder/, for messages
     files: list[_DatasetFile]  # images and captions, sorted by name
     summary: DatasetSummary
 
@@ -190,6 +195,10 @@ class StorageActivities:
     def build_images_zip(self, input: DatasetInput) -> ImagesZip:
         """Validate, then stream the dataset into `runs/<run_id>/images.zip` in bounded memory.
 
+        The listing is checked first (names, sizes, counts); each file's contents are checked as
+        it is read for the zip, so the dataset is read once. Any problem aborts the upload and
+        fails the activity with every problem listed, as `validate_images` does.
+
         Idempotent: a zip finished by an earlier attempt (it carries the sha256 in its metadata)
         is returned as it is.
         """
@@ -200,9 +209,9 @@ class StorageActivities:
         finished = self._finished_zip(location)
         if finished is not None:
             return finished
-        dataset = self._scan(input.images)
+        dataset = self._scan(input.images, read_contents=False)
         self._abort_stale_uploads(location)
-        sha256, size = self._stream_zip(dataset.files, location)
+        sha256, size = self._stream_zip(dataset, location)
         metadata = {"sha256": sha256, "image-count": str(dataset.summary.image_count)}
         # S3 metadata cannot change after an upload, and the sha256 is known only at the end:
         # copy the object onto itself with it. Only a zip with this metadata counts as finished.
@@ -382,8 +391,9 @@ class StorageActivities:
     # Dataset checks
     # ----------------------------------------------------------------------------------------
 
-    def _scan(self, images: S3Prefix) -> _Dataset:
-        """List and check the dataset; raise one InvalidDataset error naming every problem."""
+    def _scan(self, images: S3Prefix, *, read_contents: bool = True) -> _Dataset:
+        """List and check the dataset; raise one InvalidDataset error naming every problem.
+        Without `read_contents` only the listing is checked (the zip checks contents itself)."""
         folder = _folder(images.prefix)
         where = f"s3://{images.bucket}/{folder}"
         limits = self.settings
@@ -455,12 +465,21 @@ class StorageActivities:
                 f"of {_human(limits.max_dataset_bytes)}"
             )
         # Reading every file of a dataset that is rejected for its size anyway would be wasted.
-        if image_count <= limits.max_images and total_bytes <= limits.max_dataset_bytes:
-            problems.extend(self._check_contents(image_files, caption_files))
+        if (
+            read_contents
+            and image_count <= limits.max_images
+            and total_bytes <= limits.max_dataset_bytes
+        ):
+            reported = {name for name, _ in problems}
+            readable = [f for f in image_files + caption_files if f.name not in reported]
+            for item, _data, problem in self._read_checked(readable):
+                if problem is not None:
+                    problems.append((item.name, problem))
 
         if problems or dataset_problems:
             _reject(where, sorted(problems), dataset_problems)
         return _Dataset(
+            where=where,
             files=sorted(files, key=lambda f: f.name),
             summary=DatasetSummary(
                 image_count=image_count,
@@ -485,39 +504,52 @@ class StorageActivities:
                 ) from None
             raise
 
-    def _check_contents(
-        self, image_files: list[_DatasetFile], caption_files: list[_DatasetFile]
-    ) -> list[tuple[str, str]]:
-        """Every image decodes as the type its name says; every caption is UTF-8; a few GETs at
-        a time (a file the trainer cannot read must fail the run before a GPU is rented)."""
+    def _read_checked(
+        self, files: list[_DatasetFile]
+    ) -> Iterator[tuple[_DatasetFile, bytes, str | None]]:
+        """Each file's bytes and what is wrong with them (None: nothing), in the given order.
 
-        def check_image(item: _DatasetFile) -> str | None:
-            if item.size == 0 or item.size > self.settings.max_image_bytes:
-                return None  # already reported
-            data = self.s3.get_object(Bucket=item.bucket, Key=item.key)["Body"].read()
-            return image_problem(item.name, data)
+        A few GETs (and image decodes) run at a time ahead of the file being handed out, up to
+        `_READ_AHEAD_BYTES`: a file the trainer cannot read must fail the run before a GPU is
+        rented, and the zip gets the very bytes that were checked (IfMatch: the object is
+        still the one listed)."""
 
-        def check_caption(item: _DatasetFile) -> str | None:
-            if item.size > MAX_CAPTION_BYTES:
-                return None  # already reported
-            text = self.s3.get_object(Bucket=item.bucket, Key=item.key)["Body"].read()
+        def read(item: _DatasetFile) -> tuple[bytes, str | None]:
+            data = self.s3.get_object(Bucket=item.bucket, Key=item.key, IfMatch=item.etag)[
+                "Body"
+            ].read()
+            return data, self._content_problem(item, data)
+
+        with ThreadPoolExecutor(_CHECK_THREADS, thread_name_prefix="dataset-read") as pool:
+            ahead: deque[tuple[_DatasetFile, Future[tuple[bytes, str | None]]]] = deque()
+            ahead_bytes = 0
+            pending = iter(files)
             try:
-                text.decode("utf-8")
+                while True:
+                    for item in pending:
+                        ahead.append((item, pool.submit(read, item)))
+                        ahead_bytes += item.size
+                        if ahead_bytes >= _READ_AHEAD_BYTES:
+                            break
+                    if not ahead:
+                        return
+                    item, future = ahead.popleft()
+                    data, problem = future.result()
+                    ahead_bytes -= item.size
+                    _heartbeat()  # decoding a large image takes a while; the SDK throttles these
+                    yield item, data, problem
+            finally:
+                for _, future in ahead:
+                    future.cancel()
+
+    def _content_problem(self, item: _DatasetFile, data: bytes) -> str | None:
+        if _suffix(item.name) == _CAPTION_SUFFIX:
+            try:
+                data.decode("utf-8")
             except UnicodeDecodeError as e:
                 return f"caption is not UTF-8 text (byte {e.start}); save it as UTF-8"
             return None
-
-        problems: list[tuple[str, str]] = []
-        with ThreadPoolExecutor(_CHECK_THREADS, thread_name_prefix="dataset-check") as pool:
-            checks = [(f, pool.submit(check_image, f)) for f in image_files] + [
-                (f, pool.submit(check_caption, f)) for f in caption_files
-            ]
-            for item, future in checks:
-                problem = future.result()
-                if problem is not None:
-                    problems.append((item.name, problem))
-                _heartbeat()  # decoding a large image takes a while; the SDK throttles these
-        return problems
+        return image_problem(item.name, data)
 
     # ----------------------------------------------------------------------------------------
     # Zip
@@ -548,30 +580,31 @@ class StorageActivities:
                     Bucket=location.bucket, Key=location.key, UploadId=upload["UploadId"]
                 )
 
-    def _stream_zip(self, files: list[_DatasetFile], location: S3Location) -> tuple[str, int]:
-        """S3 objects -> zip entries -> multipart upload; returns (sha256, bytes) of the zip."""
+    def _stream_zip(self, dataset: _Dataset, location: S3Location) -> tuple[str, int]:
+        """S3 objects -> checked -> zip entries -> multipart upload; returns (sha256, bytes) of
+        the zip. Raises InvalidDataset, with every problem, if any file fails its check."""
         upload = _MultipartUpload(self.s3, location, ZIP_PART_BYTES)
+        problems: list[tuple[str, str]] = []
         try:
             # zipfile writes to a stream that cannot seek with data descriptors, so each entry
-            # passes straight through; nothing but the current part is held in memory.
+            # passes straight through; only the files read ahead and the current part are
+            # held in memory.
             archive = zipfile.ZipFile(upload, mode="w", compression=zipfile.ZIP_STORED)
-            for item in files:
+            for item, data, problem in self._read_checked(dataset.files):
+                if problem is not None:
+                    problems.append((item.name, problem))
+                if problems:
+                    continue  # this zip is lost: read on only to name every problem
                 info = zipfile.ZipInfo(item.name, date_time=ZIP_DATE_TIME)
                 info.compress_type = zipfile.ZIP_STORED
                 info.create_system = 3  # unix, whatever system built it
                 info.external_attr = 0o644 << 16
-                info.file_size = item.size
-                # IfMatch: the object must still be the one that was validated.
-                body = self.s3.get_object(Bucket=item.bucket, Key=item.key, IfMatch=item.etag)[
-                    "Body"
-                ]
-                try:
-                    with archive.open(info, mode="w") as entry:
-                        for chunk in body.iter_chunks(READ_CHUNK_BYTES):
-                            entry.write(chunk)
-                finally:
-                    body.close()
+                info.file_size = len(data)
+                with archive.open(info, mode="w") as entry:
+                    entry.write(data)
                 _heartbeat(upload.bytes)
+            if problems:
+                _reject(dataset.where, sorted(problems), [])
             archive.close()
             upload.complete()
         except BaseException:

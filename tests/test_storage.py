@@ -15,6 +15,7 @@ from pydantic import SecretStr
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
+from activities import storage
 from activities.civitai import ResolvedModel
 from activities.storage import (
     ZIP_DATE_TIME,
@@ -163,10 +164,12 @@ def test_png_name_on_other_content_is_rejected(
     assert error.message.startswith(expected)
 
 
+@pytest.mark.parametrize("activity", ["validate_images", "build_images_zip"])
 def test_images_that_do_not_decode_are_rejected_with_every_name(
-    settings: Settings, s3: Any
+    settings: Settings, s3: Any, activity: str
 ) -> None:
-    """Right first bytes, broken insides: what the trainer would crash on after a GPU is rented."""
+    """Right first bytes, broken insides: what the trainer would crash on after a GPU is rented.
+    The zip checks each file as it reads it, and names every problem as validation does."""
     upload_dataset(
         s3,
         settings.bucket,
@@ -178,7 +181,7 @@ def test_images_that_do_not_decode_are_rejected_with_every_name(
         },
     )
 
-    error = rejection(StorageActivities(s3, settings).validate_images, dataset(settings))
+    error = rejection(getattr(StorageActivities(s3, settings), activity), dataset(settings))
 
     assert error.message.startswith(f"3 problems with the images under s3://{settings.bucket}/")
     lines = error.details[0]
@@ -189,6 +192,8 @@ def test_images_that_do_not_decode_are_rejected_with_every_name(
     ]
     assert "signature-only.png: the PNG image cannot be decoded (" in lines[1]
     assert lines[1].endswith("open and save it again")
+    assert s3.list_objects_v2(Bucket=settings.bucket, Prefix="runs/")["KeyCount"] == 0
+    assert no_pending_uploads(s3, settings.bucket)
 
 
 def test_too_many_images_is_rejected(settings: Settings, s3: Any) -> None:
@@ -394,7 +399,11 @@ def test_bad_dataset_is_never_zipped(settings: Settings, s3: Any) -> None:
     assert no_pending_uploads(s3, settings.bucket)
 
 
-def test_image_replaced_while_zipping_aborts_the_upload(settings: Settings, s3: Any) -> None:
+def test_image_replaced_while_zipping_aborts_the_upload(
+    settings: Settings, s3: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One file read ahead at a time, so b.png is read only after a.png is in the zip.
+    monkeypatch.setattr(storage, "_READ_AHEAD_BYTES", 1)
     upload_dataset(s3, settings.bucket, {"a.png": png(seed=1), "b.png": png(seed=2)})
     env = ActivityEnvironment()
 
