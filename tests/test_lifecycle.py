@@ -580,7 +580,9 @@ async def test_a_run_continues_as_new_with_its_gpu_progress_and_webhooks(
             if step % 25 == 0:
                 # Runners pause between events (the relay caps a run at 30 a minute); the
                 # server takes a hand-over only from a workflow task that saw every signal.
-                await asyncio.sleep(0.3)
+                # A fixed pause is too short on a loaded machine, where each refused hand-over
+                # replays a longer history: wait for it, as a runner's gap would.
+                await _pause_while_handing_over(latest, request.continue_as_new_after_events)
             progress = TrainingProgressData(step=step, total=400, loss=1 / step)
             await latest.signal(
                 TrainingWorkflow.runner_event, script.next("training.progress", progress)

@@ -350,6 +350,7 @@ class LocalProvider:
             return instance.model_copy(update={"state": "gone", "message": "destroyed"})
         if _same_process(record) is not None:
             return instance
+        self._reap()  # it may have ended since the reap above: keep its exit code now
         code = self._exit_code(instance_id, record)
         if code is None:
             ended = "runner exited (exit code unknown: another worker process started it)"
