@@ -62,7 +62,7 @@ _ACCESS_ERRORS = frozenset(
 
 MAX_CAPTION_BYTES = 64 * 1024
 MAX_LOG_BYTES = 16 * 1024 * 1024  # the runner uploads only the end of a longer log
-ZIP_PART_BYTES = 16 * 1024 * 1024  # fixed multipart part size: bounds memory, allows 160 GB zips
+ZIP_PART_BYTES = 16 * 1024 * 1024  # smallest multipart part: bounds memory, allows 160 GB zips
 READ_CHUNK_BYTES = 1024 * 1024
 # Every entry gets this timestamp so the same dataset always gives the same zip bytes.
 ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)
@@ -73,7 +73,7 @@ _COPY_CONFIG = TransferConfig(
 _CHECK_THREADS = 8  # concurrent GETs while decoding images
 # Files read (and checked) ahead of the one being zipped, in bytes: bounds memory; one file
 # larger than this is still read, alone.
-_READ_AHEAD_BYTES = 24 * 1024 * 1024
+_READ_AHEAD_BYTES = 16 * 1024 * 1024
 _MAGIC_BYTES = 16
 _MESSAGE_PROBLEMS = 200  # problems spelled out in the error message; details hold up to 1,000
 _DETAIL_PROBLEMS = 1000
@@ -623,13 +623,16 @@ class StorageActivities:
 
 
 class _MultipartUpload:
-    """A write-only file object that uploads what it is given as fixed-size multipart parts."""
+    """A write-only file object that uploads what it is given as multipart parts of at least
+    `part_bytes` each (the last may be smaller)."""
 
     def __init__(self, s3: S3Client, location: S3Location, part_bytes: int) -> None:
         self._s3 = s3
         self._location = location
         self._part_bytes = part_bytes
-        self._buffer = bytearray()
+        # What is not uploaded yet, as written: joined once per part, never copied per write.
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
         self._parts: list[dict[str, Any]] = []
         self.sha256 = hashlib.sha256()
         self.bytes = 0
@@ -640,11 +643,10 @@ class _MultipartUpload:
     def write(self, data: bytes, /) -> int:
         self.sha256.update(data)
         self.bytes += len(data)
-        self._buffer += data
-        while len(self._buffer) >= self._part_bytes:
-            part = self._buffer[: self._part_bytes]
-            del self._buffer[: self._part_bytes]
-            self._upload_part(part)
+        self._pending.append(bytes(data))  # zipfile may hand over a buffer it reuses
+        self._pending_bytes += len(data)
+        if self._pending_bytes >= self._part_bytes:
+            self._upload_pending()
         return len(data)
 
     def flush(self) -> None:
@@ -654,9 +656,8 @@ class _MultipartUpload:
         """`complete` or `abort` ends the upload, not zipfile."""
 
     def complete(self) -> None:
-        if self._buffer or not self._parts:
-            self._upload_part(self._buffer)
-            self._buffer = bytearray()
+        if self._pending or not self._parts:
+            self._upload_pending()
         self._s3.complete_multipart_upload(
             Bucket=self._location.bucket,
             Key=self._location.key,
@@ -673,14 +674,18 @@ class _MultipartUpload:
             # The original error matters more; a lifecycle rule cleans up what is left.
             log.warning("could not abort the multipart upload of %s", self._location.uri)
 
-    def _upload_part(self, part: bytearray) -> None:
+    def _upload_pending(self) -> None:
+        """Everything written since the last part, as one part: at least `part_bytes` (but
+        the last), at most that plus one write (an entry's data)."""
+        part = b"".join(self._pending)
+        self._pending, self._pending_bytes = [], 0
         number = len(self._parts) + 1
         answer = self._s3.upload_part(
             Bucket=self._location.bucket,
             Key=self._location.key,
             UploadId=self._upload_id,
             PartNumber=number,
-            Body=bytes(part),
+            Body=part,
         )
         self._parts.append({"PartNumber": number, "ETag": answer["ETag"]})
         _heartbeat(self.bytes)

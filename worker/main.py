@@ -39,6 +39,7 @@ from workflows.training import TrainingWorkflow
 
 from .converter import data_converter
 from .logs import configure_logging
+from .memory import return_large_buffers_to_the_os
 from .settings import Settings
 
 log = logging.getLogger("loratrain.worker")
@@ -175,6 +176,7 @@ def build_worker(
 async def run_worker(settings: Settings) -> None:
     """Run the worker until cancelled (Ctrl-C)."""
     configure_logging()
+    return_large_buffers_to_the_os()
     # Refuse a provider that cannot work before connecting to anything.
     provider = gpu_provider(settings)
     client = await connect_client(settings)
