@@ -20,6 +20,7 @@ from .providers.base import (
     instance_label,
     parse_label,
     run_id_of_label,
+    run_label_prefix,
 )
 
 NO_GPU_OFFER = "NoGpuOffer"
@@ -149,7 +150,8 @@ class GpuActivities:
         the provider had already created it.
         """
         released = []
-        for instance in self._own_instances():
+        prefix = run_label_prefix(self.settings.deployment_name, input.run_id)
+        for instance in self.provider.list_instances(prefix):
             if run_id_of_label(instance.label) != input.run_id:
                 continue
             if self.provider.destroy(instance.instance_id):

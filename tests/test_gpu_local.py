@@ -321,7 +321,7 @@ def test_release_run_gpus_destroys_every_attempt_of_that_run_only(
     activities = runners.activities("sleep")
     first = allocate(activities, attempt=1)
     second = allocate(activities, attempt=2)
-    other_run = allocate(activities, run_id="run-2")
+    other_run = allocate(activities, run_id="run-10")  # its id starts with the other's
     env = ActivityEnvironment()
 
     released = env.run(activities.release_run_gpus, RunRef(run_id="run-1"))
@@ -469,7 +469,7 @@ class _NoOffers:
     def destroy(self, instance_id: str) -> bool:
         return False
 
-    def list_instances(self) -> list[Instance]:
+    def list_instances(self, label_prefix: str = "") -> list[Instance]:
         return []
 
 

@@ -16,7 +16,7 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from activities.gpu import AllocateGpuInput, GpuActivities, RunRef
-from activities.providers.base import NoOfferError, instance_label
+from activities.providers.base import NoOfferError, instance_label, run_label_prefix
 from activities.providers.vast import (
     VastApiError,
     VastProvider,
@@ -309,6 +309,8 @@ def test_listing_pages_through_every_instance(settings: Settings, tmp_path: Path
 
         assert len(listed) == 30 > 25  # more than one page
         assert sorted(i.label for i in listed) == sorted(label(s, f"run-{i}") for i in range(30))
+        prefix = run_label_prefix(s.deployment_name, "run-1")  # not run-10 .. run-19
+        assert [i.label for i in provider.list_instances(prefix)] == [label(s, "run-1")]
 
 
 def test_allocation_is_idempotent_and_release_touches_only_this_deployment(

@@ -48,6 +48,11 @@ def parse_label(label: str) -> Label | None:
     return Label(deployment, run_id, int(attempt))
 
 
+def run_label_prefix(deployment: str, run_id: str) -> str:
+    """What the labels of every attempt of one run start with (run ids hold no ':')."""
+    return instance_label(deployment, run_id, 0).removesuffix("0")
+
+
 def run_id_of_label(label: str) -> str | None:
     """The run id in a label, or None when the label is not ours.
 
@@ -109,5 +114,6 @@ class GpuProvider(Protocol):
     def destroy(self, instance_id: str) -> bool:
         """Destroy it; False when it was already gone."""
 
-    def list_instances(self) -> list[Instance]:
-        """Every instance of the account (callers keep those whose label is theirs)."""
+    def list_instances(self, label_prefix: str = "") -> list[Instance]:
+        """Every instance of the account whose label starts with `label_prefix` (callers keep
+        those whose label is theirs)."""

@@ -233,14 +233,18 @@ class LocalProvider:
             shutil.rmtree(directory / WORK_DIR, ignore_errors=True)
         return True
 
-    def list_instances(self) -> list[Instance]:
+    def list_instances(self, label_prefix: str = "") -> list[Instance]:
         root = self.settings.instances_dir
         if not root.is_dir():
             return []
         instances = []
         for directory in sorted(root.iterdir()):
             record = self._record(directory.name)
-            if record is not None and not self._destroyed(directory.name):
+            if (
+                record is not None
+                and record.label.startswith(label_prefix)
+                and not self._destroyed(directory.name)
+            ):
                 instances.append(self._describe(directory.name, record))
         return instances
 
@@ -324,20 +328,23 @@ class LocalProvider:
         _write_json(directory / RECORD_FILE, record)
         return record
 
-    def _reap(self) -> None:
-        """Collect this worker's children that ended, keeping their exit codes on disk."""
+    def _reap(self, instance_id: str) -> None:
+        """Collect the instance's runner if this worker started it and it ended, keeping its
+        exit code on disk. One instance at a time: a check must not cost more with more runs."""
         with self._children_lock:
-            for instance_id, process in list(self._children.items()):
-                code = process.poll()
-                if code is None:
-                    continue
-                del self._children[instance_id]
-                directory = self._directory(instance_id)
-                if directory.is_dir():
-                    _write_json(directory / EXIT_FILE, _Exit(pid=process.pid, exit_code=code))
+            process = self._children.get(instance_id)
+            if process is None:
+                return
+            code = process.poll()
+            if code is None:
+                return
+            del self._children[instance_id]
+            directory = self._directory(instance_id)
+            if directory.is_dir():
+                _write_json(directory / EXIT_FILE, _Exit(pid=process.pid, exit_code=code))
 
     def _describe(self, instance_id: str, record: _Record) -> Instance:
-        self._reap()
+        self._reap(instance_id)
         instance = Instance(
             provider=PROVIDER_NAME,
             instance_id=instance_id,
@@ -350,7 +357,7 @@ class LocalProvider:
             return instance.model_copy(update={"state": "gone", "message": "destroyed"})
         if _same_process(record) is not None:
             return instance
-        self._reap()  # it may have ended since the reap above: keep its exit code now
+        self._reap(instance_id)  # it may have ended since the reap above: keep its exit code
         code = self._exit_code(instance_id, record)
         if code is None:
             ended = "runner exited (exit code unknown: another worker process started it)"
@@ -366,11 +373,26 @@ class LocalProvider:
     def _stop(self, instance_id: str, record: _Record) -> None:
         """SIGTERM the runner's process group, then SIGKILL whatever is left after the timeout."""
         for sig, timeout_s in ((signal.SIGTERM, self.stop_timeout_s), (signal.SIGKILL, 5.0)):
-            if not _group_members(record):
+            if not self._group_running(instance_id, record):
                 break
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(record.pid, sig)
             deadline = time.monotonic() + timeout_s
-            while _group_members(record) and time.monotonic() < deadline:
+            while self._group_running(instance_id, record) and time.monotonic() < deadline:
                 time.sleep(_POLL_S)
-        self._reap()
+        self._reap(instance_id)
+
+    def _group_running(self, instance_id: str, record: _Record) -> bool:
+        """Whether any process of the runner's group still runs. The runner, this worker's
+        child, is reaped first; a group with no process at all is seen without reading /proc
+        (each read of it costs more the more runners there are)."""
+        self._reap(instance_id)
+        try:
+            os.killpg(record.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass  # a process of another user has the id: _group_members tells
+        if _same_process(record) is not None:
+            return True  # the runner itself
+        return bool(_group_members(record))

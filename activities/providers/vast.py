@@ -408,8 +408,12 @@ class VastProvider:
                 )
             time.sleep(_DESTROY_POLL_S)
 
-    def list_instances(self) -> list[Instance]:
-        return [self._describe(row) for row in self._rows() if instance_state(row)[0] != "gone"]
+    def list_instances(self, label_prefix: str = "") -> list[Instance]:
+        # One listing call whatever the prefix: Vast's filters do not match label prefixes.
+        described = (
+            self._describe(row) for row in self._rows() if instance_state(row)[0] != "gone"
+        )
+        return [instance for instance in described if instance.label.startswith(label_prefix)]
 
     # -- offers ------------------------------------------------------------------------------
 
