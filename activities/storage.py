@@ -393,7 +393,8 @@ class StorageActivities:
 
     def _scan(self, images: S3Prefix, *, read_contents: bool = True) -> _Dataset:
         """List and check the dataset; raise one InvalidDataset error naming every problem.
-        Without `read_contents` only the listing is checked (the zip checks contents itself)."""
+        Without `read_contents`, files are read only when the listing already shows a problem
+        (the zip checks contents as it reads them)."""
         folder = _folder(images.prefix)
         where = f"s3://{images.bucket}/{folder}"
         limits = self.settings
@@ -464,9 +465,10 @@ class StorageActivities:
                 f"the images and captions add up to {_human(total_bytes)}, more than the limit "
                 f"of {_human(limits.max_dataset_bytes)}"
             )
-        # Reading every file of a dataset that is rejected for its size anyway would be wasted.
+        # Reading every file of a dataset that is rejected for its size anyway would be wasted;
+        # one rejected for some files is read to name every problem in one error.
         if (
-            read_contents
+            (read_contents or problems)
             and image_count <= limits.max_images
             and total_bytes <= limits.max_dataset_bytes
         ):

@@ -39,9 +39,11 @@ _PER_VERSION = [
     "continued-as-new-first-execution",
     "continued-as-new-last-execution",
 ]
-REQUIRED = {"completed-run-1", "baddata-run-1", "reaper-pass-1"} | {
-    f"{version}-{name}" for version in ("v2", CODE_VERSION) for name in _PER_VERSION
-}
+REQUIRED = (
+    {"completed-run-1", "baddata-run-1", "reaper-pass-1"}
+    | {f"{version}-{name}" for version in ("v2", "v3", CODE_VERSION) for name in _PER_VERSION}
+    | {f"{CODE_VERSION}-bad-dataset"}
+)
 
 
 def test_recorded_histories_exist() -> None:

@@ -227,7 +227,8 @@ def test_dataset_over_the_total_limit_is_rejected(settings: Settings, s3: Any) -
     assert f"add up to {total_kib:.1f} KiB, more than the limit of 1.5 KiB" in error.message
 
 
-def test_every_problem_is_named_in_one_error(settings: Settings, s3: Any) -> None:
+@pytest.mark.parametrize("activity", ["validate_images", "build_images_zip"])
+def test_every_problem_is_named_in_one_error(settings: Settings, s3: Any, activity: str) -> None:
     upload_dataset(
         s3,
         settings.bucket,
@@ -246,7 +247,7 @@ def test_every_problem_is_named_in_one_error(settings: Settings, s3: Any) -> Non
     )
     small = settings.model_copy(update={"max_image_bytes": 4096})
 
-    error = rejection(StorageActivities(s3, small).validate_images, dataset(small))
+    error = rejection(getattr(StorageActivities(s3, small), activity), dataset(small))
 
     offenders = [
         "README",

@@ -358,6 +358,8 @@ async def test_bad_dataset_fails_the_run_before_any_gpu(
     async with running_worker(time_skipping_env.client, limited, provider):
         handle = await start_run(time_skipping_env.client, limited, request)
         status, error = await finish(handle)
+        if case == "a PNG that does not decode":  # found while zipping, since v4
+            await check_replays(limited, handle, name=f"{CODE_VERSION}-bad-dataset")
 
     assert status.status == RunStatusName.FAILED
     assert status.error is not None and status.error.code == "InvalidDataset"

@@ -20,6 +20,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.providers.base import Instance
     from activities.storage import (
         DatasetInput,
+        ImagesZip,
         JobSpecInput,
         RunKeyInput,
         StorageActivities,
@@ -59,6 +60,9 @@ LORA_STATUS = SearchAttributeKey.for_keyword("LoraTrainingStatus")
 LIFECYCLE_V2 = "lifecycle-v2"
 # A GPU that misses its boot deadline is named with the host's own reason (asks the provider).
 HOST_REASON_AT_BOOT_DEADLINE = "host-reason-at-boot-deadline"
+# The zip checks every file as it reads it: no separate validation pass over the dataset; the
+# zip runs beside the model's resolution, so a bad dataset still fails before any GPU.
+ZIP_CHECKS_DATASET = "zip-checks-dataset"
 
 # Named retry policies: side effects retry until the status deadline calls a stall; giving a
 # GPU back never gives up.
@@ -204,34 +208,44 @@ class TrainingWorkflow:
         dataset = DatasetInput(
             run_id=self._run_id, execution=self._state.execution, images=self._request.images
         )
-        _, model = await asyncio.gather(
-            workflow.execute_activity_method(
-                StorageActivities.validate_images,
+
+        def zip_dataset(summary: str) -> Awaitable[ImagesZip]:
+            return workflow.execute_activity_method(
+                StorageActivities.build_images_zip,
                 dataset,
-                start_to_close_timeout=timedelta(minutes=5),
+                start_to_close_timeout=timedelta(minutes=30),
+                heartbeat_timeout=timedelta(minutes=2),
                 retry_policy=RETRY_UNTIL_DEADLINE,
-                summary="validate the dataset",
+                summary=summary,
+            )
+
+        resolve_model = workflow.execute_activity_method(
+            ModelActivities.resolve_model,
+            ResolveModelInput(
+                run_id=self._run_id,
+                model=self._request.model,
+                civitai_api_key=self._request.civitai_api_key,
             ),
-            workflow.execute_activity_method(
-                ModelActivities.resolve_model,
-                ResolveModelInput(
-                    run_id=self._run_id,
-                    model=self._request.model,
-                    civitai_api_key=self._request.civitai_api_key,
-                ),
-                start_to_close_timeout=timedelta(minutes=2),
-                retry_policy=RETRY_UNTIL_DEADLINE,
-                summary="resolve the base model",
-            ),
-        )
-        images_zip = await workflow.execute_activity_method(
-            StorageActivities.build_images_zip,
-            dataset,
-            start_to_close_timeout=timedelta(minutes=30),
-            heartbeat_timeout=timedelta(minutes=2),
+            start_to_close_timeout=timedelta(minutes=2),
             retry_policy=RETRY_UNTIL_DEADLINE,
-            summary="zip the dataset",
+            summary="resolve the base model",
         )
+        if workflow.patched(ZIP_CHECKS_DATASET):
+            images_zip, model = await asyncio.gather(
+                zip_dataset("check and zip the dataset"), resolve_model
+            )
+        else:
+            _, model = await asyncio.gather(
+                workflow.execute_activity_method(
+                    StorageActivities.validate_images,
+                    dataset,
+                    start_to_close_timeout=timedelta(minutes=5),
+                    retry_policy=RETRY_UNTIL_DEADLINE,
+                    summary="validate the dataset",
+                ),
+                resolve_model,
+            )
+            images_zip = await zip_dataset("zip the dataset")
         self._state.prepared = PreparedInputs(images_zip=images_zip, model=model)
         self._state.status.attempt = 1
         await self._rent()
