@@ -176,6 +176,8 @@ class LocalProvider:
         self.stop_timeout_s = stop_timeout_s
         # Only to reap the children this worker started; the state of record is on disk.
         self._children: dict[str, subprocess.Popen[bytes]] = {}
+        # Instance id -> label, read once: the id is a hash of the label, so it never changes.
+        self._labels: dict[str, str] = {}
         self._children_lock = threading.Lock()
 
     # -- GpuProvider -------------------------------------------------------------------------
@@ -239,12 +241,11 @@ class LocalProvider:
             return []
         instances = []
         for directory in sorted(root.iterdir()):
+            label = self._label(directory.name)
+            if label is None or not label.startswith(label_prefix):
+                continue
             record = self._record(directory.name)
-            if (
-                record is not None
-                and record.label.startswith(label_prefix)
-                and not self._destroyed(directory.name)
-            ):
+            if record is not None and not self._destroyed(directory.name):
                 instances.append(self._describe(directory.name, record))
         return instances
 
@@ -262,6 +263,15 @@ class LocalProvider:
         except FileNotFoundError:
             return None
         return _Record.model_validate_json(text)
+
+    def _label(self, instance_id: str) -> str | None:
+        label = self._labels.get(instance_id)
+        if label is None:
+            record = self._record(instance_id)
+            if record is None:
+                return None
+            label = self._labels[instance_id] = record.label
+        return label
 
     def _destroyed(self, instance_id: str) -> bool:
         return (self._directory(instance_id) / DESTROYED_FILE).exists()
