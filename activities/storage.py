@@ -67,8 +67,11 @@ READ_CHUNK_BYTES = 1024 * 1024
 # Every entry gets this timestamp so the same dataset always gives the same zip bytes.
 ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)
 # S3 copies above 5 GiB must be multipart; the zip of a 5 GiB dataset can be a little larger.
+_MULTIPART_COPY_BYTES = 5 * 1024**3
 _COPY_CONFIG = TransferConfig(
-    multipart_threshold=5 * 1024**3, multipart_chunksize=512 * 1024**2, use_threads=False
+    multipart_threshold=_MULTIPART_COPY_BYTES,
+    multipart_chunksize=512 * 1024**2,
+    use_threads=False,
 )
 _CHECK_THREADS = 8  # concurrent GETs while decoding images
 # Files read (and checked) ahead of the one being zipped, in bytes: bounds memory; one file
@@ -211,26 +214,13 @@ class StorageActivities:
             return finished
         dataset = self._scan(input.images, read_contents=False)
         self._abort_stale_uploads(location)
-        sha256, size = self._stream_zip(dataset, location)
-        metadata = {"sha256": sha256, "image-count": str(dataset.summary.image_count)}
-        # S3 metadata cannot change after an upload, and the sha256 is known only at the end:
-        # copy the object onto itself with it. Only a zip with this metadata counts as finished.
-        self.s3.copy(
-            {"Bucket": location.bucket, "Key": location.key},
-            location.bucket,
-            location.key,
-            ExtraArgs={
-                "Metadata": metadata,
-                "MetadataDirective": "REPLACE",
-                "ContentType": "application/zip",
-            },
-            Config=_COPY_CONFIG,
-            Callback=lambda _copied: _heartbeat(size),  # a 5 GB copy takes a while
-        )
+        upload = _MultipartUpload(self.s3, location, ZIP_PART_BYTES)
+        if not self._stream_zip(dataset, upload):
+            self._stamp_zip(location, upload.bytes, upload.sha256.hexdigest(), dataset)
         return ImagesZip(
             location=location,
-            sha256=sha256,
-            bytes=size,
+            sha256=upload.sha256.hexdigest(),
+            bytes=upload.bytes,
             image_count=dataset.summary.image_count,
         )
 
@@ -582,10 +572,11 @@ class StorageActivities:
                     Bucket=location.bucket, Key=location.key, UploadId=upload["UploadId"]
                 )
 
-    def _stream_zip(self, dataset: _Dataset, location: S3Location) -> tuple[str, int]:
-        """S3 objects -> checked -> zip entries -> multipart upload; returns (sha256, bytes) of
-        the zip. Raises InvalidDataset, with every problem, if any file fails its check."""
-        upload = _MultipartUpload(self.s3, location, ZIP_PART_BYTES)
+    def _stream_zip(self, dataset: _Dataset, upload: _MultipartUpload) -> bool:
+        """S3 objects -> checked -> zip entries -> `upload`, completed; True when the zip went
+        up in one request with its metadata (only a zip with it counts as finished), False
+        when the caller must add it. Raises InvalidDataset, with every problem, if any file
+        fails its check; the upload is aborted on any error."""
         problems: list[tuple[str, str]] = []
         try:
             # zipfile writes to a stream that cannot seek with data descriptors, so each entry
@@ -608,11 +599,36 @@ class StorageActivities:
             if problems:
                 _reject(dataset.where, sorted(problems), [])
             archive.close()
-            upload.complete()
+            metadata = _zip_metadata(upload.sha256.hexdigest(), dataset.summary.image_count)
+            return upload.complete(metadata)
         except BaseException:
             upload.abort()
             raise
-        return upload.sha256.hexdigest(), upload.bytes
+
+    def _stamp_zip(self, location: S3Location, size: int, sha256: str, dataset: _Dataset) -> None:
+        """Give a multipart zip its metadata (fixed before the sha256 was known): a copy onto
+        itself. Only a zip with this metadata counts as finished."""
+        copy_args: dict[str, Any] = {
+            "Metadata": _zip_metadata(sha256, dataset.summary.image_count),
+            "MetadataDirective": "REPLACE",
+            "ContentType": "application/zip",
+        }
+        if size < _MULTIPART_COPY_BYTES:
+            self.s3.copy_object(
+                CopySource={"Bucket": location.bucket, "Key": location.key},
+                Bucket=location.bucket,
+                Key=location.key,
+                **copy_args,
+            )
+            return
+        self.s3.copy(
+            {"Bucket": location.bucket, "Key": location.key},
+            location.bucket,
+            location.key,
+            ExtraArgs=copy_args,
+            Config=_COPY_CONFIG,
+            Callback=lambda _copied: _heartbeat(size),  # a 5 GB copy takes a while
+        )
 
     # ----------------------------------------------------------------------------------------
     # Helpers
@@ -626,7 +642,8 @@ class StorageActivities:
 
 class _MultipartUpload:
     """A write-only file object that uploads what it is given as multipart parts of at least
-    `part_bytes` each (the last may be smaller)."""
+    `part_bytes` each (the last may be smaller); what never fills a part goes up as one object.
+    The multipart upload is created with the first part."""
 
     def __init__(self, s3: S3Client, location: S3Location, part_bytes: int) -> None:
         self._s3 = s3
@@ -638,9 +655,7 @@ class _MultipartUpload:
         self._parts: list[dict[str, Any]] = []
         self.sha256 = hashlib.sha256()
         self.bytes = 0
-        self._upload_id = s3.create_multipart_upload(
-            Bucket=location.bucket, Key=location.key, ContentType="application/zip"
-        )["UploadId"]
+        self._upload_id: str | None = None
 
     def write(self, data: bytes, /) -> int:
         self.sha256.update(data)
@@ -657,8 +672,20 @@ class _MultipartUpload:
     def close(self) -> None:
         """`complete` or `abort` ends the upload, not zipfile."""
 
-    def complete(self) -> None:
-        if self._pending or not self._parts:
+    def complete(self, metadata: dict[str, str]) -> bool:
+        """Finish the object; True when it went up in one request, carrying `metadata` (a
+        multipart object has none: the caller adds it)."""
+        if self._upload_id is None:
+            self._s3.put_object(
+                Bucket=self._location.bucket,
+                Key=self._location.key,
+                Body=b"".join(self._pending),
+                ContentType="application/zip",
+                Metadata=metadata,
+            )
+            self._pending, self._pending_bytes = [], 0
+            return True
+        if self._pending:
             self._upload_pending()
         self._s3.complete_multipart_upload(
             Bucket=self._location.bucket,
@@ -666,8 +693,11 @@ class _MultipartUpload:
             UploadId=self._upload_id,
             MultipartUpload={"Parts": self._parts},  # type: ignore[typeddict-item]
         )
+        return False
 
     def abort(self) -> None:
+        if self._upload_id is None:
+            return
         try:
             self._s3.abort_multipart_upload(
                 Bucket=self._location.bucket, Key=self._location.key, UploadId=self._upload_id
@@ -681,6 +711,10 @@ class _MultipartUpload:
         the last), at most that plus one write (an entry's data)."""
         part = b"".join(self._pending)
         self._pending, self._pending_bytes = [], 0
+        if self._upload_id is None:
+            self._upload_id = self._s3.create_multipart_upload(
+                Bucket=self._location.bucket, Key=self._location.key, ContentType="application/zip"
+            )["UploadId"]
         number = len(self._parts) + 1
         answer = self._s3.upload_part(
             Bucket=self._location.bucket,
@@ -696,6 +730,10 @@ class _MultipartUpload:
 # --------------------------------------------------------------------------------------------
 # Pure helpers
 # --------------------------------------------------------------------------------------------
+
+
+def _zip_metadata(sha256: str, image_count: int) -> dict[str, str]:
+    return {"sha256": sha256, "image-count": str(image_count)}
 
 
 def _heartbeat(bytes_done: int | None = None) -> None:
