@@ -240,13 +240,13 @@ class LocalProvider:
         if not root.is_dir():
             return []
         instances = []
-        for directory in sorted(root.iterdir()):
-            label = self._label(directory.name)
+        for instance_id in sorted(os.listdir(root)):  # names: sorting paths costs far more
+            label = self._label(instance_id)
             if label is None or not label.startswith(label_prefix):
                 continue
-            record = self._record(directory.name)
-            if record is not None and not self._destroyed(directory.name):
-                instances.append(self._describe(directory.name, record))
+            record = self._record(instance_id)
+            if record is not None and not self._destroyed(instance_id):
+                instances.append(self._describe(instance_id, record))
         return instances
 
     # -- internals ---------------------------------------------------------------------------
