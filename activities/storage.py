@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
@@ -643,7 +644,8 @@ class StorageActivities:
 class _MultipartUpload:
     """A write-only file object that uploads what it is given as multipart parts of at least
     `part_bytes` each (the last may be smaller); what never fills a part goes up as one object.
-    The multipart upload is created with the first part."""
+    The multipart upload is created with the first part. One part uploads in the background
+    while the next one fills: reading the dataset does not wait for S3 to take a part."""
 
     def __init__(self, s3: S3Client, location: S3Location, part_bytes: int) -> None:
         self._s3 = s3
@@ -656,6 +658,8 @@ class _MultipartUpload:
         self.sha256 = hashlib.sha256()
         self.bytes = 0
         self._upload_id: str | None = None
+        self._sender = ThreadPoolExecutor(1, thread_name_prefix="zip-part")
+        self._in_flight: Future[dict[str, Any]] | None = None
 
     def write(self, data: bytes, /) -> int:
         self.sha256.update(data)
@@ -684,18 +688,24 @@ class _MultipartUpload:
                 Metadata=metadata,
             )
             self._pending, self._pending_bytes = [], 0
+            self._sender.shutdown()
             return True
         if self._pending:
             self._upload_pending()
+        self._settle()
         self._s3.complete_multipart_upload(
             Bucket=self._location.bucket,
             Key=self._location.key,
             UploadId=self._upload_id,
             MultipartUpload={"Parts": self._parts},  # type: ignore[typeddict-item]
         )
+        self._sender.shutdown()
         return False
 
     def abort(self) -> None:
+        with contextlib.suppress(Exception):  # the error that led here matters more
+            self._settle()
+        self._sender.shutdown()
         if self._upload_id is None:
             return
         try:
@@ -715,16 +725,26 @@ class _MultipartUpload:
             self._upload_id = self._s3.create_multipart_upload(
                 Bucket=self._location.bucket, Key=self._location.key, ContentType="application/zip"
             )["UploadId"]
+        self._settle()
         number = len(self._parts) + 1
+        self._in_flight = self._sender.submit(self._send_part, self._upload_id, number, part)
+        _heartbeat(self.bytes)
+
+    def _send_part(self, upload_id: str, number: int, part: bytes) -> dict[str, Any]:
         answer = self._s3.upload_part(
             Bucket=self._location.bucket,
             Key=self._location.key,
-            UploadId=self._upload_id,
+            UploadId=upload_id,
             PartNumber=number,
             Body=part,
         )
-        self._parts.append({"PartNumber": number, "ETag": answer["ETag"]})
-        _heartbeat(self.bytes)
+        return {"PartNumber": number, "ETag": answer["ETag"]}
+
+    def _settle(self) -> None:
+        """Wait for the part in flight; its error, if any, is raised here."""
+        if self._in_flight is not None:
+            in_flight, self._in_flight = self._in_flight, None
+            self._parts.append(in_flight.result())
 
 
 # --------------------------------------------------------------------------------------------
