@@ -68,11 +68,8 @@ READ_CHUNK_BYTES = 1024 * 1024
 # Every entry gets this timestamp so the same dataset always gives the same zip bytes.
 ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)
 # S3 copies above 5 GiB must be multipart; the zip of a 5 GiB dataset can be a little larger.
-_MULTIPART_COPY_BYTES = 5 * 1024**3
 _COPY_CONFIG = TransferConfig(
-    multipart_threshold=_MULTIPART_COPY_BYTES,
-    multipart_chunksize=512 * 1024**2,
-    use_threads=False,
+    multipart_threshold=5 * 1024**3, multipart_chunksize=512 * 1024**2, use_threads=False
 )
 _CHECK_THREADS = 8  # concurrent GETs while decoding images
 # Files read (and checked) ahead of the one being zipped, in bytes: bounds memory; one file
@@ -217,7 +214,7 @@ class StorageActivities:
         self._abort_stale_uploads(location)
         upload = _MultipartUpload(self.s3, location, ZIP_PART_BYTES)
         if not self._stream_zip(dataset, upload):
-            self._stamp_zip(location, upload.bytes, upload.sha256.hexdigest(), dataset)
+            self._stamp_zip(location, upload, dataset.summary.image_count)
         return ImagesZip(
             location=location,
             sha256=upload.sha256.hexdigest(),
@@ -511,7 +508,7 @@ class StorageActivities:
             data = self.s3.get_object(Bucket=item.bucket, Key=item.key, IfMatch=item.etag)[
                 "Body"
             ].read()
-            return data, self._content_problem(item, data)
+            return data, _content_problem(item.name, data)
 
         with ThreadPoolExecutor(_CHECK_THREADS, thread_name_prefix="dataset-read") as pool:
             ahead: deque[tuple[_DatasetFile, Future[tuple[bytes, str | None]]]] = deque()
@@ -534,15 +531,6 @@ class StorageActivities:
             finally:
                 for _, future in ahead:
                     future.cancel()
-
-    def _content_problem(self, item: _DatasetFile, data: bytes) -> str | None:
-        if _suffix(item.name) == _CAPTION_SUFFIX:
-            try:
-                data.decode("utf-8")
-            except UnicodeDecodeError as e:
-                return f"caption is not UTF-8 text (byte {e.start}); save it as UTF-8"
-            return None
-        return image_problem(item.name, data)
 
     # ----------------------------------------------------------------------------------------
     # Zip
@@ -606,27 +594,19 @@ class StorageActivities:
             upload.abort()
             raise
 
-    def _stamp_zip(self, location: S3Location, size: int, sha256: str, dataset: _Dataset) -> None:
+    def _stamp_zip(self, location: S3Location, upload: _MultipartUpload, image_count: int) -> None:
         """Give a multipart zip its metadata (fixed before the sha256 was known): a copy onto
         itself. Only a zip with this metadata counts as finished."""
-        copy_args: dict[str, Any] = {
-            "Metadata": _zip_metadata(sha256, dataset.summary.image_count),
-            "MetadataDirective": "REPLACE",
-            "ContentType": "application/zip",
-        }
-        if size < _MULTIPART_COPY_BYTES:
-            self.s3.copy_object(
-                CopySource={"Bucket": location.bucket, "Key": location.key},
-                Bucket=location.bucket,
-                Key=location.key,
-                **copy_args,
-            )
-            return
+        size = upload.bytes
         self.s3.copy(
             {"Bucket": location.bucket, "Key": location.key},
             location.bucket,
             location.key,
-            ExtraArgs=copy_args,
+            ExtraArgs={
+                "Metadata": _zip_metadata(upload.sha256.hexdigest(), image_count),
+                "MetadataDirective": "REPLACE",
+                "ContentType": "application/zip",
+            },
             Config=_COPY_CONFIG,
             Callback=lambda _copied: _heartbeat(size),  # a 5 GB copy takes a while
         )
@@ -840,6 +820,17 @@ def _sniff(head: bytes) -> str | None:
     if head[4:8] == b"ftyp":
         return "HEIF/AVIF"
     return None
+
+
+def _content_problem(name: str, data: bytes) -> str | None:
+    """What is wrong with a dataset file's bytes (a caption or an image), or None."""
+    if _suffix(name) == _CAPTION_SUFFIX:
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return f"caption is not UTF-8 text (byte {e.start}); save it as UTF-8"
+        return None
+    return image_problem(name, data)
 
 
 def image_problem(name: str, data: bytes) -> str | None:
