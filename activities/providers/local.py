@@ -354,7 +354,6 @@ class LocalProvider:
                 _write_json(directory / EXIT_FILE, _Exit(pid=process.pid, exit_code=code))
 
     def _describe(self, instance_id: str, record: _Record) -> Instance:
-        self._reap(instance_id)
         instance = Instance(
             provider=PROVIDER_NAME,
             instance_id=instance_id,
@@ -367,7 +366,8 @@ class LocalProvider:
             return instance.model_copy(update={"state": "gone", "message": "destroyed"})
         if _same_process(record) is not None:
             return instance
-        self._reap(instance_id)  # it may have ended since the reap above: keep its exit code
+        # Reaped once seen ended (a zombie reads as ended), so its exit code is on disk.
+        self._reap(instance_id)
         code = self._exit_code(instance_id, record)
         if code is None:
             ended = "runner exited (exit code unknown: another worker process started it)"
