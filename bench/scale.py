@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -234,22 +234,12 @@ async def _watch_until(handle: Any, version: int, done: Any) -> RunStatus:
         version = seen.version
 
 
-async def _scripted_run(
-    client: Client,
-    settings: Settings,
-    http: httpx.AsyncClient,
-    relay_url: str,
-    request: Any,
-    outcome: Outcome,
-    spread_s: float,
-) -> None:
+async def _counted(outcome: Outcome, script: Coroutine[Any, Any, None]) -> None:
     """One run's scripted runner; what went wrong is counted, not raised: one slow run must not
     hide the others' figures."""
     budget_s = level_budget_s(outcome.runs)
     try:
-        await asyncio.wait_for(
-            _script(client, settings, http, relay_url, request, outcome, spread_s), budget_s
-        )
+        await asyncio.wait_for(script, budget_s)
     except TimeoutError:
         outcome.other.append(f"not finished within {budget_s:.0f} s")
     except Exception as e:
@@ -339,10 +329,10 @@ async def _level(runs: int, work: Path, endpoint: str) -> Outcome:
                 ) as http:
                     await asyncio.gather(
                         *(
-                            _scripted_run(
+                            _counted(outcome, _script(
                                 env.client, run_settings, http, relay_url, request, outcome,
                                 spread_s=ramp_s(runs),
-                            )
+                            ))
                             for _ in range(runs)
                         )
                     )  # fmt: skip
