@@ -121,7 +121,9 @@ def s3(settings: Settings):  # type: ignore[no-untyped-def]
     return s3_client_for(settings)
 
 
-@pytest.fixture(scope="session")
+# One time-skipping server per test module: its clock is shared by everything on it, and a
+# run some test leaves with work pending stops it skipping; that must not hang other modules.
+@pytest.fixture(scope="module")
 async def time_skipping_env(base_settings: Settings) -> AsyncIterator[WorkflowEnvironment]:
     env = await WorkflowEnvironment.start_time_skipping(
         test_server_existing_path=shutil.which("temporal-test-server")
