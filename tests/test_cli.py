@@ -34,6 +34,7 @@ from workflows.models import GpuRequirements, RunStatus, RunStatusName
 
 from .conftest import free_port
 from .images import PNG
+from .processes import Captured
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -342,13 +343,13 @@ def group_members(pgids: set[int]) -> list[str]:
     return found
 
 
-def wait_until(check: Any, what: str, proc: subprocess.Popen[str], timeout_s: float = 90) -> None:
+def wait_until(check: Any, what: str, dev: Captured, timeout_s: float = 90) -> None:
     deadline = time.monotonic() + timeout_s
     while not check():
-        if proc.poll() is not None:
-            out, _ = proc.communicate()
+        if dev.proc.poll() is not None:
+            out = dev.finish(timeout_s=30)
             raise AssertionError(
-                f"`loratrain dev` exited ({proc.returncode}) before {what}:\n{out}"
+                f"`loratrain dev` exited ({dev.proc.returncode}) before {what}:\n{out}"
             )
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
@@ -365,7 +366,7 @@ def answers(url: str) -> bool:
 
 @dataclass
 class RunningDev:
-    proc: subprocess.Popen[str]
+    process: Captured
     env: dict[str, str]
     state: Path
     pids: dict[str, int]
@@ -375,25 +376,17 @@ class RunningDev:
 def running_dev(workdir: Path) -> Iterator[RunningDev]:
     """`loratrain dev` as a process on free ports, once all of it answers; killed if still up."""
     env = stack_env()
-    proc = subprocess.Popen(
+    proc = Captured(
         [sys.executable, "-m", "worker.cli", "dev"],
         cwd=workdir,
         env={**os.environ, "PYTHONPATH": str(ROOT), **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
     )
     state = workdir / ".loratrain"
     pids: dict[str, int] = {}
     try:
         # Up means start() returned: a child that dies before then fails the start instead of
         # being restarted, so the tests below wait for the line that says so.
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if "loratrain dev is up" in line:
-                break
-        else:
-            raise AssertionError(f"`loratrain dev` exited ({proc.wait()}) before it was up")
+        proc.wait_for_line("loratrain dev is up", timeout_s=180)
         wait_until(lambda: answers(env["LORA_TEMPORAL_UI_URL"]), "the Temporal UI", proc)
         wait_until(lambda: answers(env["LORA_S3_ENDPOINT_URL"]), "local S3", proc)
         dev_env = dict(
@@ -419,9 +412,7 @@ def running_dev(workdir: Path) -> Iterator[RunningDev]:
         pids.update(json.loads((state / "dev.pids").read_text()))
         yield RunningDev(proc, env, state, pids)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        proc.kill()
         with contextlib.suppress(OSError, ValueError):
             # Children restarted since they were recorded above.
             pids.update(
@@ -445,10 +436,9 @@ def test_dev_runs_the_stack_and_a_signal_stops_all_of_it(
         assert group_members(set(dev.pids.values())), "the children should be running"
         time.sleep(1)  # the worker is up and polling, not only started
 
-        dev.proc.send_signal(stop_signal)
-        out, _ = dev.proc.communicate(timeout=30)
+        out = dev.process.stop(stop_signal, timeout_s=30)
 
-        assert dev.proc.returncode == 0, out
+        assert dev.process.proc.returncode == 0, out
         assert "Ctrl-C stops everything" in out
         assert group_members(set(dev.pids.values())) == []
         assert not (dev.state / "dev.pids").exists()
@@ -465,16 +455,15 @@ def test_dev_restarts_a_child_that_dies_and_keeps_the_others(workdir: Path) -> N
             pids = json.loads(path.read_text())
             return bool(pids["worker"] != dev.pids["worker"])
 
-        wait_until(restarted, "the worker's restart", dev.proc, timeout_s=30)
+        wait_until(restarted, "the worker's restart", dev.process, timeout_s=30)
         pids = json.loads((dev.state / "dev.pids").read_text())
         assert {k: v for k, v in pids.items() if k != "worker"} == {
             k: v for k, v in dev.pids.items() if k != "worker"
         }
         assert group_members({pids["worker"]}), "the new worker should be running"
 
-        dev.proc.send_signal(signal.SIGINT)
-        out, _ = dev.proc.communicate(timeout=30)
-        assert dev.proc.returncode == 0, out
+        out = dev.process.stop(timeout_s=30)
+        assert dev.process.proc.returncode == 0, out
         log = dev.state / "logs" / "worker.log"
         assert "worker exited unexpectedly (killed by SIGKILL); restarting it in 1 s" in out
         assert f"Its log is {log}" in out
@@ -495,13 +484,11 @@ def test_dev_reuses_its_keys_on_the_next_start(workdir: Path) -> None:
     stack that runs now (each start here has ports of its own)."""
     with running_dev(workdir) as dev:
         first = read_dev_env(dev.state / "dev.env")
-        dev.proc.send_signal(signal.SIGINT)
-        dev.proc.communicate(timeout=30)
+        dev.process.stop(timeout_s=30)
     with running_dev(workdir) as dev:
         second = read_dev_env(dev.state / "dev.env")
         assert {k: second[k] for k in KEYS} == {k: first[k] for k in KEYS}
         assert second["LORA_TEMPORAL_ADDRESS"] == dev.env["LORA_TEMPORAL_ADDRESS"]
         assert second["LORA_S3_ENDPOINT_URL"] == dev.env["LORA_S3_ENDPOINT_URL"]
-        dev.proc.send_signal(signal.SIGINT)
-        out, _ = dev.proc.communicate(timeout=30)
-        assert dev.proc.returncode == 0, out
+        out = dev.process.stop(timeout_s=30)
+        assert dev.process.proc.returncode == 0, out

@@ -6,21 +6,17 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import re
 import signal
-import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from worker.devstack import read_dev_env
 
+from .processes import Captured
 from .test_cli import stack_env
 from .test_devstack import running_dev
 
@@ -36,71 +32,24 @@ def state(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("demo") / "state"
 
 
-@dataclass
-class Demo:
-    """`loratrain demo` started in `cwd`, its output read line by line as it comes."""
-
-    proc: subprocess.Popen[str]
-    lines: queue.Queue[str | None] = field(default_factory=queue.Queue)
-    seen: list[str] = field(default_factory=list)
-
-    def wait_for_line(self, pattern: re.Pattern[str], timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                raise AssertionError(f"no {pattern.pattern!r} line:\n{self.output}") from None
-            if line is None:
-                raise AssertionError(f"demo exited ({self.proc.wait()}):\n{self.output}")
-            if pattern.search(line):
-                return
-
-    def finish(self, timeout_s: float) -> str:
-        self.proc.wait(timeout=timeout_s)
-        while self.lines.get(timeout=10) is not None:
-            pass
-        return self.output
-
-    @property
-    def output(self) -> str:
-        return "".join(self.seen)
-
-
-def start_demo(cwd: Path, env: dict[str, str]) -> Demo:
+def start_demo(cwd: Path, env: dict[str, str]) -> Captured:
     """`loratrain demo` in `cwd` with `env` as its only LORA_ variables, as a user runs it."""
     inherited = {k: v for k, v in os.environ.items() if not k.startswith("LORA_")}
-    proc = subprocess.Popen(
+    return Captured(
         [sys.executable, "-m", "worker.cli", "demo"],
         cwd=cwd,
         env={**inherited, "PYTHONPATH": str(ROOT), "COLUMNS": "200", **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
     )
-    running = Demo(proc)
-
-    def read() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            running.seen.append(line)
-            running.lines.put(line.rstrip("\n"))
-        running.lines.put(None)
-
-    threading.Thread(target=read, daemon=True).start()
-    return running
 
 
 @pytest.fixture
-def demo(state: Path, tmp_path: Path) -> Iterator[Demo]:
+def demo(state: Path, tmp_path: Path) -> Iterator[Captured]:
     """The demo with a stack of its own: its state dir and free ports."""
     running = start_demo(tmp_path, {**stack_env(), "LORA_STATE_DIR": str(state)})
     try:
         yield running
     finally:
-        if running.proc.poll() is None:
-            running.proc.kill()
-            running.proc.wait()
+        running.kill()
         # The stack's children and runners live in groups of their own: none may outlive a test.
         for pid in processes_of(state):
             os.kill(pid, signal.SIGKILL)
@@ -143,7 +92,7 @@ def safetensors_header(path: Path) -> dict[str, object]:
     return header
 
 
-def test_demo_trains_a_lora_and_downloads_it(demo: Demo, state: Path, tmp_path: Path) -> None:
+def test_demo_trains_a_lora_and_downloads_it(demo: Captured, state: Path, tmp_path: Path) -> None:
     output = demo.finish(timeout_s=240)
 
     assert demo.proc.returncode == 0, output
@@ -197,5 +146,5 @@ def test_ctrl_c_cancels_the_run_and_stops_its_trainer_on_a_running_dev(
         assert "Traceback" not in output
         assert runners_of(state) == []
         assert "stopping the embedded stack" not in output
-        assert dev.proc.poll() is None, "the demo stopped the dev stack it did not start"
+        assert dev.process.proc.poll() is None, "the demo stopped the dev stack it did not start"
         dev.stop()

@@ -30,6 +30,7 @@ from workflows.models import RunStatus, RunStatusName
 from workflows.training import TrainingWorkflow
 
 from .images import encoded
+from .processes import Captured
 from .test_cli import group_members, stack_env, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,7 +61,7 @@ def runner_env(tmp_path: Path, step_s: float) -> dict[str, str]:
 
 @dataclass
 class Dev:
-    proc: subprocess.Popen[str]
+    process: Captured
     state: Path
     started_in: Path
 
@@ -68,9 +69,8 @@ class Dev:
         return {k: int(v) for k, v in json.loads((self.state / "dev.pids").read_text()).items()}
 
     def stop(self) -> str:
-        self.proc.send_signal(signal.SIGINT)
-        out, _ = self.proc.communicate(timeout=60)
-        assert self.proc.returncode == 0, out
+        out = self.process.stop(signal.SIGINT, timeout_s=60)
+        assert self.process.proc.returncode == 0, out
         return out
 
 
@@ -88,33 +88,18 @@ def running_dev(tmp_path: Path, extra_env: dict[str, str] | None = None) -> Iter
         **(extra_env or {}),
         "LORA_STATE_DIR": str(state),
     }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "worker.cli", "dev"],
-        cwd=started_in,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    dev = Dev(proc, state, started_in)
+    process = Captured([sys.executable, "-m", "worker.cli", "dev"], cwd=started_in, env=env)
+    dev = Dev(process, state, started_in)
     try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if "loratrain dev is up" in line:
-                break
-        else:
-            raise AssertionError(f"`loratrain dev` exited ({proc.wait()}) before it was up")
-        # What it prints from here on (a few lines) waits in the pipe for stop().
+        process.wait_for_line("loratrain dev is up", timeout_s=180)
         yield dev
     finally:
-        if proc.poll() is None:
+        if process.proc.poll() is None:
             # Stopped as a user stops it, so it also gives its local GPUs back.
-            proc.send_signal(signal.SIGINT)
             try:
-                proc.communicate(timeout=60)
+                process.stop(signal.SIGINT, timeout_s=60)
             except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.communicate()
+                process.kill()
         with contextlib.suppress(OSError, ValueError):
             for pgid in dev.pids().values():  # left by a `dev` that was killed
                 with contextlib.suppress(ProcessLookupError):
@@ -219,8 +204,7 @@ def test_after_dev_itself_is_killed_the_next_dev_names_what_it_left_running(
     elsewhere.mkdir()
     with running_dev(tmp_path) as dev:
         children = dev.pids()
-        dev.proc.kill()  # dev alone: its children live in groups of their own
-        dev.proc.communicate()
+        dev.process.kill()  # dev alone: its children live in groups of their own
 
         # Its dev.env says where that stack listened, so this one checks the same ports.
         again = loratrain(["dev"], elsewhere, dev.state)
@@ -256,8 +240,8 @@ async def test_a_killed_service_is_restarted_and_the_run_completes_on_its_first_
         second = await asyncio.to_thread(loratrain, ["dev"], elsewhere, dev.state)
         assert second.returncode == 1
         assert (
-            f"`loratrain dev` is already running (pid {dev.proc.pid}) with state in {dev.state}"
-            in second.stderr
+            f"`loratrain dev` is already running (pid {dev.process.proc.pid}) "
+            f"with state in {dev.state}" in second.stderr
         )
         assert "kill --" not in second.stderr  # the healthy stack is not to be killed
         async with client_of(dev.state) as client:
@@ -270,7 +254,7 @@ async def test_a_killed_service_is_restarted_and_the_run_completes_on_its_first_
                 wait_until,
                 lambda: dev.pids()[service] != before[service],
                 f"{service} restart",
-                dev.proc,
+                dev.process,
             )
             after = dev.pids()
             assert {k: v for k, v in after.items() if k != service} == {
