@@ -13,6 +13,7 @@ import ipaddress
 import json
 import socket
 from datetime import UTC, datetime, timedelta
+from ipaddress import IPv4Address, IPv6Address, IPv6Network
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -28,6 +29,21 @@ if TYPE_CHECKING:
     from worker.settings import Settings
 
 USER_AGENT = "loratrain-webhooks/1"
+
+# Cloud metadata services: they hand out the machine's credentials to whoever asks from inside.
+# Refused even where private addresses are allowed (the embedded stack), like all of link-local.
+METADATA_ADDRESSES = frozenset(
+    {
+        ipaddress.ip_address("169.254.169.254"),  # AWS, GCP, Azure, Oracle, DigitalOcean, ...
+        ipaddress.ip_address("fd00:ec2::254"),  # AWS over IPv6
+        ipaddress.ip_address("100.100.100.200"),  # Alibaba Cloud
+        ipaddress.ip_address("168.63.129.16"),  # Azure WireServer
+    }
+)
+_NAT64 = IPv6Network("64:ff9b::/96")
+# Local-use NAT64 (RFC 8215) is not global, though Python 3.11's tables say it is.
+_LOCAL_NAT64 = IPv6Network("64:ff9b:1::/48")
+_IPV4_TRANSLATED = IPv6Network("::ffff:0:0:0/96")
 
 
 class UserWebhookInput(BaseModel):
@@ -71,17 +87,15 @@ class NotifyActivities:
         body = webhook_body(input, occurred_at)
         headers = {**sign_payload(input.secret, input.msg_id, body), "user-agent": USER_AGENT}
         where = _safe_url(input.url)
-        url, host = await self._pinned_destination(input, where)
-        extensions: dict[str, Any] = {}
-        if host is not None:
-            headers["host"] = host
-            extensions["sni_hostname"] = urlsplit(input.url).hostname
+        urls, host = await self._pinned_destination(input, where)
+        headers["host"] = host
+        extensions = {"sni_hostname": urlsplit(input.url).hostname}
         try:
             async with httpx.AsyncClient(
                 timeout=self.settings.http_timeout_s, follow_redirects=False
             ) as client:
-                response = await client.post(
-                    url, content=body, headers=headers, extensions=extensions
+                response = await _post_to_first_reachable(
+                    client, urls, content=body, headers=headers, extensions=extensions
                 )
         except httpx.TimeoutException:
             raise ApplicationError(
@@ -119,22 +133,25 @@ class NotifyActivities:
 
     async def _pinned_destination(
         self, input: UserWebhookInput, where: str
-    ) -> tuple[str, str | None]:
-        """The URL to connect to and the Host it stands for; refuses what the worker must never
-        call (SSRF).
+    ) -> tuple[list[str], str]:
+        """The URLs to try, one per checked address of the host, and the Host they stand for;
+        refuses what the worker must never call (SSRF).
 
         Outside the embedded stack the URL must be https and every address its host resolves
-        to must be public. The request then goes to the checked address itself (TLS still
-        verifies the host name), so a DNS answer that changes after the check cannot redirect it.
+        to must be public; link-local and cloud metadata addresses are refused everywhere (see
+        `refusal_reason`). Requests go to the checked addresses themselves (TLS still verifies
+        the host name), so a DNS answer that changes after the check cannot redirect them.
         """
         parts = urlsplit(input.url)
         if parts.scheme != "https" and not self.settings.webhook_allow_http:
             raise _refused(input, where, "only https webhook URLs are allowed")
-        host = parts.hostname or ""
-        if self.settings.webhook_allow_private_addresses:
-            return input.url, None
+        host = parts.hostname
+        if not host:
+            raise _refused(input, where, "the URL has no host")
         port = parts.port or (443 if parts.scheme == "https" else 80)
         try:
+            # Also turns the spellings of a literal (2852039166, 0251.0376.0251.0376) into the
+            # address a connection would really reach.
             infos = await asyncio.get_running_loop().getaddrinfo(
                 host, port, type=socket.SOCK_STREAM
             )
@@ -143,17 +160,118 @@ class NotifyActivities:
                 f"{input.event_type} webhook to {where}: cannot resolve {host}: {e}; will retry",
                 type="WebhookDeliveryFailed",
             ) from None
-        addresses = [ipaddress.ip_address(info[4][0]) for info in infos]
-        private = [str(a) for a in addresses if not a.is_global]
-        if private or not addresses:
-            raise _refused(
-                input, where, f"{host} resolves to a non-public address ({', '.join(private)})"
-            )
-        address = addresses[0]
-        literal = f"[{address}]" if address.version == 6 else str(address)
-        pinned = parts._replace(netloc=f"{literal}:{port}").geturl()
-        netloc = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
+        addresses = list(dict.fromkeys(ipaddress.ip_address(info[4][0]) for info in infos))
+        if not addresses:
+            raise _refused(input, where, f"{host} resolves to no address")
+        allow_private = self.settings.webhook_allow_private_addresses
+        for address in addresses:
+            reason = refusal_reason(address, allow_private=allow_private)
+            if reason is not None:
+                resolved = "" if _is_literal(host) else f"{host} resolves to {address}: "
+                raise _refused(input, where, f"{resolved}{reason}")
+        pinned = [
+            parts._replace(netloc=f"{_url_host(str(address))}:{port}").geturl()
+            for address in addresses
+        ]
+        netloc = _url_host(host) if parts.port is None else f"{_url_host(host)}:{parts.port}"
         return pinned, netloc
+
+
+def refusal_reason(
+    address: IPv4Address | IPv6Address | str, *, allow_private: bool = False
+) -> str | None:
+    """Why the worker must not send a webhook to `address`, or None when it may.
+
+    The address and every IPv4 address embedded in it (IPv4-mapped and -compatible, NAT64,
+    6to4, Teredo), which a translator or tunnel on the way would really reach, must be global.
+    `allow_private` (the embedded stack) lets loopback and private ones through, never
+    link-local or cloud metadata addresses.
+    """
+    address = ipaddress.ip_address(address)
+    # The embedded addresses first: the message then names the one a connection would reach.
+    for embedded, form in [*_embedded_ipv4(address), (address, None)]:
+        kind = _never_allowed(embedded)
+        if kind is None and not allow_private and not _is_global(embedded):
+            kind = _non_global_kind(embedded)
+        if kind is not None:
+            if form is None:
+                return f"{address} is a non-public address ({kind})"
+            return f"{address} embeds {embedded} ({form}), a non-public address ({kind})"
+    return None
+
+
+def _embedded_ipv4(address: IPv4Address | IPv6Address) -> list[tuple[IPv4Address, str]]:
+    if isinstance(address, IPv4Address):
+        return []
+    low32 = IPv4Address(int(address) & 0xFFFFFFFF)
+    found: list[tuple[IPv4Address, str]] = []
+    if address.ipv4_mapped is not None:
+        found.append((address.ipv4_mapped, "IPv4-mapped"))
+    if int(address) >> 32 == 0 and int(address) > 1:  # :: and ::1 are not IPv4-compatible
+        found.append((low32, "IPv4-compatible"))
+    if address in _IPV4_TRANSLATED:
+        found.append((low32, "IPv4-translated"))
+    if address in _NAT64:
+        found.append((low32, "NAT64"))
+    if address in _LOCAL_NAT64:
+        found.append((low32, "local-use NAT64"))
+    if address.sixtofour is not None:
+        found.append((address.sixtofour, "6to4"))
+    if address.teredo is not None:
+        server, client = address.teredo
+        found += [(server, "Teredo server"), (client, "Teredo client")]
+    return found
+
+
+def _never_allowed(address: IPv4Address | IPv6Address) -> str | None:
+    # Compared by value: a zone (fd00:ec2::254%eth0) must not make it a different address.
+    if type(address)(int(address)) in METADATA_ADDRESSES:
+        return "cloud metadata service"
+    if address.is_link_local:
+        return "link-local"
+    return None
+
+
+def _is_global(address: IPv4Address | IPv6Address) -> bool:
+    return address.is_global and address not in _LOCAL_NAT64
+
+
+def _non_global_kind(address: IPv4Address | IPv6Address) -> str:
+    if address.is_loopback:
+        return "loopback"
+    if address.is_unspecified:
+        return "unspecified"
+    if address.is_multicast:
+        return "multicast"
+    if address.is_private:
+        return "private or reserved"
+    return "not globally routable"
+
+
+def _is_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+async def _post_to_first_reachable(
+    client: httpx.AsyncClient, urls: list[str], **request: Any
+) -> httpx.Response:
+    """POSTs to each URL in turn until one connects (a name may have an IPv6 and an IPv4
+    address, only one listening); a failed connection sent nothing, so moving on cannot
+    deliver twice."""
+    for url in urls[:-1]:
+        try:
+            return await client.post(url, **request)
+        except httpx.ConnectError:
+            continue
+    return await client.post(urls[-1], **request)
 
 
 def _refused(input: UserWebhookInput, where: str, reason: str) -> ApplicationError:

@@ -104,6 +104,7 @@ class Settings(BaseSettings):
     webhook_master_secret: SecretStr | None = None
     # User webhooks go to https URLs on public addresses only. The embedded stack (and tests)
     # allow http and loopback/private receivers; never turn these on where users are strangers.
+    # Link-local and cloud metadata addresses are refused even then (activities/notify.py).
     webhook_allow_http: bool = False
     webhook_allow_private_addresses: bool = False
     # Signed runner events one relay process accepts per run and minute. A runner sends about
