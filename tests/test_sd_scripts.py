@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import re
 import runpy
+import shlex
 import struct
 import subprocess
 import sys
 import time
 import tomllib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,7 @@ from gpu_runner.settings import RunnerSettings
 from gpu_runner.trainers import launcher, sd_scripts
 from gpu_runner.trainers.base import TrainerError, TrainingInputs, TrainingResult
 from gpu_runner.trainers.sd_scripts import (
+    AccelerateConfig,
     OutputTracker,
     SdScriptsTrainer,
     TrainingArguments,
@@ -503,8 +507,125 @@ def test_launcher_falls_back_to_the_script_without_trainer_hooks(tmp_path: Path)
 
 
 # --------------------------------------------------------------------------------------------
+# accelerate: every choice about the machine on the command line, made at run time
+# --------------------------------------------------------------------------------------------
+
+# A default accelerate config wrong in every way for a run on one GPU: what `accelerate config
+# default` writes where it sees no GPU (an image build), with two processes besides.
+MACHINE_ACCELERATE_CONFIG = """\
+compute_environment: LOCAL_MACHINE
+distributed_type: MULTI_CPU
+mixed_precision: fp16
+num_processes: 2
+use_cpu: true
+debug: false
+"""
+REAL_ACCELERATE = [sys.executable, "-m", "accelerate.commands.accelerate_cli"]
+
+
+@pytest.mark.parametrize(
+    ("cuda", "requested", "expected"), [(True, "bf16", "bf16"), (False, "fp16", "no")]
+)
+def test_the_command_gives_accelerate_every_machine_choice(
+    tmp_path: Path, cuda: bool, requested: str, expected: str
+) -> None:
+    trainer = SdScriptsTrainer(standin_settings(tmp_path))
+    inputs = replace(make_inputs(tmp_path, mixed_precision=requested), cuda=cuda)
+    prepared = trainer.prepare(inputs)
+
+    command = trainer.command(prepared)
+
+    launch = command[command.index("launch") + 1 : command.index(str(sd_scripts.LAUNCHER_PATH))]
+    assert ("--cpu" in launch) == (not cuda)
+    valued = [arg for arg in launch if arg != "--cpu"]
+    assert dict(zip(valued[::2], valued[1::2], strict=True)) == {
+        "--config_file": prepared.paths["accelerate_config"],
+        "--num_processes": "1",
+        "--num_machines": "1",
+        "--mixed_precision": expected,
+        "--dynamo_backend": "no",
+        "--num_cpu_threads_per_process": "1",
+    }
+    # The run's own accelerate config, written now, says the same.
+    written = json.loads(Path(prepared.paths["accelerate_config"]).read_text())
+    assert AccelerateConfig.model_validate(written) == AccelerateConfig(
+        use_cpu=not cuda, mixed_precision=expected
+    )
+
+
+@pytest.mark.parametrize(
+    ("cuda", "requested", "use_cpu", "precision"),
+    [(True, "bf16", "False", "bf16"), (False, "fp16", "True", "no")],
+)
+async def test_real_accelerate_launch_ignores_the_machines_accelerate_config(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    cuda: bool,
+    requested: str,
+    use_cpu: str,
+    precision: str,
+) -> None:
+    """The runner's command under the real `accelerate launch`, on a machine whose default
+    accelerate config says CPU, fp16 and two processes: the training script gets what the runner
+    decided (it only reads the environment accelerate set up; no CUDA needed)."""
+    hf_home = tmp_path / "hf"
+    (hf_home / "accelerate").mkdir(parents=True)
+    (hf_home / "accelerate" / "default_config.yaml").write_text(MACHINE_ACCELERATE_CONFIG)
+    monkeypatch.setenv("HF_HOME", str(hf_home))
+    monkeypatch.setenv("ACCELERATE_DEBUG_MODE", "true")  # the machine's setting, not the runner's
+    for name in ("WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    launch_env = tmp_path / "launch_env.json"
+    monkeypatch.setenv("STANDIN_LAUNCH_ENV_FILE", str(launch_env))
+    settings = standin_settings(tmp_path).model_copy(
+        update={"runner_accelerate_command": REAL_ACCELERATE}
+    )
+    trainer = SdScriptsTrainer(settings)
+    inputs = replace(make_inputs(tmp_path, epochs=1, mixed_precision=requested), cuda=cuda)
+
+    result = await trainer.train(trainer.prepare(inputs), Progress())
+
+    assert result.best_epoch == 1
+    seen = json.loads(launch_env.read_text())
+    assert seen["ACCELERATE_USE_CPU"] == use_cpu
+    assert seen["ACCELERATE_MIXED_PRECISION"] == precision
+    assert seen["ACCELERATE_DYNAMO_BACKEND"] == "NO"
+    # One process: accelerate's simple launcher sets MASTER_* only for more than one.
+    assert seen.get("WORLD_SIZE", "1") == "1"
+    assert "MASTER_PORT" not in seen
+    assert "ACCELERATE_DEBUG_MODE" not in seen
+
+
+async def test_the_log_shows_the_command_it_runs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    secrets = ["civitai-key-0123456789abcdef", "whsec_c2VjcmV0IG9mIHRoZSBydW4="]
+    trainer = SdScriptsTrainer(standin_settings(tmp_path))
+    inputs = make_inputs(tmp_path, epochs=1, secrets=secrets)
+    prepared = trainer.prepare(replace(inputs, cuda=False))  # as the runner's CPU-only tests run
+    caplog.set_level(logging.INFO, logger="gpu_runner.trainer")
+
+    await trainer.train(prepared, Progress())
+
+    logged = [r.getMessage() for r in caplog.records if r.name == "gpu_runner.trainer"]
+    command = trainer.command(prepared)
+    assert logged[0] == f"running {shlex.join(command)}"
+    assert "--cpu" in command and "--mixed_precision" in command
+    assert not [line for line in logged if any(secret in line for secret in secrets)]
+
+
+# --------------------------------------------------------------------------------------------
 # The image
 # --------------------------------------------------------------------------------------------
+
+
+def test_the_image_leaves_accelerate_unconfigured() -> None:
+    """Nothing about the machine is decided at build time, where no GPU is visible: `accelerate
+    config default` there writes use_cpu: true, and every run would train on the CPU."""
+    dockerfile = (REPO / "gpu_runner" / "Dockerfile").read_text()
+    instructions = [line for line in dockerfile.splitlines() if not line.lstrip().startswith("#")]
+    assert not [line for line in instructions if re.search(r"accelerate\s+config", line)]
+    assert not [line for line in instructions if "default_config" in line]
 
 
 def test_dockerfile_pins_what_the_runner_expects() -> None:

@@ -4,10 +4,15 @@ How it fits together:
 - `prepare` writes two TOML files: the dataset config (DreamBooth-style subsets with .txt captions)
   and the training arguments (a typed model whose field names are sd-scripts' argparse dests,
   because sd-scripts silently accepts unknown keys in `--config_file`).
-- `train` runs our launcher (launcher.py) under `accelerate launch`. The launcher runs the chosen
-  sd-scripts script with its NetworkTrainer's logging hooks reporting each step's loss and each
-  epoch's average loss as JSON lines. Where those hooks are missing, the launcher runs the script
-  as it is, and the epoch losses come from the tqdm bar's `avr_loss` instead (see OutputTracker).
+- `prepare` also writes accelerate's config for this run from what the runner found on this
+  machine (a GPU or not, the mixed precision), and `command` passes the same choices as flags:
+  nothing about the machine is decided when the image is built, and no accelerate config already
+  on the machine is read.
+- `train` runs our launcher (launcher.py) under `accelerate launch` and logs that command. The
+  launcher runs the chosen sd-scripts script with its NetworkTrainer's logging hooks reporting
+  each step's loss and each epoch's average loss as JSON lines. Where those hooks are missing,
+  the launcher runs the script as it is, and the epoch losses come from the tqdm bar's
+  `avr_loss` instead (see OutputTracker).
 - Output (stdout and stderr merged, so their order is kept) is parsed for step, epoch and loss;
   the checkpoint of the epoch with the lowest average loss is the result.
 - `stop` signals the whole process group: accelerate alone would leave the trainer running.
@@ -24,6 +29,7 @@ import logging
 import math
 import os
 import re
+import shlex
 import signal
 import sys
 import time
@@ -151,6 +157,29 @@ class TrainingArguments(_Toml):
     # With a logging dir sd-scripts tracks to TensorBoard, and only then calls the
     # step_logging/epoch_logging hooks that the launcher reports through.
     logging_dir: str
+
+
+class AccelerateConfig(_Toml):
+    """The file passed to `accelerate launch --config_file`: one process on this machine.
+
+    Keys are accelerate's ClusterConfig fields (checked in accelerate 1.6.0, which sd-scripts pins,
+    and 1.16.0); accelerate refuses a file with unknown keys.
+    """
+
+    compute_environment: Literal["LOCAL_MACHINE"] = "LOCAL_MACHINE"
+    distributed_type: Literal["NO"] = "NO"
+    num_processes: Literal[1] = 1
+    num_machines: Literal[1] = 1
+    use_cpu: bool
+    mixed_precision: MixedPrecision
+    debug: bool = False
+
+
+def accelerate_config(
+    device: str | None, mixed_precision: MixedPrecision | None
+) -> AccelerateConfig:
+    """accelerate's settings for a run on `device` ("cuda", or anything else for the CPU)."""
+    return AccelerateConfig(use_cpu=device != "cuda", mixed_precision=mixed_precision or "no")
 
 
 def dumps_toml(document: dict[str, Any]) -> str:
@@ -425,6 +454,14 @@ def parse_epoch(text: str) -> tuple[int, int] | None:
     return (int(m["epoch"]), int(m["total"])) if m else None
 
 
+def redact(text: str, secrets: list[str]) -> str:
+    """`text` with every secret replaced by ***."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, REDACTED)
+    return text
+
+
 def _float(text: str) -> float | None:
     try:
         return float(text)
@@ -554,8 +591,7 @@ class OutputTracker:
         line = self._line_shown.rstrip()
         self._line_shown = ""
         if line.strip():
-            for secret in self._secrets:
-                line = line.replace(secret, REDACTED)
+            line = redact(line, self._secrets)
             self._tail.append(line)
             _trainer_log.info("%s", line)
             if _EXCEPTION.match(line) and not _LAUNCHER_ERROR.match(line):
@@ -588,11 +624,13 @@ class SdScriptsTrainer:
             )
         if inputs.config.trigger_word:
             put_trigger_word_first(folders, inputs.config.trigger_word)
+        device = "cuda" if inputs.cuda else "cpu"
         config_dir = inputs.run_dir / "sd-scripts"
         config_dir.mkdir(parents=True, exist_ok=True)
         inputs.output_dir.mkdir(parents=True, exist_ok=True)
         dataset_toml = config_dir / "dataset.toml"
         training_toml = config_dir / "training.toml"
+        accelerate_json = config_dir / "accelerate.json"
         logging_dir = config_dir / "logs"
         dataset_toml.write_text(
             dumps_toml(dataset_config(inputs, folders).model_dump(exclude_none=True)),
@@ -607,6 +645,10 @@ class SdScriptsTrainer:
         training_toml.write_text(
             dumps_toml(arguments.model_dump(exclude_none=True)), encoding="utf-8"
         )
+        accelerate_json.write_text(
+            accelerate_config(device, arguments.mixed_precision).model_dump_json(indent=2) + "\n",
+            encoding="utf-8",
+        )
         return PreparedTraining(
             inputs=inputs,
             total_steps=planned_total_steps(inputs, sum(count for _, count in folders)),
@@ -614,18 +656,36 @@ class SdScriptsTrainer:
                 "script": script,
                 "dataset_config": str(dataset_toml),
                 "training_config": str(training_toml),
+                "accelerate_config": str(accelerate_json),
                 "output_dir": str(inputs.output_dir),
             },
-            device="cuda" if inputs.cuda else "cpu",
+            device=device,
             mixed_precision=arguments.mixed_precision,
         )
 
     def command(self, prepared: PreparedTraining) -> list[str]:
-        """`accelerate launch` of our launcher, which runs the sd-scripts script."""
+        """`accelerate launch` of our launcher, which runs the sd-scripts script.
+
+        Every machine-specific choice is a flag, from what the runner found on this machine.
+        """
         script = self.settings.runner_sd_scripts_dir / prepared.paths["script"]
+        machine = accelerate_config(prepared.device, prepared.mixed_precision)
         return [
             *self.settings.runner_accelerate_command,
             "launch",
+            # This run's file replaces the machine's default one ($HF_HOME/accelerate/
+            # default_config.yaml), whose use_cpu would win: --cpu can turn the CPU on, not off.
+            "--config_file",
+            prepared.paths["accelerate_config"],
+            *(["--cpu"] if machine.use_cpu else []),
+            "--num_processes",
+            str(machine.num_processes),
+            "--num_machines",
+            str(machine.num_machines),
+            "--mixed_precision",
+            machine.mixed_precision,
+            "--dynamo_backend",
+            "no",
             "--num_cpu_threads_per_process",
             "1",
             str(LAUNCHER_PATH),
@@ -640,15 +700,18 @@ class SdScriptsTrainer:
         """Run sd-scripts to the end and return the best epoch's checkpoint."""
         inputs = prepared.inputs
         tracker = OutputTracker(inputs.secrets)
-        # The child needs none of the runner's own settings (the job URL among them).
-        env = {k: v for k, v in os.environ.items() if not k.startswith("LORA_")}
+        # The child needs none of the runner's own settings (the job URL among them), nor
+        # accelerate's from the machine's environment: the command line holds those.
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("LORA_", "ACCELERATE_"))}
         env["PYTHONUNBUFFERED"] = "1"
         env["PYTHONIOENCODING"] = "utf-8"
         if self._stopping:
             raise TrainerError("trainer_stopped", "training was stopped before it started")
+        command = self.command(prepared)
+        _trainer_log.info("running %s", redact(shlex.join(command), inputs.secrets))
         try:
             self._process = await asyncio.create_subprocess_exec(
-                *self.command(prepared),
+                *command,
                 cwd=self.settings.runner_sd_scripts_dir,
                 env=env,
                 stdin=asyncio.subprocess.DEVNULL,

@@ -15,6 +15,8 @@ Behaviour, from the environment:
   STANDIN_PLAIN    1: no trainer hooks, as an sd-scripts without them (the launcher falls back)
   STANDIN_CRASH    in crash mode, the exception to raise as "<module>.<Name>: <message>"
                    (default: a RuntimeError for CUDA out of memory)
+  STANDIN_LAUNCH_ENV_FILE  when set: write there, as JSON, the environment that accelerate
+                   launch gives a training script (ACCELERATE_*, WORLD_SIZE, MASTER_*)
 """
 
 # ruff: noqa: E501, RUF001  (sd-scripts' messages, verbatim)
@@ -58,6 +60,8 @@ class NetworkTrainer:
         pass
 
     def train(self, args: argparse.Namespace) -> None:
+        if os.environ.get("STANDIN_LAUNCH_ENV_FILE"):
+            _write_launch_env(os.environ["STANDIN_LAUNCH_ENV_FILE"])
         mode = os.environ.get("STANDIN_MODE", "ok")
         step_s = float(os.environ.get("STANDIN_STEP_S", "0.2" if mode in ("nan", "slow") else "0"))
         logger.info(f"Loading dataset config from {args.dataset_config}")
@@ -184,8 +188,18 @@ def _crash() -> Exception:
         return RuntimeError("CUDA out of memory. Tried to allocate 20.00 MiB (stand-in)")
     name, _, message = spec.partition(": ")
     module, _, qualname = name.rpartition(".")
-    error = type(qualname, (Exception,), {"__module__": module or "builtins"})
+    error: type[Exception] = type(qualname, (Exception,), {"__module__": module or "builtins"})
     return error(message)
+
+
+def _write_launch_env(path: str) -> None:
+    """What sd-scripts' Accelerator() would read: accelerate's settings and the process group's."""
+    launch = {
+        key: value
+        for key, value in os.environ.items()
+        if key.startswith("ACCELERATE_") or key in ("WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
+    Path(path).write_text(json.dumps(launch, sort_keys=True))
 
 
 def _spawn_grandchild() -> None:
