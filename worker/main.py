@@ -162,7 +162,9 @@ def build_worker(
     settings: Settings,
     executor: ThreadPoolExecutor,
     provider: GpuProvider | None = None,
+    **worker_options: Any,
 ) -> Worker:
+    """The worker for `settings`; `worker_options` go to temporalio's Worker as they are."""
     return Worker(
         client,
         task_queue=settings.task_queue,
@@ -170,6 +172,7 @@ def build_worker(
         activities=[*activities_for(settings, provider), RunLookupActivities(client).run_is_open],
         activity_executor=executor,
         max_concurrent_activities=32,
+        **worker_options,
     )
 
 

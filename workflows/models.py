@@ -211,6 +211,11 @@ class RunStatus(_Model):
         default_factory=list, description="Why each replaced GPU was given up, in order."
     )
     error: RunError | None = None
+    late_cancel_at: datetime | None = Field(
+        default=None,
+        description="When a cancel arrived after the run had reached its outcome (model verified "
+        "and final webhook queued); the outcome stands.",
+    )
     execution_status: str | None = Field(
         default=None,
         description="Set by clients from Temporal, never by the workflow: 'terminated' or "

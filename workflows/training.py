@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, NoReturn, TypeVar
+from typing import Any, Literal, TypeVar
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeKey
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
 from temporalio.exceptions import TimeoutError as ActivityTimeoutError
 from temporalio.workflow import ActivityCancellationType
 
@@ -63,6 +64,10 @@ HOST_REASON_AT_BOOT_DEADLINE = "host-reason-at-boot-deadline"
 # The zip checks every file as it reads it: no separate validation pass over the dataset; the
 # zip runs beside the model's resolution, so a bad dataset still fails before any GPU.
 ZIP_CHECKS_DATASET = "zip-checks-dataset"
+# A cancel during the hand-over to a fresh execution still cleans up, and one that arrives after
+# the run reached its outcome is recorded without changing it. Asked only when such a cancel
+# comes, so runs that never meet one record no marker.
+CANCEL_ANYWHERE = "cancel-anywhere"
 
 # Named retry policies: side effects retry until the status deadline calls a stall; giving a
 # GPU back never gives up.
@@ -79,6 +84,8 @@ INSTANCE_CHECK_RETRY = RetryPolicy(maximum_attempts=3)
 INSTANCE_CHECK_INTERVAL = timedelta(seconds=20)
 VERIFY_WINDOW = timedelta(minutes=30)
 WEBHOOK_HANDOVER = timedelta(minutes=1)
+# The longest a watcher's wait_for_change may ask to wait before it is answered unchanged.
+MAX_WATCH_WAIT_S = 3600.0
 # Stop before a cost cap is crossed, leaving the destroy this much of the GPU's time.
 COST_CAP_MARGIN = timedelta(minutes=2)
 # Presigned URLs for the GPU: the job must be readable for as long as a boot may take.
@@ -108,12 +115,16 @@ class _CostCap(Exception):
     """The next minutes of GPU time would cross the run's max_cost_usd."""
 
 
-class _ReplaceGpu(Exception):
+@dataclass(frozen=True)
+class _ReplaceGpu:
     """This GPU will not finish the run: destroy it and try another offer."""
 
+    reason: str
 
-class _ContinueAsNew(Exception):
-    """The history is long enough: hand the run over to a fresh execution."""
+
+# How following a GPU ends when nothing failed: the model is up, or the history is long enough
+# that the run hands itself over to a fresh execution first.
+_Followed = Literal["uploaded", "hand over"] | _ReplaceGpu
 
 
 @workflow.defn(name="TrainingWorkflow")
@@ -167,41 +178,48 @@ class TrainingWorkflow:
                 [LORA_STATUS.value_set(self._state.status.status.value)]
             )
             self._bump()
-        cancelled = False
+        if not await self._train_to_an_outcome():
+            await self._hand_over_or_end_cancelled()
+        # Compensation on every path above: nothing labelled for this run survives it, and a
+        # cancel that arrives meanwhile waits for it.
+        late_cancel = await self._shielded(self._compensate())
+        late_cancel = await self._shielded(self._close(notifier)) or late_cancel
+        return self._finish(late_cancel)
+
+    async def _train_to_an_outcome(self) -> bool:
+        """True once the run has its final status; False when it must hand over first."""
         try:
-            await self._train()
+            if not await self._train():
+                return False
         except asyncio.CancelledError:
-            cancelled = True
             self._end(RunStatusName.CANCELLED, RunError(code="cancelled", message="cancelled"))
-        except _ContinueAsNew:
-            await self._continue_as_new()
         except Exception as exc:
             if isinstance(exc, workflow.NondeterminismError):
                 raise
-            self._end_with(exc)
+            # An activity that the cancel stopped ends as an ActivityError caused by it.
+            if is_cancelled_exception(exc) and workflow.patched(CANCEL_ANYWHERE):
+                self._end(RunStatusName.CANCELLED, RunError(code="cancelled", message="cancelled"))
+            else:
+                self._end_with(exc)
         else:
             self._end(RunStatusName.COMPLETED)
-        # Compensation on every path above: nothing labelled for this run survives it, and a
-        # cancel that arrives meanwhile waits for it.
-        cancelled = await self._shielded(self._compensate()) or cancelled
-        await self._webhooks.drain(WEBHOOK_HANDOVER)
-        notifier.cancel()
-        await self._answer_waiters()
-        return self._finish(cancelled)
+        return True
 
-    async def _train(self) -> None:
+    async def _train(self) -> bool:
+        """True once the model is verified; False when the run must hand over first."""
         if self._state.prepared is None:
             await self._before_deadline(self._prepare_and_rent(), "preparing the run")
         while True:
             if self._state.instance is None:
                 await self._before_deadline(self._rent(), "renting a GPU")
-            try:
-                await self._follow_gpu_until_uploaded()
-            except _ReplaceGpu as reason:
-                await self._replace_gpu(str(reason))
+            followed = await self._follow_gpu_until_uploaded()
+            if isinstance(followed, _ReplaceGpu):
+                await self._replace_gpu(followed.reason)
                 continue
+            if followed == "hand over":
+                return False
             await self._verify_upload()
-            return
+            return True
 
     async def _prepare_and_rent(self) -> None:
         """Fail fast: a bad dataset or an unknown model never costs a GPU."""
@@ -317,13 +335,14 @@ class TrainingWorkflow:
         )
         self._learn(Fact.GPU_CREATED)
 
-    async def _follow_gpu_until_uploaded(self) -> None:
+    async def _follow_gpu_until_uploaded(self) -> _Followed:
         """pendingGpu .. training: one deadline per status, the instance checked all along."""
         next_check = workflow.now() + INSTANCE_CHECK_INTERVAL
         while Fact.MODEL_UPLOADED not in self._facts:
             if self._should_continue_as_new():
-                raise _ContinueAsNew()
-            self._raise_if_runner_failed()
+                return "hand over"
+            if lost := self._host_lost_before_ready():
+                return lost
             deadline = self._deadline()
             now = workflow.now()
             if now >= deadline.at:
@@ -332,13 +351,14 @@ class TrainingWorkflow:
                     reason = f"GPU not ready within {limit_s} s"
                     if workflow.patched(HOST_REASON_AT_BOOT_DEADLINE):
                         reason += await self._host_says()
-                    raise _ReplaceGpu(reason)
+                    return _ReplaceGpu(reason)
                 raise _Stalled(deadline.message)
             cost_cap_at = self._cost_cap_at()
             if cost_cap_at is not None and now >= cost_cap_at:
                 raise _CostCap()
             if now >= next_check:
-                await self._check_instance()
+                if lost := await self._check_instance():
+                    return lost
                 next_check = workflow.now() + INSTANCE_CHECK_INTERVAL
                 continue
             wake, summary = min(
@@ -348,7 +368,7 @@ class TrainingWorkflow:
             )
             seen = self._wake
             await self._wait(lambda: self._wake != seen, wake - now, summary)  # noqa: B023
-        self._raise_if_runner_failed()
+        return self._host_lost_before_ready() or "uploaded"
 
     async def _instance_now(self) -> tuple[bool, Instance | None]:
         """(asked, the provider's view): asked is False when the provider did not answer."""
@@ -376,19 +396,20 @@ class TrainingWorkflow:
             return " (the provider no longer knows the instance)"
         return f" (instance {current.state}: {current.message})" if current.message else ""
 
-    async def _check_instance(self) -> None:
+    async def _check_instance(self) -> _ReplaceGpu | None:
         """A dead or exited instance is replaced at once, whatever the status."""
         instance = self._state.instance
         assert instance is not None
         asked, current = await self._instance_now()
         if not asked:
-            return
+            return None
         if Fact.MODEL_UPLOADED in self._facts or self._state.runner_failure is not None:
-            return  # the runner ends its process after these: not a death
+            return None  # the runner ends its process after these: not a death
         if current is None or current.state in ("exited", "gone"):
             state = "gone" if current is None else current.state
             detail = f": {current.message}" if current and current.message else ""
-            raise _ReplaceGpu(f"instance {instance.instance_id} {state}{detail}")
+            return _ReplaceGpu(f"instance {instance.instance_id} {state}{detail}")
+        return None
 
     async def _replace_gpu(self, reason: str) -> None:
         state = self._state
@@ -453,12 +474,25 @@ class TrainingWorkflow:
             or info.get_current_history_length() >= self._request.continue_as_new_after_events
         )
 
-    async def _continue_as_new(self) -> NoReturn:
-        """Hand the run (GPU included) to a fresh execution with the same state."""
-        await self._webhooks.drain(WEBHOOK_HANDOVER)
-        await self._answer_waiters()
+    async def _hand_over_or_end_cancelled(self) -> None:
+        """Hand the run (GPU included) to a fresh execution with the same state; a cancel
+        meanwhile ends the run here instead, and the compensation after this runs as usual."""
+        try:
+            await self._webhooks.drain(WEBHOOK_HANDOVER)
+            await self._answer_waiters()
+        except asyncio.CancelledError:
+            if not workflow.patched(CANCEL_ANYWHERE):
+                raise
+            self._end(RunStatusName.CANCELLED, RunError(code="cancelled", message="cancelled"))
+            return
         self._state.facts = sorted(self._facts)
         workflow.continue_as_new(ContinuedRun(request=self._request, state=self._state))
+
+    async def _close(self, notifier: asyncio.Task[None]) -> None:
+        """The last webhooks handed over and every watcher answered."""
+        await self._webhooks.drain(WEBHOOK_HANDOVER)
+        notifier.cancel()
+        await self._answer_waiters()
 
     async def _answer_waiters(self) -> None:
         """Every wait_for_change in flight gets an answer before this execution ends."""
@@ -606,12 +640,14 @@ class TrainingWorkflow:
         self._bump()
         self._webhooks.queue_progress(progress, self._state.status.version)
 
-    def _raise_if_runner_failed(self) -> None:
+    def _host_lost_before_ready(self) -> _ReplaceGpu | None:
+        """A runner that failed before its GPU was ready loses the host, not the run; one that
+        failed later fails the run (_RunnerFailed)."""
         failure = self._state.runner_failure
         if failure is None:
-            return
+            return None
         if Fact.GPU_READY not in self._facts:
-            raise _ReplaceGpu(f"the runner failed on this host: {failure.message}")
+            return _ReplaceGpu(f"the runner failed on this host: {failure.message}")
         raise _RunnerFailed(failure)
 
     # ----------------------------------------------------------------------------------------
@@ -625,20 +661,29 @@ class TrainingWorkflow:
         return self._snapshot()
 
     @workflow.update
-    async def wait_for_change(self, after_version: int) -> RunStatus:
-        """Long poll: answers once the version passes `after_version`, or the execution ends."""
+    async def wait_for_change(self, after_version: int, wait_s: float | None = None) -> RunStatus:
+        """Long poll: answers once the version passes `after_version`, the execution ends, or
+        the caller's `wait_s` runs out (then with the status unchanged), so no update outlives
+        the watcher that asked. Without `wait_s` it waits as long as the execution lasts."""
         if self._legacy is not None:
             return await self._legacy.wait_for_change(after_version)
-        await workflow.wait_condition(
-            lambda: self._state.status.version > after_version or self._closing
-        )
+
+        def changed() -> bool:
+            return self._state.status.version > after_version or self._closing
+
+        if wait_s is None:
+            await workflow.wait_condition(changed)
+        else:
+            await self._wait(changed, timedelta(seconds=wait_s), "the watcher's wait")
         return self._snapshot()
 
     @wait_for_change.validator
-    def _validate_wait_for_change(self, after_version: int) -> None:
+    def _validate_wait_for_change(self, after_version: int, wait_s: float | None = None) -> None:
         if self._legacy is not None:
             self._legacy.validate_wait_for_change(after_version)
             return
+        if wait_s is not None and not 0 < wait_s <= MAX_WATCH_WAIT_S:
+            raise ValueError(f"wait_s must be above 0 and at most {MAX_WATCH_WAIT_S}, not {wait_s}")
         if self._closing:
             # Answered at once, a watcher would ask again at once and keep the hand-over
             # waiting; refused, it asks the next execution.
@@ -765,10 +810,18 @@ class TrainingWorkflow:
                 ),
             )
 
-    def _finish(self, cancelled: bool) -> RunStatus:
-        if cancelled:
-            raise asyncio.CancelledError()
+    def _finish(self, late_cancel: bool) -> RunStatus:
+        """The execution's result, which always agrees with the run's final status."""
         status = self._state.status.status
+        if status == RunStatusName.CANCELLED:
+            raise asyncio.CancelledError()
+        if late_cancel:
+            if not workflow.patched(CANCEL_ANYWHERE):
+                raise asyncio.CancelledError()
+            # The outcome was reached (model verified, webhook sent) before the cancel came.
+            workflow.logger.info("run %s: cancel after the run %s; kept", self._run_id, status)
+            self._state.status.late_cancel_at = workflow.now()
+            self._bump()
         if status == RunStatusName.COMPLETED:
             return self._snapshot()
         error = self._state.status.error
