@@ -14,10 +14,11 @@ import base64
 import binascii
 import re
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, Literal, NoReturn
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import httpx
@@ -132,6 +133,122 @@ def _check_filename(filename: str, reference: str) -> str:
     return name
 
 
+@dataclass(frozen=True)
+class ModelReference:
+    """What a model reference says by itself, before anything is asked over the network."""
+
+    reference: str  # as given, without surrounding blanks
+    kind: Literal["civitai", "http", "s3", "local"]
+    civitai_version: int | None = None  # also for a Civitai download URL
+    url: str | None = None  # http(s): what to fetch (no fragment)
+    bucket: str | None = None
+    key: str | None = None
+    path: Path | None = None  # local: absolute
+    # None for Civitai, whose answer names the file and its base model.
+    filename: str | None = None
+    base_model: str | None = None
+    family: BaseModelFamily | None = None
+
+
+def parse_model_reference(reference: str, settings: Settings) -> ModelReference:
+    """Every check of a model reference that needs neither the network nor the file: its form,
+    scheme, file name and the family its name implies. Raises the non-retryable
+    `ApplicationError` that `resolve_model` fails with; the CLI runs it before any upload."""
+    reference = reference.strip()
+    if match := _CIVITAI_REF.match(reference):
+        return ModelReference(reference, "civitai", civitai_version=int(match.group(1)))
+    if reference.startswith("civitai:"):
+        _fail(
+            f"{reference!r} is not a Civitai reference: use civitai:<model version id>, "
+            "e.g. civitai:128713",
+            "InvalidModelReference",
+        )
+    parts = urlsplit(reference)
+    scheme = parts.scheme.lower()
+    if scheme in ("http", "https"):
+        version_id = _civitai_download_id(reference, settings.civitai_base_url)
+        if version_id is not None:
+            return ModelReference(reference, "civitai", civitai_version=version_id)
+        shown = _safe_url(reference)  # a presigned URL's query is a credential: keep it out
+        if scheme == "http" and parts.hostname not in _LOOPBACK_HOSTS:
+            _fail(
+                f"{shown}: plain http is only allowed for localhost; use https",
+                "InvalidModelReference",
+            )
+        if not parts.hostname:
+            _fail(f"{shown!r} has no host", "InvalidModelReference")
+        filename = _check_filename(unquote(parts.path.rsplit("/", 1)[-1]), shown)
+        hint = parse_qs(parts.fragment).get("base_model", [None])[0]
+        base_model, family = _guess_base_model(filename, hint)
+        _check_supported(family, base_model, filename)
+        return ModelReference(
+            reference,
+            "http",
+            url=parts._replace(fragment="").geturl(),
+            filename=filename,
+            base_model=base_model,
+            family=family,
+        )
+    if scheme == "s3":
+        bucket, key = parts.netloc, reference[len(f"s3://{parts.netloc}/") :]
+        if not bucket or not key:
+            _fail(f"{reference!r} is not s3://bucket/key", "InvalidModelReference")
+        filename = _check_filename(key.rsplit("/", 1)[-1], reference)
+        base_model, family = _guess_base_model(filename, None)
+        _check_supported(family, base_model, filename)
+        return ModelReference(
+            reference,
+            "s3",
+            bucket=bucket,
+            key=key,
+            filename=filename,
+            base_model=base_model,
+            family=family,
+        )
+    if scheme == "file" or reference.startswith("/"):
+        return _parse_local(reference, settings)
+    _fail(
+        f"{reference!r} is not a model reference: use civitai:<versionId>, an https URL, "
+        "s3://bucket/key or an absolute local path",
+        "InvalidModelReference",
+    )
+
+
+def _parse_local(reference: str, settings: Settings) -> ModelReference:
+    if settings.gpu_provider != "local":
+        _fail(
+            f"{reference}: local model paths work only with the local GPU provider; "
+            "upload the model to S3 and use s3://bucket/key",
+            "InvalidModelReference",
+        )
+    if reference.startswith("file:"):
+        parts = urlsplit(reference)
+        if parts.netloc not in ("", "localhost"):
+            _fail(f"{reference}: file URLs must name a local path", "InvalidModelReference")
+        raw_path, fragment = unquote(parts.path), parts.fragment
+    else:
+        raw_path, fragment = reference, ""
+    path = Path(raw_path)
+    if not path.is_absolute():
+        _fail(f"{reference}: local model paths must be absolute", "InvalidModelReference")
+    filename = _check_filename(path.name, reference)
+    hint = parse_qs(fragment).get("base_model", [None])[0]
+    base_model, family = _guess_base_model(filename, hint)
+    _check_supported(family, base_model, filename)
+    return ModelReference(
+        reference, "local", path=path, filename=filename, base_model=base_model, family=family
+    )
+
+
+def _civitai_download_id(url: str, civitai_base_url: str) -> int | None:
+    """A Civitai download URL (which needs the key) is resolved as `civitai:<id>`."""
+    parts = urlsplit(url)
+    if parts.hostname != urlsplit(civitai_base_url).hostname:
+        return None
+    match = _CIVITAI_DOWNLOAD_PATH.match(parts.path)
+    return int(match.group(1)) if match else None
+
+
 class ModelActivities:
     """Resolves model references; talks to Civitai and other HTTP hosts (httpx) and S3 (boto3)."""
 
@@ -146,31 +263,14 @@ class ModelActivities:
     @activity.defn
     async def resolve_model(self, input: ResolveModelInput) -> ResolvedModel:
         """Where and what the base model is, checked before any GPU is rented."""
-        reference = input.model.strip()
-        if match := _CIVITAI_REF.match(reference):
-            return await self._resolve_civitai(int(match.group(1)), input.civitai_api_key)
-        if reference.startswith("civitai:"):
-            _fail(
-                f"{reference!r} is not a Civitai reference: use civitai:<model version id>, "
-                "e.g. civitai:128713",
-                "InvalidModelReference",
-            )
-        parts = urlsplit(reference)
-        scheme = parts.scheme.lower()
-        if scheme in ("http", "https"):
-            version_id = self._civitai_download_id(reference)
-            if version_id is not None:
-                return await self._resolve_civitai(version_id, input.civitai_api_key)
+        reference = parse_model_reference(input.model, self.settings)
+        if reference.civitai_version is not None:
+            return await self._resolve_civitai(reference.civitai_version, input.civitai_api_key)
+        if reference.kind == "http":
             return await self._resolve_http(reference)
-        if scheme == "s3":
+        if reference.kind == "s3":
             return await self._resolve_s3(reference)
-        if scheme == "file" or reference.startswith("/"):
-            return await asyncio.to_thread(self._resolve_local, reference)
-        _fail(
-            f"{reference!r} is not a model reference: use civitai:<versionId>, an https URL, "
-            "s3://bucket/key or an absolute local path",
-            "InvalidModelReference",
-        )
+        return await asyncio.to_thread(self._resolve_local, reference)
 
     # -- Civitai -------------------------------------------------------------------------------
 
@@ -179,14 +279,6 @@ class ModelActivities:
             return given
         key = self.settings.civitai_api_key
         return key.get_secret_value() if key is not None else None
-
-    def _civitai_download_id(self, url: str) -> int | None:
-        """A Civitai download URL (which needs the key) is resolved as `civitai:<id>`."""
-        parts = urlsplit(url)
-        if parts.hostname != urlsplit(self.settings.civitai_base_url).hostname:
-            return None
-        match = _CIVITAI_DOWNLOAD_PATH.match(parts.path)
-        return int(match.group(1)) if match else None
 
     async def _resolve_civitai(self, version_id: int, given_key: str | None) -> ResolvedModel:
         key = self._civitai_key(given_key)
@@ -406,21 +498,11 @@ class ModelActivities:
 
     # -- other HTTP hosts ------------------------------------------------------------------------
 
-    async def _resolve_http(self, url: str) -> ResolvedModel:
-        parts = urlsplit(url)
-        shown = _safe_url(url)  # a presigned URL's query is a credential: keep it out of errors
-        if parts.scheme.lower() == "http" and parts.hostname not in _LOOPBACK_HOSTS:
-            _fail(
-                f"{shown}: plain http is only allowed for localhost; use https",
-                "InvalidModelReference",
-            )
-        if not parts.hostname:
-            _fail(f"{shown!r} has no host", "InvalidModelReference")
-        filename = _check_filename(unquote(parts.path.rsplit("/", 1)[-1]), shown)
-        hint = parse_qs(parts.fragment).get("base_model", [None])[0]
-        base_model, family = _guess_base_model(filename, hint)
-        _check_supported(family, base_model, filename)
-        fetch_url = parts._replace(fragment="").geturl()
+    async def _resolve_http(self, reference: ModelReference) -> ResolvedModel:
+        assert reference.url is not None and reference.filename is not None
+        assert reference.base_model is not None and reference.family is not None
+        fetch_url = reference.url
+        shown = _safe_url(fetch_url)  # a presigned URL's query is a credential: keep it out
         async with httpx.AsyncClient(
             timeout=self.settings.http_timeout_s, follow_redirects=True
         ) as client:
@@ -450,19 +532,20 @@ class ModelActivities:
         if not 200 <= status < 300:
             _fail(f"{shown} answered HTTP {status}", "ModelNotFound")
         return ResolvedModel(
-            url=fetch_url, filename=filename, bytes=size, base_model=base_model, family=family
+            url=fetch_url,
+            filename=reference.filename,
+            bytes=size,
+            base_model=reference.base_model,
+            family=reference.family,
         )
 
     # -- S3 ------------------------------------------------------------------------------------
 
-    async def _resolve_s3(self, reference: str) -> ResolvedModel:
-        parts = urlsplit(reference)
-        bucket, key = parts.netloc, reference[len(f"s3://{parts.netloc}/") :]
-        if not bucket or not key:
-            _fail(f"{reference!r} is not s3://bucket/key", "InvalidModelReference")
-        filename = _check_filename(key.rsplit("/", 1)[-1], reference)
-        base_model, family = _guess_base_model(filename, None)
-        _check_supported(family, base_model, filename)
+    async def _resolve_s3(self, model: ModelReference) -> ResolvedModel:
+        assert model.bucket is not None and model.key is not None
+        assert model.filename is not None and model.base_model is not None
+        assert model.family is not None
+        reference, bucket, key = model.reference, model.bucket, model.key
         try:
             head = await asyncio.to_thread(
                 self.s3.head_object, Bucket=bucket, Key=key, ChecksumMode="ENABLED"
@@ -487,46 +570,29 @@ class ModelActivities:
         )
         return ResolvedModel(
             url=url,
-            filename=filename,
+            filename=model.filename,
             sha256=_sha256_from_checksum(head.get("ChecksumSHA256")),
             bytes=int(head["ContentLength"]),
-            base_model=base_model,
-            family=family,
+            base_model=model.base_model,
+            family=model.family,
         )
 
     # -- local files ---------------------------------------------------------------------------
 
-    def _resolve_local(self, reference: str) -> ResolvedModel:
-        if self.settings.gpu_provider != "local":
-            _fail(
-                f"{reference}: local model paths work only with the local GPU provider; "
-                "upload the model to S3 and use s3://bucket/key",
-                "InvalidModelReference",
-            )
-        if reference.startswith("file:"):
-            parts = urlsplit(reference)
-            if parts.netloc not in ("", "localhost"):
-                _fail(f"{reference}: file URLs must name a local path", "InvalidModelReference")
-            raw_path, fragment = unquote(parts.path), parts.fragment
-        else:
-            raw_path, fragment = reference, ""
-        path = Path(raw_path)
-        if not path.is_absolute():
-            _fail(f"{reference}: local model paths must be absolute", "InvalidModelReference")
-        filename = _check_filename(path.name, reference)
+    def _resolve_local(self, model: ModelReference) -> ResolvedModel:
+        assert model.path is not None and model.filename is not None
+        assert model.base_model is not None and model.family is not None
+        path = model.path
         if not path.is_file():
             what = "is not a file" if path.exists() else "does not exist"
             _fail(f"{path} {what}", "ModelNotFound")
-        hint = parse_qs(fragment).get("base_model", [None])[0]
-        base_model, family = _guess_base_model(filename, hint)
-        _check_supported(family, base_model, filename)
         resolved = path.resolve()
         return ResolvedModel(
             url=resolved.as_uri(),
-            filename=filename,
+            filename=model.filename,
             bytes=resolved.stat().st_size,
-            base_model=base_model,
-            family=family,
+            base_model=model.base_model,
+            family=model.family,
         )
 
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import ClientError
 from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
@@ -30,6 +30,7 @@ from gpu_runner.protocol import (
     TrainingConfig,
     UploadTarget,
     derive_run_secret,
+    describe_invalid,
 )
 from worker.settings import Settings
 from workflows.models import OutputLocation, S3Location, S3Prefix
@@ -44,6 +45,8 @@ log = logging.getLogger(__name__)
 # Stable ApplicationError types the workflow can match on.
 INVALID_DATASET = "InvalidDataset"
 INVALID_REQUEST = "InvalidRequest"
+INVALID_TRAINING_CONFIG = "InvalidTrainingConfig"
+INVALID_JOB_SPEC = "InvalidJobSpec"
 UPLOAD_MISSING = "UploadMissing"
 UPLOAD_MISMATCH = "UploadMismatch"
 UPLOAD_UNREADABLE = "UploadUnreadable"
@@ -225,10 +228,23 @@ class StorageActivities:
     @activity.defn
     def write_job_spec(self, input: JobSpecInput) -> JobSpecRef:
         """Write `runs/<run_id>/<execution>/job-<attempt>.json` (it holds secrets: never logged)
-        and presign it for as long as the GPU may take to boot."""
+        and presign it for as long as the GPU may take to boot.
+
+        Settings that do not work with the model's family, or any other field the job refuses,
+        fail the run at once: retrying cannot change them."""
+        try:
+            return self._write_job_spec(input)
+        except ValidationError as e:
+            raise ApplicationError(
+                f"the job for the GPU is not valid: {describe_invalid(e)}",
+                type=INVALID_JOB_SPEC,
+                non_retryable=True,
+            ) from None
+
+    def _write_job_spec(self, input: JobSpecInput) -> JobSpecRef:
         prefix = run_prefix(input.run_id, input.execution)
         model = input.model
-        training = input.training.for_family(model.family)
+        training = _training_for(input.training, model)
         output = S3Location(
             bucket=input.output.bucket or self.settings.bucket,
             key=input.output.key or f"{prefix}/model/{training.output_name}.safetensors",
@@ -749,6 +765,21 @@ def run_prefix(run_id: str, execution: str = "") -> str:
             f"execution id {execution!r} is not valid", type=INVALID_REQUEST, non_retryable=True
         )
     return f"{_run_prefix(run_id)}/{execution}" if execution else _run_prefix(run_id)
+
+
+def _training_for(training: TrainingConfig, model: ResolvedModel) -> TrainingConfig:
+    """The run's settings with the model family's defaults filled in; a combination that does
+    not hold (network_alpha above network_dim, say) is named field by field."""
+    problems = training.family_problems(model.family)
+    if problems:
+        raise ApplicationError(
+            f"the training settings do not work with {model.filename} ({model.base_model}): "
+            + "; ".join(problems),
+            problems,
+            type=INVALID_TRAINING_CONFIG,
+            non_retryable=True,
+        )
+    return training.for_family(model.family)
 
 
 def _job_location(bucket: str, prefix: str, input: JobSpecInput) -> S3Location:

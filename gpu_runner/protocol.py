@@ -14,6 +14,7 @@ import binascii
 import hashlib
 import hmac
 import json
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, Self
 
@@ -138,9 +139,37 @@ class TrainingConfig(_Model):
 
     def for_family(self, family: BaseModelFamily) -> TrainingConfig:
         """This config with every unset field filled from the family's defaults."""
+        return self.model_validate({**self.model_dump(), **self._family_fill(family)})
+
+    def _family_fill(self, family: BaseModelFamily) -> dict[str, Any]:
         defaults = _FAMILY_DEFAULTS.get(family, _FAMILY_DEFAULTS["sd15"])
-        filled = {k: v for k, v in defaults.items() if getattr(self, k) is None}
-        return self.model_validate({**self.model_dump(), **filled})
+        return {k: v for k, v in defaults.items() if getattr(self, k) is None}
+
+    def family_problems(self, family: BaseModelFamily) -> list[str]:
+        """Why `for_family(family)` fails, one line per problem naming the fields and which of
+        their values are the family's defaults; empty when it succeeds. The worker and the CLI
+        both ask this, so a setting refused at the GPU is refused before anything starts."""
+        filled = self._family_fill(family)
+        try:
+            self.for_family(family)
+        except ValidationError as e:
+            return [_family_problem(error, family, filled) for error in e.errors()]
+        return []
+
+
+def _family_problem(error: Any, family: BaseModelFamily, filled: dict[str, Any]) -> str:
+    where = ".".join(str(part) for part in error["loc"])
+    message = str(error["msg"]).removeprefix("Value error, ")
+    line = f"{where}: {message}" if where else message
+    named = [
+        name for name in filled if name == where or re.search(rf"\b{name}\b", message) is not None
+    ]
+    if not named:
+        return line
+    values = ", ".join(f"{name}={filled[name]}" for name in named)
+    if len(named) == 1:
+        return f"{line}; {values} is the {family} default: set it as well"
+    return f"{line}; {values} are the {family} defaults: set them as well"
 
 
 # --------------------------------------------------------------------------------------------

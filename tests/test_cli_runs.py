@@ -127,12 +127,15 @@ def test_a_bad_model_reference_is_refused_here(model: str, expected: str, workdi
 def test_a_local_model_path_is_sent_absolute(workdir: Path) -> None:
     (workdir / "models").mkdir()
     (workdir / "models" / "base.safetensors").write_bytes(b"{}")
-    assert check_model("models/base.safetensors") == (
-        str(workdir / "models" / "base.safetensors"),
-        None,
-    )
-    for reference in ("civitai:128713", "https://example.com/m.safetensors", "s3://b/k.st"):
-        assert check_model(reference) == (reference, None)
+    settings = Settings(_env_file=None)
+    checked = check_model("models/base.safetensors", settings)
+    assert checked[:2] == (str(workdir / "models" / "base.safetensors"), None)
+    for reference in (
+        "civitai:128713",
+        "https://example.com/m.safetensors",
+        "s3://b/k.safetensors",
+    ):
+        assert check_model(reference, settings)[:2] == (reference, None)
 
 
 @pytest.mark.parametrize(

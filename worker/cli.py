@@ -11,7 +11,7 @@ import os
 import secrets
 import signal
 import sys
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
@@ -37,6 +37,7 @@ from temporalio.client import (
     WorkflowUpdateFailedError,
 )
 from temporalio.common import SearchAttributeKey, WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.converter import DataConverter
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -45,10 +46,12 @@ from workflows.models import RunStatus, RunStatusName, TrainingRequest
 
 from .converter import CodecKeyError
 from .settings import DEV_ENV_NAME, SEARCH_ATTRIBUTE, Settings
+from .waiting import WaitingOn, status_json, waiting_on, watch_waiting
 
 # Imported where used: the stack (boto3) and the dataset checks (Pillow) cost every command that
 # only asks Temporal a question a second of start-up.
 if TYPE_CHECKING:
+    from activities.civitai import ModelReference
     from workflows.training import TrainingWorkflow
 
     from .devstack import ChildExited, DevStack
@@ -386,7 +389,13 @@ def train(
     trigger_word: Annotated[str | None, typer.Option()] = None,
     webhook_url: Annotated[str | None, typer.Option(help="Your endpoint for run events.")] = None,
     webhook_secret: Annotated[str | None, typer.Option(help="whsec_… signing secret.")] = None,
-    trainer: Annotated[Trainer, typer.Option()] = Trainer.sd_scripts,
+    trainer: Annotated[
+        Trainer | None,
+        typer.Option(
+            help="Default: sd-scripts; builtin on the local GPU provider when it has no "
+            "sd-scripts (LORA_RUNNER_SD_SCRIPTS_DIR)."
+        ),
+    ] = None,
     set_: Annotated[
         list[str] | None,
         typer.Option(
@@ -397,11 +406,12 @@ def train(
         ),
     ] = None,
 ) -> None:
-    """Check the dataset and model here, then upload, start a run, and print its id.
+    """Check the dataset, model, settings and trainer here, then upload, start a run, and
+    print its id.
 
     Nothing is uploaded or started while any problem is found; every one is listed.
     """
-    from .preflight import check_model, dataset_problems
+    from .preflight import check_model, choose_trainer, dataset_problems
 
     settings = load_settings()
     run_id = run_id or new_run_id()
@@ -418,18 +428,23 @@ def train(
     folder, bucket, prefix = _images_source(images, settings, run_id)
     uploads = _dataset_files(folder) if folder else []
     problems = dataset_problems(folder, uploads, settings) if folder else []
-    model, model_problem = check_model(model)
-    if model_problem:
-        problems.append(model_problem)
+    checked_model = check_model(model, settings)
+    if checked_model.problem:
+        problems.append(checked_model.problem)
+    model = checked_model.reference
+    chosen = choose_trainer(trainer.value if trainer else None, settings)
+    if chosen.problem:
+        problems.append(chosen.problem)
     options = {"epochs": epochs, "resolution": resolution, "trigger_word": trigger_word}
     training: dict[str, Any] = {k: v for k, v in options.items() if v is not None}
     extra, set_problems = _training_settings(set_ or [], given=set(training))
+    notes: list[str] = []
     problems.extend(set_problems)
     fields: dict[str, Any] = {
         "images": {"bucket": bucket, "prefix": prefix},
         "model": model,
         "training": {**training, **extra},
-        "trainer": trainer.value,
+        "trainer": chosen.trainer,
     }
     if webhook_url is not None:
         fields["webhook"] = {"url": webhook_url, "secret": webhook_secret}
@@ -437,11 +452,50 @@ def train(
         request = TrainingRequest.model_validate(fields)
     except ValidationError as e:
         problems.extend(_validation_lines(e, set_fields=set(extra)))
+    else:
+        found, notes = _request_problems(settings, request, checked_model.parsed, folder)
+        problems.extend(found)
     if problems:
         for line in problems:
             err.print(f"error: {line}", style="red", markup=False, highlight=False)
         raise typer.Exit(2)
+    for note in [*notes, chosen.note]:
+        if note:
+            err.print(note, markup=False, highlight=False)
     run_async(_start_run(settings, run_id, request, folder, uploads))
+
+
+def _request_problems(
+    settings: Settings,
+    request: TrainingRequest,
+    model: ModelReference | None,
+    folder: Path | None,
+) -> tuple[list[str], list[str]]:
+    """What the worker would refuse only after the upload: the settings with the model
+    family's defaults, and the inputs already in S3 (an s3:// dataset, an s3:// model). The
+    problems, and notes on what S3 would not tell this machine (the worker checks it again)."""
+    from worker.main import s3_client
+
+    from .preflight import Unchecked, s3_images_problem, s3_model_problem, training_problems
+
+    problems = training_problems(request.training, model)
+    checks: list[Callable[[Any], str | None]] = []
+    if folder is None:
+        images = request.images
+        checks.append(lambda s3: s3_images_problem(images.bucket, images.prefix, s3))
+    if model is not None and model.kind == "s3":
+        checks.append(lambda s3: s3_model_problem(model, s3))
+    notes: list[str] = []
+    s3 = s3_client(settings) if checks else None
+    for check in checks:
+        try:
+            problem = check(s3)
+        except Unchecked as e:
+            notes.append(f"note: not checked here ({e}); the worker checks it")
+        else:
+            if problem is not None:
+                problems.append(problem)
+    return problems, notes
 
 
 def _training_settings(pairs: list[str], given: set[str]) -> tuple[dict[str, str], list[str]]:
@@ -596,16 +650,22 @@ async def _status(settings: Settings, run_id: str, as_json: bool) -> None:
     handle = training_handle(client, run_id)
     description = await describe_run(handle, settings)
     run_status = await query_status(handle, description, settings)
+    waiting = await waiting_on(description, client.data_converter)
     if as_json:
-        typer.echo(run_status.model_dump_json(indent=2))
+        typer.echo(status_json(run_status, waiting, indent=2))
         return
-    _print_status(run_status)
+    _print_status(run_status, waiting)
     out.print(f"Temporal UI: {ui_link(settings, run_id)}", markup=False, style="dim")
 
 
-def _print_status(st: RunStatus) -> None:
+def _print_status(st: RunStatus, waiting: Sequence[WaitingOn] = ()) -> None:
     """One `label  value` line each, never wrapped or cut: ids, URIs and commands copy whole."""
     rows: list[tuple[str, str]] = [("run", escape(st.run_id)), ("status", _status_text(st))]
+    # An activity that keeps failing (Civitai down, S3 refusing) is why the status does not move.
+    rows.extend(
+        ("waiting on" if i == 0 else "", f"[yellow]{escape(w.describe())}[/]")
+        for i, w in enumerate(waiting)
+    )
     if st.attempt:
         rows.append(("GPU attempt", str(st.attempt)))
     if st.progress is not None:
@@ -629,12 +689,17 @@ def _print_status(st: RunStatus) -> None:
         stage = f" during {e.stage}" if e.stage else ""
         rows.append(("error", f"[red]{escape(f'{e.code}{stage}: {e.message}')}[/]"))
         rows.extend(("", f"[dim]{escape(line)}[/]") for line in e.log_tail[-10:])
-        if st.attempt:  # a GPU ran: its runner uploads the whole log when the run ends
+        if _reached_gpu(st):  # a GPU ran: its runner uploads the whole log when the run ends
             rows.append(("full log", escape(f"loratrain logs {st.run_id}")))
     for i, change in enumerate(st.history):
         rows.append(("history" if i == 0 else "", f"{_local_time(change.at)}  {change.status}"))
     for label, value in rows:
         out.print(f"[bold]{label:<12}[/] {value}", highlight=False)
+
+
+def _reached_gpu(st: RunStatus) -> bool:
+    """Whether a GPU instance was ever created for the run (`attempt` is set before)."""
+    return st.gpu is not None or any(c.status == RunStatusName.PENDING_GPU for c in st.history)
 
 
 def _status_text(st: RunStatus) -> str:
@@ -769,23 +834,39 @@ async def _watch(settings: Settings, run_id: str, as_json: bool) -> None:
     st = await query_status(handle, await describe_run(handle, settings), settings)
     if as_json:
         printed: set[tuple[int, str | None]] = set()
+        latest = st
 
         def print_json(st: RunStatus) -> None:
+            nonlocal latest
+            latest = st
             if (st.version, st.execution_status) not in printed:  # a quiet poll repeats one
                 printed.add((st.version, st.execution_status))
                 typer.echo(st.model_dump_json())
 
-        final = await _follow(handle, settings, st, print_json)
+        def print_waiting(waiting: list[WaitingOn]) -> None:
+            typer.echo(status_json(latest, waiting))
+
+        final = await _showing_waits(
+            handle,
+            client.data_converter,
+            _follow(handle, settings, st, print_json),
+            print_waiting,
+        )
     else:
-        final = await _watch_with_bar(handle, settings, st)
+        final = await _watch_with_bar(handle, settings, st, client.data_converter)
         _print_status(final)
     if final.status != RunStatusName.COMPLETED or final.execution_status:
         raise typer.Exit(1)
 
 
 async def _watch_with_bar(
-    handle: WorkflowHandle[TrainingWorkflow, RunStatus], settings: Settings, st: RunStatus
+    handle: WorkflowHandle[TrainingWorkflow, RunStatus],
+    settings: Settings,
+    st: RunStatus,
+    converter: DataConverter | None = None,
 ) -> RunStatus:
+    """Status lines and a progress bar until the run ends; with `converter`, also a line
+    whenever an activity the run waits on fails again or goes through."""
     out.print(f"watching {st.run_id}  ({ui_link(settings, st.run_id)})", markup=False)
     shown: set[tuple[RunStatusName, datetime]] = set()
     with Progress(
@@ -811,7 +892,41 @@ async def _watch_with_bar(
                 detail=_progress_text(st, percent=False),  # the bar shows it
             )
 
-        return await _follow(handle, settings, st, show)
+        if converter is None:
+            return await _follow(handle, settings, st, show)
+        before: list[WaitingOn] = []
+
+        def show_waiting(waiting: list[WaitingOn]) -> None:
+            nonlocal before
+            when = f"{datetime.now().astimezone():%H:%M:%S}"
+            for w in waiting:
+                bar.console.print(f"{when}  waiting on {w.describe()}", markup=False)
+            going = {w.activity for w in waiting}
+            for w in before:
+                if w.activity not in going:
+                    bar.console.print(f"{when}  no longer waiting on {w.waiting_for}", markup=False)
+            before = waiting
+
+        return await _showing_waits(
+            handle, converter, _follow(handle, settings, st, show), show_waiting
+        )
+
+
+async def _showing_waits(
+    handle: WorkflowHandle[TrainingWorkflow, RunStatus],
+    converter: DataConverter,
+    follow: Coroutine[Any, Any, RunStatus],
+    show_waiting: Callable[[list[WaitingOn]], None],
+) -> RunStatus:
+    """`follow`'s status, while what the run waits on is shown whenever it changes: the run's
+    status does not move while an activity retries, and a watcher must still see why."""
+    poller = asyncio.create_task(watch_waiting(handle, converter, show_waiting))
+    try:
+        return await follow
+    finally:
+        poller.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await poller
 
 
 async def _follow(
@@ -954,6 +1069,10 @@ async def _logs(settings: Settings, run_id: str) -> None:
     prefixes = [f"{run_prefix(run_id, execution)}/logs/", f"{run_prefix(run_id)}/logs/"]
     sections = await asyncio.to_thread(_read_logs, settings, prefixes)
     if not sections:
+        handle = training_handle(client, run_id)
+        st = await query_status(handle, description, settings)
+        if not _reached_gpu(st):
+            fail(_why_no_gpu_log(st, await waiting_on(description, client.data_converter)))
         fail(
             f"no log for run {run_id} yet: the GPU uploads it when training ends or fails "
             f"(look in s3://{settings.bucket}/{prefixes[0]})"
@@ -962,6 +1081,25 @@ async def _logs(settings: Settings, run_id: str) -> None:
         if len(sections) > 1:
             err.print(f"== {key} ==", style="bold", markup=False)
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
+
+
+def _why_no_gpu_log(st: RunStatus, waiting: Sequence[WaitingOn]) -> str:
+    """For a run that never had a GPU (so no runner wrote a log): what became of it instead."""
+    if st.execution_status:
+        return (
+            f"run {st.run_id} never reached a GPU, so it has no GPU log: Temporal ended it "
+            f"({st.execution_status}) while {st.status.value}"
+        )
+    if st.status.terminal:
+        cause = ""
+        if st.error is not None:
+            stage = f" during {st.error.stage}" if st.error.stage else ""
+            cause = f"{stage}: {st.error.code}: {st.error.message}"
+        return (
+            f"run {st.run_id} never reached a GPU, so it has no GPU log: {st.status.value}{cause}"
+        )
+    why = "; waiting on " + "; ".join(w.describe() for w in waiting) if waiting else ""
+    return f"run {st.run_id} has no GPU yet ({st.status.value}), so no GPU log yet{why}"
 
 
 def _read_logs(settings: Settings, prefixes: list[str]) -> list[tuple[str, str]]:

@@ -234,6 +234,10 @@ def _env_value(value: object) -> str:
     return str(value)
 
 
+# Recorded in dev.env on every start, from the environment the stack's worker gets.
+RECORDED_RUNNER_SETTINGS = ("LORA_RUNNER_SD_SCRIPTS_DIR", "LORA_RUNNER_TRAINER_FACTORY")
+
+
 def read_dev_env(path: Path) -> dict[str, str]:
     if not path.exists():
         return {}
@@ -763,9 +767,15 @@ class DevStack:
             "LORA_WEBHOOK_ALLOW_HTTP": "true",
             "LORA_WEBHOOK_ALLOW_PRIVATE_ADDRESSES": "true",
         }
+        # What this stack's local runners will see of their own settings (they inherit the
+        # worker's LORA_RUNNER_ variables), so `train` in any terminal knows whether sd-scripts
+        # can run here. Only a record: the worker reads none of it.
+        children = self._child_env()
+        runner = {name: children[name] for name in RECORDED_RUNNER_SETTINGS if name in children}
+        earlier = {k: v for k, v in existing.items() if k not in RECORDED_RUNNER_SETTINGS}
         # Generated keys already there are kept: a new codec key would make old histories
         # unreadable, new S3 credentials would lock the stored data away.
-        values = {**generated, **existing, **location}
+        values = {**generated, **earlier, **location, **runner}
         if values != existing or not self.dev_env_path.exists():
             _write_dev_env(self.dev_env_path, values)
         self.dev_env_path.chmod(0o600)  # it holds the codec key and the master secret

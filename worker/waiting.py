@@ -1,0 +1,163 @@
+"""What a run is waiting on while one of its activities retries, read from Temporal itself.
+
+The workflow's status names the phase (`pending`, `pendingGpu`, ...); while an activity of that
+phase fails and retries (Civitai unreachable, S3 refusing), the status alone does not move. The
+server knows the attempt, the last failure and the next attempt's time of every pending activity
+(`DescribeWorkflowExecution`), so clients read it there: no workflow change, no history event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from pydantic import BaseModel
+from temporalio.api.enums.v1 import PendingActivityState
+from temporalio.api.failure.v1 import Failure
+from temporalio.api.workflow.v1 import PendingActivityInfo
+from temporalio.client import (
+    RPCTimeoutOrCancelledError,
+    WorkflowExecutionDescription,
+    WorkflowHandle,
+)
+from temporalio.converter import DataConverter
+from temporalio.exceptions import ApplicationError, FailureError
+from temporalio.service import RPCError
+
+from workflows.models import RunStatus
+
+# What each of the run's activities does, as the workflow's activity summaries say it.
+_WHAT = {
+    "resolve_model": "resolve the base model",
+    "build_images_zip": "check and zip the dataset",
+    "validate_images": "validate the dataset",
+    "write_job_spec": "write the job for the GPU",
+    "allocate_gpu": "rent a GPU",
+    "get_gpu_instance": "check the GPU instance",
+    "verify_upload": "verify the uploaded model",
+    "deallocate_gpu": "give the GPU back",
+    "release_run_gpus": "give every GPU of the run back",
+    "delete_job_specs": "delete the run's job specs",
+}
+_STATES = {
+    PendingActivityState.PENDING_ACTIVITY_STATE_SCHEDULED: "scheduled",
+    PendingActivityState.PENDING_ACTIVITY_STATE_STARTED: "started",
+    PendingActivityState.PENDING_ACTIVITY_STATE_CANCEL_REQUESTED: "cancel_requested",
+}
+# How often `watch` asks what the run waits on, between the workflow's own status changes.
+WAITING_POLL_S = 2.0
+_DESCRIBE_TIMEOUT = timedelta(seconds=10)
+_MAX_ERROR_CHARS = 500
+
+
+class WaitingOn(BaseModel):
+    """One activity of the run that has failed at least once and is being retried."""
+
+    activity: str  # the activity type
+    waiting_for: str  # what it does, in words
+    attempt: int  # the attempt running or due next
+    maximum_attempts: int | None = None  # None: until the status's deadline
+    state: str  # scheduled (waiting for its next attempt), started, cancel_requested
+    last_error: str | None = None
+    error_type: str | None = None
+    next_attempt_at: datetime | None = None
+
+    def describe(self) -> str:
+        """One line: what, which attempt, when the next one starts, and why the last failed."""
+        attempt = f"attempt {self.attempt}"
+        if self.maximum_attempts:
+            attempt += f" of {self.maximum_attempts}"
+        if self.next_attempt_at is not None:
+            attempt += f", next at {self.next_attempt_at.astimezone():%H:%M:%S}"
+        error = ""
+        if self.last_error:
+            kind = f" ({self.error_type})" if self.error_type else ""
+            error = f"; last error{kind}: {self.last_error}"
+        return f"{self.waiting_for}: {attempt}{error}"
+
+
+async def waiting_on(
+    description: WorkflowExecutionDescription, converter: DataConverter
+) -> list[WaitingOn]:
+    """The run's activities that are retrying (a failed attempt behind them), oldest first."""
+    found = []
+    for pending in description.raw_description.pending_activities:
+        if pending.attempt > 1 or pending.HasField("last_failure"):
+            found.append(await _waiting(pending, converter))
+    return found
+
+
+async def _waiting(pending: PendingActivityInfo, converter: DataConverter) -> WaitingOn:
+    name = pending.activity_type.name
+    error, error_type = None, None
+    if pending.HasField("last_failure"):
+        error, error_type = await _failure_text(pending.last_failure, converter)
+    next_at = None
+    if pending.HasField("next_attempt_schedule_time"):
+        next_at = pending.next_attempt_schedule_time.ToDatetime(tzinfo=UTC)
+    return WaitingOn(
+        activity=name,
+        waiting_for=_WHAT.get(name, name),
+        attempt=pending.attempt,
+        maximum_attempts=pending.maximum_attempts or None,
+        state=_STATES.get(pending.state, "unknown"),
+        last_error=error,
+        error_type=error_type,
+        next_attempt_at=next_at,
+    )
+
+
+async def _failure_text(failure: Failure, converter: DataConverter) -> tuple[str, str | None]:
+    """The failure's message (payloads and message are encrypted by the codec) and its type."""
+    copy = Failure()
+    copy.CopyFrom(failure)
+    try:
+        error: BaseException = await converter.decode_failure(copy)
+    except Exception:
+        return failure.message[:_MAX_ERROR_CHARS], None
+    if isinstance(error, ApplicationError):
+        return error.message[:_MAX_ERROR_CHARS], error.type
+    if isinstance(error, FailureError):
+        return error.message[:_MAX_ERROR_CHARS], type(error).__name__
+    return str(error)[:_MAX_ERROR_CHARS], type(error).__name__
+
+
+def status_json(st: RunStatus, waiting: Sequence[WaitingOn], indent: int | None = None) -> str:
+    """The RunStatus as JSON, with `waiting_on` added while any activity retries."""
+    if not waiting:
+        return st.model_dump_json(indent=indent)
+    data: dict[str, Any] = st.model_dump(mode="json")
+    data["waiting_on"] = [w.model_dump(mode="json") for w in waiting]
+    # Laid out as pydantic lays out the RunStatus alone: compact on one line, or indented.
+    separators = (",", ":") if indent is None else None
+    return json.dumps(data, indent=indent, separators=separators, ensure_ascii=False)
+
+
+def signature(waiting: Sequence[WaitingOn]) -> tuple[tuple[str, int, str | None], ...]:
+    """What a watcher shows a new line for: another activity, attempt or error."""
+    return tuple((w.activity, w.attempt, w.last_error) for w in waiting)
+
+
+async def watch_waiting(
+    handle: WorkflowHandle[Any, Any],
+    converter: DataConverter,
+    show: Callable[[list[WaitingOn]], None],
+    interval_s: float = WAITING_POLL_S,
+) -> None:
+    """Describe the run every `interval_s` and call `show` whenever what it waits on changes
+    (first with the current state when it waits on anything); until cancelled."""
+    shown: tuple[tuple[str, int, str | None], ...] = ()
+    while True:
+        # A look that fails (Temporal slow or away) is taken again next time; `watch` itself
+        # reports a Temporal that stays away.
+        with contextlib.suppress(RPCError, RPCTimeoutOrCancelledError):
+            description = await handle.describe(rpc_timeout=_DESCRIBE_TIMEOUT)
+            waiting = await waiting_on(description, converter)
+            if signature(waiting) != shown:
+                shown = signature(waiting)
+                show(waiting)
+        await asyncio.sleep(interval_s)
