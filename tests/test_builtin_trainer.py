@@ -41,7 +41,7 @@ from gpu_runner.demo_assets import (
 from gpu_runner.protocol import BaseModelFamily, TrainingConfig, TrainingProgressData
 from gpu_runner.settings import RunnerSettings
 from gpu_runner.trainers.base import PreparedTraining, TrainerError, TrainingInputs, TrainingResult
-from gpu_runner.trainers.builtin import BuiltinTrainer, SdComponents, load_components
+from gpu_runner.trainers.builtin import BuiltinTrainer, SdComponents, _Training, load_components
 from gpu_runner.trainers.sd_scripts import SdScriptsTrainer, checkpoint_name
 from tests.http_support import serve_asgi
 from tests.runner.relay_recorder import RecordingRelay
@@ -367,11 +367,21 @@ def test_a_loss_that_is_not_finite_stops_training(
 
 
 def test_stop_ends_training_at_the_next_step(
-    tiny_model: Path, demo_dataset: Path, tmp_path: Path
+    tiny_model: Path, demo_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     inputs = inputs_for(tmp_path, tiny_model, demo_dataset, small_config(epochs=50))
     trainer = BuiltinTrainer(RunnerSettings())
     seen: list[int] = []
+    report = _Training._report
+
+    def report_then_hold(self: _Training, step: int, *args: Any) -> None:
+        """The training thread waits after reporting step 2 until stop() is called, so the
+        stop lands between steps 2 and 3 however slowly the event loop gets to it."""
+        report(self, step, *args)
+        if step == 2:
+            assert self.stop.wait(timeout=60), "stop() was not called after step 2"
+
+    monkeypatch.setattr(_Training, "_report", report_then_hold)
 
     async def scenario() -> None:
         prepared = await asyncio.to_thread(trainer.prepare, inputs)
@@ -386,7 +396,7 @@ def test_stop_ends_training_at_the_next_step(
     with pytest.raises(TrainerError) as failure:
         asyncio.run(asyncio.wait_for(scenario(), timeout=60))
     assert failure.value.code == "trainer_stopped"
-    assert seen[-1] <= 3 and 2 in seen
+    assert seen == [1, 2]  # not one step more of the 50 epochs planned
 
 
 @pytest.mark.parametrize(

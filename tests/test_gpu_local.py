@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -104,14 +105,35 @@ def running_pids_with(marker: str) -> list[int]:
     return pids
 
 
-def settled_pids_with(marker: str, at_least: int) -> list[int]:
-    """`running_pids_with` once `at_least` show up and a moment passes for any extra one.
+def cmdline(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return None
 
-    A freshly exec'd process can briefly show an empty /proc/<pid>/cmdline.
+
+def exec_finished(pid: int) -> bool:
+    return cmdline(pid) != "" or not is_running(pid)
+
+
+def started_runners_with(marker: str) -> list[int]:
+    """Every running process this test started (through a provider) that mentions `marker`.
+
+    The provider's Popen makes each runner a child of this process from its fork on, and Popen
+    returns only once the child exec'd; but right after the exec /proc/<pid>/cmdline can read
+    empty for a moment. So each running child is waited for until its command line is readable,
+    and none is missed however slow the machine is (a bare scan could miss one and pass).
     """
-    wait_until(lambda: len(running_pids_with(marker)) >= at_least)
-    time.sleep(0.2)
-    return sorted(running_pids_with(marker))
+    me = os.getpid()
+    children = [
+        pid
+        for pid in (int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit())
+        if (stat := proc_stat(pid)) is not None and int(stat[1]) == me and is_running(pid)
+    ]
+    for pid in children:
+        wait_until(functools.partial(exec_finished, pid), 30)
+    mine = {pid for pid in children if is_running(pid) and marker in (cmdline(pid) or "")}
+    return sorted(mine | set(running_pids_with(marker)))
 
 
 class Runners:
@@ -209,7 +231,7 @@ def test_allocating_the_same_attempt_again_returns_the_same_instance(
 
     assert again.instance_id == first.instance_id
     assert other_attempt.instance_id != first.instance_id
-    assert len(settled_pids_with(str(runners.script), 2)) == 2
+    assert len(started_runners_with(str(runners.script))) == 2
 
 
 def test_concurrent_allocations_of_one_attempt_start_one_runner(runners: Runners) -> None:
@@ -219,7 +241,7 @@ def test_concurrent_allocations_of_one_attempt_start_one_runner(runners: Runners
         instances = list(pool.map(lambda _: allocate(activities), range(4)))
 
     assert len({i.instance_id for i in instances}) == 1
-    assert len(settled_pids_with(str(runners.script), 1)) == 1
+    assert len(started_runners_with(str(runners.script))) == 1
 
 
 def test_runner_env_has_the_job_url_but_none_of_the_worker_secrets(
@@ -328,7 +350,7 @@ def test_release_run_gpus_destroys_every_attempt_of_that_run_only(
 
     assert sorted(released) == sorted([first.instance_id, second.instance_id])
     assert [i.instance_id for i in activities.provider.list_instances()] == [other_run.instance_id]
-    assert settled_pids_with(str(runners.script), 1) == [
+    assert started_runners_with(str(runners.script)) == [
         record(settings, other_run.instance_id)["pid"]
     ]
     assert env.run(activities.release_run_gpus, RunRef(run_id="run-1")) == []
@@ -347,7 +369,7 @@ def test_allocating_again_after_destroy_starts_a_new_runner(
     assert second.instance_id == first.instance_id and second.state == "running"
     second_pid = record(settings, second.instance_id)["pid"]
     assert second_pid != first_pid and is_running(second_pid)
-    assert settled_pids_with(str(runners.script), 1) == [second_pid]
+    assert started_runners_with(str(runners.script)) == [second_pid]
 
 
 def test_a_restarted_worker_finds_gets_and_destroys_earlier_instances(
@@ -368,7 +390,7 @@ def test_a_restarted_worker_finds_gets_and_destroys_earlier_instances(
     assert [i.instance_id for i in after_restart.provider.list_instances()] == [
         instance.instance_id
     ]
-    assert settled_pids_with(str(runners.script), 1) == [runner]
+    assert started_runners_with(str(runners.script)) == [runner]
     assert (
         ActivityEnvironment().run(after_restart.deallocate_gpu, ref(instance.instance_id)) is True
     )

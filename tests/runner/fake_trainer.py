@@ -96,6 +96,32 @@ class SlowTrainer(FakeTrainer):
     step_s = 0.02
 
 
+GATE_ENV = "FAKE_TRAINER_GATE"
+GATE_STEP = 2
+
+
+class GatedTrainer(FakeTrainer):
+    """Stops after step GATE_STEP (epoch 1) until the file named by $FAKE_TRAINER_GATE exists.
+
+    The test holds training there for as long as it needs (a heartbeat to land), then creates
+    the file; the runner's max runtime bounds the wait if it never does.
+    """
+
+    async def train(
+        self, prepared: PreparedTraining, on_progress: ProgressCallback
+    ) -> TrainingResult:
+        gate = Path(os.environ[GATE_ENV])
+
+        async def gated(progress: TrainingProgressData) -> None:
+            await _report(on_progress, progress)
+            if progress.step == GATE_STEP:
+                # The test process creates the file: there is no event to await instead.
+                while not gate.exists():  # noqa: ASYNC110, ASYNC240
+                    await asyncio.sleep(0.02)
+
+        return await super().train(prepared, gated)
+
+
 class HangingTrainer(FakeTrainer):
     """Starts a child process in its own process group and waits for it, like sd-scripts does.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -131,6 +132,7 @@ async def test_retries_until_its_deadline_then_says_so(
     with pytest.raises(
         UploadError, match=r"the upload failed for 1 s \(\d+ attempts\); last: HTTP 503"
     ):
-        await put(url, checkpoint, give_up_after_s=1)
-    assert 1 <= time.monotonic() - started < 3
+        await asyncio.wait_for(put(url, checkpoint, give_up_after_s=1), timeout=60)
+    # Not before its deadline, and soon after it: a loaded machine adds seconds, not tens.
+    assert 1 <= time.monotonic() - started < 20
     assert len(rec.puts) > 10  # backoff capped at 0.05 s: it kept trying the whole second
