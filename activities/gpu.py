@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from temporalio import activity
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.exceptions import ApplicationError
@@ -17,6 +17,7 @@ from .providers.base import (
     GpuProvider,
     Instance,
     NoOfferError,
+    execution_tag,
     instance_label,
     parse_label,
     run_id_of_label,
@@ -41,6 +42,9 @@ _CLOSED_STATUSES = frozenset(
 class AllocateGpuInput(BaseModel):
     run_id: str
     attempt: int
+    # The run's first execution id, so a run never adopts the GPU of an earlier run of its id;
+    # None from runs started before instances were labelled with it.
+    execution: str | None = None
     job_url: str = Field(repr=False)
     requirements: GpuRequirements
     # Machines that already failed in this run: never offered again.
@@ -56,7 +60,12 @@ class InstanceRef(BaseModel):
 
 
 class RunRef(BaseModel):
+    model_config = ConfigDict(frozen=True)  # the reaper groups instances by run
+
     run_id: str
+    # Which run of this id: its first execution id (from the run itself) or, from the reaper,
+    # the execution tag its instances' labels carry. None: any run of the id (older labels).
+    execution: str | None = None
 
 
 def _describe_requirements(requirements: GpuRequirements) -> str:
@@ -78,7 +87,9 @@ class GpuActivities:
     @activity.defn
     def allocate_gpu(self, input: AllocateGpuInput) -> Instance:
         """Rent the instance for this run and attempt, or return the one an earlier try rented."""
-        label = instance_label(self.settings.deployment_name, input.run_id, input.attempt)
+        label = instance_label(
+            self.settings.deployment_name, input.run_id, input.attempt, input.execution
+        )
         existing = self.provider.find(label)
         if existing is not None:
             activity.logger.info(
@@ -152,8 +163,8 @@ class GpuActivities:
         released = []
         prefix = run_label_prefix(self.settings.deployment_name, input.run_id)
         for instance in self.provider.list_instances(prefix):
-            if run_id_of_label(instance.label) != input.run_id:
-                continue
+            if not _labels_this_run(instance.label, input):
+                continue  # an earlier run of the same id: the reaper's, not this run's
             if self.provider.destroy(instance.instance_id):
                 released.append(instance.instance_id)
         activity.logger.info(
@@ -195,6 +206,24 @@ class GpuActivities:
             )
 
 
+def _same_run(execution: str, first_execution_run_id: str) -> bool:
+    """Whether `execution` (a first execution id, or its tag) names that run."""
+    return execution in (first_execution_run_id, execution_tag(first_execution_run_id))
+
+
+def _labels_this_run(label: str, run: RunRef) -> bool:
+    parsed = parse_label(label)
+    if parsed is None:
+        return run_id_of_label(label) == run.run_id  # the oldest labels, without a deployment
+    if parsed.run_id != run.run_id:
+        return False
+    return (
+        parsed.execution is None
+        or run.execution is None
+        or _same_run(parsed.execution, run.execution)
+    )
+
+
 class RunLookupActivities:
     """Asks Temporal about runs (for the reaper); async, since the Temporal client is."""
 
@@ -217,4 +246,10 @@ class RunLookupActivities:
                 return False
             raise
         # Closed means one of these; any other status (or none reported) counts as open.
-        return description.status not in _CLOSED_STATUSES
+        if description.status in _CLOSED_STATUSES:
+            return False
+        if input.execution is None:
+            return True
+        # The id now names another run: the instance's own run closed long ago.
+        first = description.raw_description.workflow_execution_info.first_run_id
+        return not first or _same_run(input.execution, first)

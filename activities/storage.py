@@ -132,9 +132,19 @@ class JobSpecInput(BaseModel):
     limits: RunnerLimits = RunnerLimits()
     attempt: int = Field(default=1, ge=1, description="Which GPU attempt the job is for.")
     execution: str = ""
+    # The runner's events go to a URL, and are signed with a secret, that name the execution:
+    # runs started before this was set keep the run-id-only URL their earlier GPUs used.
+    events_name_execution: bool = False
     # None: the worker's settings. The workflow sizes them to the run's deadlines.
     job_url_ttl_s: int | None = Field(default=None, gt=0)
     upload_url_ttl_s: int | None = Field(default=None, gt=0, le=7 * 24 * 3600)
+
+
+def events_url(relay_public_url: str, run_id: str, execution: str | None) -> str:
+    """Where the runner posts its events: the relay verifies them with the secret of exactly
+    this run (and, with `execution`, of exactly this run of the id)."""
+    base = f"{relay_public_url.rstrip('/')}/v1/runs/{run_id}"
+    return f"{base}/executions/{execution}/events" if execution else f"{base}/events"
 
 
 class JobSpecRef(BaseModel):
@@ -250,6 +260,7 @@ class StorageActivities:
             key=input.output.key or f"{prefix}/model/{training.output_name}.safetensors",
         )
         log = run_log_location(self.settings.bucket, prefix, input.attempt)
+        bound_to = input.execution if input.events_name_execution else None
         # The key only travels to boxes that need it to download the model.
         civitai_api_key = None
         if model.needs_civitai_key:
@@ -279,10 +290,10 @@ class StorageActivities:
             civitai_api_key=civitai_api_key,
             training=training,
             trainer=input.trainer,
-            events_url=(
-                f"{self.settings.relay_public_url.rstrip('/')}/v1/runs/{input.run_id}/events"
+            events_url=events_url(self.settings.relay_public_url, input.run_id, bound_to),
+            webhook_secret=derive_run_secret(
+                self.settings.require_master_secret(), input.run_id, bound_to
             ),
-            webhook_secret=derive_run_secret(self.settings.require_master_secret(), input.run_id),
             upload=UploadTarget(
                 url=self._presign(
                     "put_object", output, input.upload_url_ttl_s or self.settings.upload_url_ttl_s

@@ -30,6 +30,7 @@ from typing import Any
 import httpx
 from temporalio.client import Client
 
+from activities.storage import events_url
 from bench.common import (
     CODEC_KEY,
     MASTER_SECRET,
@@ -178,15 +179,17 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-async def _post(http: httpx.AsyncClient, relay_url: str, event: protocol.RunnerEvent) -> None:
+async def _post(
+    http: httpx.AsyncClient, relay_url: str, execution: str, event: protocol.RunnerEvent
+) -> None:
+    """As the run's runner posts: to its job's events URL, signed with its job's secret."""
     body, headers = protocol.sign_event(
-        protocol.derive_run_secret(MASTER_SECRET, event.run_id), event
+        protocol.derive_run_secret(MASTER_SECRET, event.run_id, execution), event
     )
+    url = events_url(relay_url, event.run_id, execution)
     for _ in range(30):  # as the runner does: 503, 429 and broken connections are retried
         try:
-            response = await http.post(
-                f"{relay_url}/v1/runs/{event.run_id}/events", content=body, headers=headers
-            )
+            response = await http.post(url, content=body, headers=headers)
         except httpx.TransportError:
             # A keep-alive connection the relay closed as it was reused: send again.
             await asyncio.sleep(0.1)
@@ -266,7 +269,8 @@ async def _script(
     if status.status.terminal:
         outcome.other.append(status.status.value)
         return
-    key = f"runs/{handle.id}/{handle.first_execution_run_id}/model/lora.safetensors"
+    execution = handle.first_execution_run_id or ""
+    key = f"runs/{handle.id}/{execution}/model/lora.safetensors"
     s3 = s3_client(str(settings.s3_endpoint_url))
     await asyncio.to_thread(s3.put_object, Bucket=settings.bucket, Key=key, Body=MODEL_BYTES)
     events = ScriptedEvents(handle.id).happy_path(
@@ -274,12 +278,12 @@ async def _script(
     )
     ready, progress, finished = events[:4], events[4:-2], events[-2:]
     for event in ready:
-        await _post(http, relay_url, event)
+        await _post(http, relay_url, execution, event)
     for event in progress:
         await asyncio.sleep(PROGRESS_INTERVAL_S)
         step = TrainingProgressData.model_validate(event.data).step
         sent = time.monotonic()
-        await _post(http, relay_url, event)
+        await _post(http, relay_url, execution, event)
         outcome.post_latencies.append(time.monotonic() - sent)
         await _status_shows(
             handle,
@@ -287,7 +291,7 @@ async def _script(
         )
         outcome.latencies.append(time.monotonic() - sent)
     for event in finished:
-        await _post(http, relay_url, event)
+        await _post(http, relay_url, execution, event)
     final: RunStatus = await handle.result()
     if final.status == RunStatusName.COMPLETED:
         outcome.completed += 1

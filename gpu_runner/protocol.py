@@ -386,11 +386,12 @@ class SignatureError(Exception):
     """A webhook whose signature headers are missing, malformed, wrong or outside tolerance."""
 
 
-def derive_run_secret(master_secret: str, run_id: str) -> str:
-    """The run's webhook secret: whsec_ + base64(HMAC-SHA256(master, "runner:" + run_id))."""
-    digest = hmac.new(
-        master_secret.encode("utf-8"), f"runner:{run_id}".encode(), hashlib.sha256
-    ).digest()
+def derive_run_secret(master_secret: str, run_id: str, execution: str | None = None) -> str:
+    """The run's webhook secret: whsec_ + base64(HMAC-SHA256(master, "runner:<run_id>:<first
+    execution id>")), so a GPU can only ever sign for its own run, never for a later run that
+    reuses the id. Without `execution`: "runner:<run_id>" (runs started before that)."""
+    message = f"runner:{run_id}" if execution is None else f"runner:{run_id}:{execution}"
+    digest = hmac.new(master_secret.encode("utf-8"), message.encode(), hashlib.sha256).digest()
     return "whsec_" + base64.b64encode(digest).decode("ascii")
 
 

@@ -54,6 +54,7 @@ from .workflow_support import (
     local_model,
     make_request,
     put_dataset,
+    relay_event,
     running_worker,
     start_run,
 )
@@ -193,12 +194,12 @@ async def play_the_gpus(
 ) -> None:
     """What the two GPUs of the run send, each once it exists; ends when the run closes."""
     run_id = first.id
-    latest = client.get_workflow_handle(run_id, result_type=RunStatus)
+    latest = client.get_workflow_handle(
+        run_id, first_execution_run_id=first.first_execution_run_id, result_type=RunStatus
+    )
     await until(lambda: provider.created_for(run_id) >= 1, "the first GPU")
     failed = RunFailedData(stage="gpu", code="no_cuda", message="no CUDA device on this host")
-    await latest.signal(
-        TrainingWorkflow.runner_event, ScriptedEvents(run_id).next("run.failed", failed)
-    )
+    await relay_event(latest, ScriptedEvents(run_id).next("run.failed", failed))
 
     await until(lambda: provider.created_for(run_id) >= 2, "the replacement GPU")
     key = f"runs/{run_id}/{first.first_execution_run_id}/model/lora.safetensors"
@@ -206,16 +207,16 @@ async def play_the_gpus(
     script = ScriptedEvents(run_id, attempt=2)
     happy = script.happy_path(key, MODEL_BYTES)
     for event in happy[:5]:
-        await latest.signal(TrainingWorkflow.runner_event, event)
+        await relay_event(latest, event)
     # Progress until the server suggests a hand-over and the run has continued as new.
     step = 20
     while (await latest.describe()).run_id == first.first_execution_run_id:
         step += 1
         progress = script.next("training.progress", TrainingProgressData(step=step, total=10_000))
-        await latest.signal(TrainingWorkflow.runner_event, progress)
+        await relay_event(latest, progress)
     for event in happy[-2:]:  # training.completed, model.uploaded: numbered after the progress
         again = script.next(event.type, event.parsed())
-        await latest.signal(TrainingWorkflow.runner_event, again)
+        await relay_event(latest, again)
 
 
 @dataclass

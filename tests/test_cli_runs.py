@@ -32,6 +32,7 @@ from .workflow_support import (
     local_model,
     make_request,
     put_dataset,
+    relay_event,
     running_worker,
     start_run,
     wait_for_status,
@@ -284,7 +285,7 @@ async def test_download_checks_the_model_and_logs_prints_the_run_log(
     assert not_yet.exit_code == 1
     assert f"run {handle.id} has no model to download (pendingGpu)" in not_yet.output
     for event in events:
-        await handle.signal("runner_event", event)
+        await relay_event(handle, event)
     await wait_for_status(handle, RunStatusName.COMPLETED)
 
     shown = await asyncio.to_thread(cli, ["status", handle.id], env)

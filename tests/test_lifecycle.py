@@ -12,7 +12,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -20,12 +20,15 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 from pydantic import SecretStr
+from temporalio.api.enums.v1 import EventType
+from temporalio.api.history.v1 import HistoryEvent
 from temporalio.api.sdk.v1 import WorkflowMetadata
 from temporalio.client import (
     Client,
     WorkflowExecutionStatus,
     WorkflowHandle,
     WorkflowUpdateFailedError,
+    WorkflowUpdateStage,
 )
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
@@ -50,6 +53,7 @@ from .workflow_support import (
     local_model,
     make_request,
     put_dataset,
+    relay_event,
     running_worker,
     start_run,
     wait_for_status,
@@ -203,28 +207,75 @@ async def test_heartbeats_with_advancing_steps_keep_training_alive(
 
 
 class SlowCreateProvider(RecordingProvider):
-    """The provider takes a while to create the instance (a slow cloud API)."""
+    """The provider's create takes until the test lets it finish (a slow cloud API)."""
 
-    def __init__(self, settings: Settings, create_s: float) -> None:
+    def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
-        self.create_s = create_s
         self.create_started = threading.Event()
+        self.create_may_finish = threading.Event()
 
     def create(self, label: str, job_url: str, requirements: Any, **options: Any) -> Any:
         self.create_started.set()
-        time.sleep(self.create_s)
+        # Bounded, so a test that failed before letting it go cannot hang the worker's shutdown.
+        if not self.create_may_finish.wait(timeout=120):
+            raise RuntimeError("the test never let the create finish")
         return super().create(label, job_url, requirements, **options)
+
+
+async def wait_for_history(
+    handle: WorkflowHandle[Any, Any],
+    found: Callable[[list[HistoryEvent]], Awaitable[bool]],
+    what: str,
+    timeout_s: float = 60.0,
+) -> None:
+    """Poll the run's history (in real time: nothing is skipped) until `found` holds."""
+    deadline = time.monotonic() + timeout_s
+    while not await found(list((await handle.fetch_history()).events)):
+        assert time.monotonic() < deadline, f"no {what} in the history within {timeout_s} s"
+        await asyncio.sleep(0.05)
+
+
+async def cancel_requested(events: list[HistoryEvent]) -> bool:
+    requested = EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CANCEL_REQUESTED
+    return any(e.event_type == requested for e in events)
+
+
+def timer_fired(
+    client: Client, summary_prefix: str
+) -> Callable[[list[HistoryEvent]], Awaitable[bool]]:
+    """A history check: a timer whose summary starts with `summary_prefix` has fired."""
+
+    async def fired(events: list[HistoryEvent]) -> bool:
+        timers = set()
+        for event in events:
+            summary = event.user_metadata.summary
+            if event.event_type == EventType.EVENT_TYPE_TIMER_STARTED and summary.data:
+                (text,) = await client.data_converter.decode([summary], [str])
+                if text.startswith(summary_prefix):
+                    timers.add(event.event_id)
+        return any(
+            e.event_type == EventType.EVENT_TYPE_TIMER_FIRED
+            and e.timer_fired_event_attributes.started_event_id in timers
+            for e in events
+        )
+
+    return fired
 
 
 async def test_cancel_during_allocation_leaves_no_instance(
     time_skipping_env: WorkflowEnvironment, run_settings: Settings, request_factory: Any
 ) -> None:
-    provider = SlowCreateProvider(run_settings, create_s=2)
+    provider = SlowCreateProvider(run_settings)
     client = time_skipping_env.client
     async with running_worker(client, run_settings, provider):
-        handle = await start_run(client, run_settings, request_factory())
-        await wait_until(provider.create_started.is_set)
-        await handle.cancel()
+        try:
+            handle = await start_run(client, run_settings, request_factory())
+            await wait_until(provider.create_started.is_set)
+            await handle.cancel()
+            # The cancel is in the run's history while the instance is still being created.
+            await wait_for_history(handle, cancel_requested, "cancel request")
+        finally:
+            provider.create_may_finish.set()
         status, _ = await finish(handle)
 
     assert status.status == RunStatusName.CANCELLED
@@ -235,11 +286,19 @@ async def test_cancel_during_allocation_leaves_no_instance(
 async def test_pending_deadline_during_allocation_leaves_no_instance(
     time_skipping_env: WorkflowEnvironment, run_settings: Settings, request_factory: Any
 ) -> None:
-    provider = SlowCreateProvider(run_settings, create_s=6)
+    provider = SlowCreateProvider(run_settings)
     deadlines = SHORT_DEADLINES.model_copy(update={"pending_s": 3})
     client = time_skipping_env.client
     async with running_worker(client, run_settings, provider):
-        handle = await start_run(client, run_settings, request_factory(deadlines=deadlines))
+        try:
+            handle = await start_run(client, run_settings, request_factory(deadlines=deadlines))
+            await wait_until(provider.create_started.is_set)
+            # The pending deadline's timer fires while the instance is still being created.
+            await wait_for_history(
+                handle, timer_fired(client, "stall deadline: pending "), "pending deadline"
+            )
+        finally:
+            provider.create_may_finish.set()
         status, _ = await finish(handle)
 
     assert status.status == RunStatusName.STALLED
@@ -450,12 +509,13 @@ async def test_wait_for_change_ahead_of_the_run_is_refused_and_waiters_get_answe
 
         # A watcher waiting on the latest version is answered when the run closes.
         now: RunStatus = await handle.query(TrainingWorkflow.status)
-        waiter = asyncio.create_task(
-            handle.execute_update(TrainingWorkflow.wait_for_change, now.version)
+        waiter = await handle.start_update(
+            TrainingWorkflow.wait_for_change,
+            now.version,
+            wait_for_stage=WorkflowUpdateStage.ACCEPTED,
         )
-        await asyncio.sleep(0.5)
-        await handle.cancel()
-        answered = await asyncio.wait_for(waiter, timeout=30)
+        await handle.cancel()  # only once the update is accepted, i.e. waiting in the run
+        answered = await asyncio.wait_for(waiter.result(), timeout=30)
         status, _ = await asyncio.wait_for(finish(handle), timeout=30)
 
     assert answered.version > now.version
@@ -520,7 +580,9 @@ async def test_long_progress_heavy_run_with_a_watcher_keeps_every_history_bounde
         script = await reach_training(handle)
         watcher = Watcher(client, handle.id)
         watching = asyncio.create_task(watcher.follow())
-        latest = client.get_workflow_handle_for(TrainingWorkflow.run, handle.id)
+        latest = client.get_workflow_handle(
+            handle.id, first_execution_run_id=handle.first_execution_run_id, result_type=RunStatus
+        )
         # A few senders at a time, as a runner and its retries would: most signals get a
         # workflow task of their own, the costly case for history.
         for start in range(0, LONG_RUN_SIGNALS, 2):
@@ -531,7 +593,7 @@ async def test_long_progress_heavy_run_with_a_watcher_keeps_every_history_bounde
                 )
                 for step in range(start + 1, start + 3)
             ]
-            await asyncio.gather(*(latest.signal(TrainingWorkflow.runner_event, e) for e in batch))
+            await asyncio.gather(*(relay_event(latest, e) for e in batch))
             if start % 100 == 0:
                 await _pause_while_handing_over(latest, request.continue_as_new_after_events)
         key = upload_model(s3, run_settings, handle)
@@ -575,7 +637,9 @@ async def test_a_run_continues_as_new_with_its_gpu_progress_and_webhooks(
         handle = await start_run(env.client, run_settings, request)
         await wait_for_status(handle, RunStatusName.PENDING_GPU)
         script = await reach_training(handle)
-        latest = env.client.get_workflow_handle(handle.id)
+        latest = env.client.get_workflow_handle(
+            handle.id, first_execution_run_id=handle.first_execution_run_id
+        )
         for step in range(11, 311):
             if step % 25 == 0:
                 # Runners pause between events (the relay caps a run at 30 a minute); the
@@ -584,9 +648,7 @@ async def test_a_run_continues_as_new_with_its_gpu_progress_and_webhooks(
                 # replays a longer history: wait for it, as a runner's gap would.
                 await _pause_while_handing_over(latest, request.continue_as_new_after_events)
             progress = TrainingProgressData(step=step, total=400, loss=1 / step)
-            await latest.signal(
-                TrainingWorkflow.runner_event, script.next("training.progress", progress)
-            )
+            await relay_event(latest, script.next("training.progress", progress))
         key = upload_model(s3, run_settings, handle)
         await send_all(latest, script.happy_path(key, MODEL_BYTES)[-2:])
         final = RunStatus.model_validate(await asyncio.wait_for(latest.result(), timeout=60))

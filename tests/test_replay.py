@@ -51,7 +51,7 @@ REQUIRED = (
     {"completed-run-1", "baddata-run-1", "reaper-pass-1"}
     | {f"{version}-{name}" for version in ("v2", "v3", "v4", CODE_VERSION) for name in _PER_VERSION}
     | {f"{version}-bad-dataset" for version in ("v4", CODE_VERSION)}
-    | {f"v5-{name}" for name in _CANCEL_ANYWHERE}
+    | {f"{version}-{name}" for version in ("v5", CODE_VERSION) for name in _CANCEL_ANYWHERE}
 )
 
 

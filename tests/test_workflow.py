@@ -32,6 +32,7 @@ from .workflow_support import (
     local_model,
     make_request,
     put_dataset,
+    relay_event,
     running_worker,
     start_run,
     wait_for_status,
@@ -81,7 +82,7 @@ async def finish(handle: WorkflowHandle[Any, Any]) -> tuple[RunStatus, BaseExcep
 
 async def send_all(handle: WorkflowHandle[Any, Any], events: list[RunnerEvent]) -> None:
     for event in events:
-        await handle.signal(TrainingWorkflow.runner_event, event)
+        await relay_event(handle, event)
 
 
 async def start_and_reach(

@@ -37,7 +37,14 @@ from gpu_runner.protocol import (
 from worker.converter import data_converter
 from worker.main import WORKFLOWS, build_worker
 from worker.settings import SEARCH_ATTRIBUTE, Settings
-from workflows.models import Deadlines, RunStatus, RunStatusName, S3Prefix, TrainingRequest
+from workflows.models import (
+    Deadlines,
+    RelayedEvent,
+    RunStatus,
+    RunStatusName,
+    S3Prefix,
+    TrainingRequest,
+)
 from workflows.training import TrainingWorkflow
 
 from .images import PNG
@@ -143,6 +150,18 @@ async def wait_for_status(
         await asyncio.sleep(0.05)
 
 
+async def relay_event(handle: WorkflowHandle[Any, Any], event: RunnerEvent) -> None:
+    """The signal the relay sends for a verified event: with the first execution id of the run
+    the GPU was rented for (a handle made with `first_execution_run_id` saves a describe)."""
+    execution = handle.first_execution_run_id
+    if execution is None:
+        described = await handle.describe()
+        execution = described.raw_description.workflow_execution_info.first_run_id
+    await handle.signal(
+        TrainingWorkflow.relayed_event, RelayedEvent(event=event, execution=execution)
+    )
+
+
 class ScriptedEvents:
     """Builds a runner's events for one run attempt, numbered like the real runner numbers them."""
 
@@ -199,7 +218,7 @@ class ScriptedEvents:
 HISTORIES = Path(__file__).parent / "histories"
 # The workflow code version that recordings made now belong to: bump it with every change that
 # alters the commands a run issues (a new `workflow.patched` id), so new files join the corpus.
-CODE_VERSION = "v5"
+CODE_VERSION = "v6"
 
 
 async def check_replays(

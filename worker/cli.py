@@ -70,6 +70,9 @@ WORKFLOW_TYPE = "TrainingWorkflow"
 # `watch` long-polls for changes; after this long without one it asks the status again, which
 # tells a quiet run from a dead worker (the update alone would wait for a worker forever).
 UPDATE_POLL_S = 60.0
+# The run answers each long poll after this long even without a change, so no update outlives the
+# watcher that asked (the server holds at most 10 in flight per run).
+WATCH_WAIT_S = UPDATE_POLL_S - 10
 DOWNLOAD_CHUNK_BYTES = 1024 * 1024
 # Executions Temporal ended from outside: the run never reached a final status of its own, and a
 # query only replays the last one it had ("training 13 %").
@@ -944,7 +947,9 @@ async def _follow(
             return st
         try:
             async with asyncio.timeout(UPDATE_POLL_S):
-                st = await handle.execute_update(TrainingWorkflow.wait_for_change, st.version)
+                st = await handle.execute_update(
+                    TrainingWorkflow.wait_for_change, args=[st.version, WATCH_WAIT_S]
+                )
         except (RPCError, RPCTimeoutOrCancelledError, WorkflowUpdateFailedError, TimeoutError):
             current = asyncio.current_task()
             if current is not None and current.cancelling():

@@ -1,10 +1,13 @@
 """The webhook relay: signed runner events in, Temporal signals out; plus the UI's codec server.
 
-`POST /v1/runs/{run_id}/events` takes one Standard Webhooks-signed `RunnerEvent` from a GPU
-runner and delivers it to the run's workflow as the `runner_event` signal. Checks run in the
-order DESIGN.md fixes, so nothing about a run leaks to an unsigned caller: size (413), signature
-(401), body (400), run (404/410). The relay keeps no state: the run's secret is derived from the
-master secret, and Temporal says whether the run exists.
+`POST /v1/runs/{run_id}/executions/{execution}/events` takes one Standard Webhooks-signed
+`RunnerEvent` from a GPU runner and delivers it to the run's workflow as the `runner_event`
+signal, with the execution it was signed for. Checks run in the order DESIGN.md fixes, so nothing
+about a run leaks to an unsigned caller: size (413), signature (401), body (400), run (404/410;
+410 also when the id now names a later run). The relay keeps no state it needs: the run's secret
+is derived from the master secret and the run's first execution id, and Temporal says whether the
+run exists. `POST /v1/runs/{run_id}/events` serves runners of runs started before executions
+were named.
 
 `POST /codec/decode` and `/codec/encode` are a Temporal codec server (proto3-JSON `Payloads`),
 so operators can read encrypted payloads in the Temporal UI.
@@ -42,6 +45,7 @@ from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 from temporalio.service import RPCError, RPCStatusCode
 
 from gpu_runner import protocol
+from workflows.models import RelayedEvent
 
 from .converter import EncryptionCodec, codec_from_settings, data_converter
 from .logs import configure_logging
@@ -50,6 +54,7 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 RUNNER_EVENT_SIGNAL = "runner_event"
+RELAYED_EVENT_SIGNAL = "relayed_event"
 SIGNATURE_HEADERS = ("webhook-id", "webhook-timestamp", "webhook-signature")
 # What a runner (or any caller) is told to wait before retrying a 503.
 RETRY_AFTER_S = 5
@@ -166,14 +171,18 @@ async def _read_limited_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _verify_signature(settings: Settings, run_id: str, request: Request, body: bytes) -> None:
+def _verify_signature(
+    settings: Settings, run_id: str, execution: str | None, request: Request, body: bytes
+) -> None:
     try:
         _RUN_ID.validate_python(run_id)
+        if execution is not None:
+            _RUN_ID.validate_python(execution)
     except ValidationError:
         # 401 rather than 404: no runner was ever given a secret for an id that is not a valid
         # run id, so no signature can match; answering 404 would skip the signature check.
         raise Rejection(401, "invalid signature: not a valid run id") from None
-    secret = protocol.derive_run_secret(settings.require_master_secret(), run_id)
+    secret = protocol.derive_run_secret(settings.require_master_secret(), run_id, execution)
     headers = {name: request.headers[name] for name in SIGNATURE_HEADERS if name in request.headers}
     try:
         protocol.verify_payload(secret, headers, body)
@@ -196,10 +205,53 @@ def _parse_event(run_id: str, request: Request, body: bytes) -> protocol.RunnerE
     return event
 
 
-async def _signal_run(client: Client, event: protocol.RunnerEvent) -> None:
+class FirstExecutions:
+    """The first execution id of each run id this relay delivered to, so an event signed for an
+    earlier run of a reused id gets 410 (its GPU stops) instead of reaching the later run. Only
+    a cache: a miss or a mismatch asks Temporal again."""
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self._limit = limit
+        self._known: dict[str, str] = {}
+
+    async def check(self, handle: WorkflowHandle[Any, Any], execution: str) -> None:
+        if self._known.get(handle.id) == execution:
+            return
+        try:
+            description = await handle.describe(rpc_timeout=TEMPORAL_RPC_TIMEOUT)
+        except RPCError as e:
+            if e.status == RPCStatusCode.NOT_FOUND:
+                raise Rejection(404, f"no run {handle.id!r}") from None
+            raise _rpc_failure("describe", handle.id, e) from None
+        first = description.raw_description.workflow_execution_info.first_run_id
+        if first and first != execution:
+            raise Rejection(
+                410,
+                "run is closed: its id now names a later run",
+                extra={"status": "REPLACED"},
+            )
+        if len(self._known) >= self._limit:
+            self._known.clear()
+        self._known[handle.id] = execution
+
+
+async def _signal_run(
+    client: Client,
+    event: protocol.RunnerEvent,
+    execution: str | None,
+    first_executions: FirstExecutions,
+) -> None:
     handle = client.get_workflow_handle(event.run_id)
+    signal: str
+    arg: protocol.RunnerEvent | RelayedEvent
+    if execution is None:
+        # A runner of a run started before executions were named: the older route and signal.
+        signal, arg = RUNNER_EVENT_SIGNAL, event
+    else:
+        await first_executions.check(handle, execution)
+        signal, arg = RELAYED_EVENT_SIGNAL, RelayedEvent(event=event, execution=execution)
     try:
-        await handle.signal(RUNNER_EVENT_SIGNAL, event, rpc_timeout=TEMPORAL_RPC_TIMEOUT)
+        await handle.signal(signal, arg, rpc_timeout=TEMPORAL_RPC_TIMEOUT)
     except RPCError as e:
         if e.status == RPCStatusCode.NOT_FOUND:
             # Temporal answers NOT_FOUND both for an unknown id and a closed run: ask which.
@@ -272,14 +324,16 @@ def _events_endpoint(
     settings: Settings, connection: TemporalConnection
 ) -> Callable[[Request], Awaitable[Response]]:
     rate = RunEventRate(settings.relay_max_events_per_minute)
+    first_executions = FirstExecutions()
 
     async def post_event(request: Request) -> Response:
         received = time.monotonic()
         run_id = request.path_params["run_id"]
+        execution: str | None = request.path_params.get("execution")
         try:
             async with asyncio.timeout(settings.http_timeout_s):
                 body = await _read_limited_body(request, protocol.MAX_EVENT_BYTES)
-            _verify_signature(settings, run_id, request, body)
+            _verify_signature(settings, run_id, execution, request, body)
             wait_s = rate.admit(run_id, received)
             if wait_s is not None:
                 raise Rejection(
@@ -288,7 +342,7 @@ def _events_endpoint(
                     headers={"Retry-After": str(max(1, math.ceil(wait_s)))},
                 )
             event = _parse_event(run_id, request, body)
-            await _signal_run(await connection.get(), event)
+            await _signal_run(await connection.get(), event, execution, first_executions)
         except Rejection as rejection:
             if rejection.status_code >= 500:
                 log.warning("event for run %s not delivered: %s", run_id, rejection.message)
@@ -397,12 +451,12 @@ def create_app(settings: Settings, client: Client | None = None) -> Starlette:
         # Liveness only: a relay without Temporal still answers (503s) and reconnects itself.
         return JSONResponse({"ok": True, "temporal_connected": connection.connected})
 
+    events = _events_endpoint(settings, connection)
     return Starlette(
         routes=[
             Route("/healthz", healthz, methods=["GET"]),
-            Route(
-                "/v1/runs/{run_id}/events", _events_endpoint(settings, connection), methods=["POST"]
-            ),
+            Route("/v1/runs/{run_id}/events", events, methods=["POST"]),
+            Route("/v1/runs/{run_id}/executions/{execution}/events", events, methods=["POST"]),
             Mount(
                 "/codec",
                 routes=_codec_routes(codec, settings),

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from gpu_runner.protocol import TrainerName, TrainingConfig
+from gpu_runner.protocol import RunnerEvent, TrainerName, TrainingConfig
 
 BucketName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")]
 
@@ -146,6 +146,14 @@ class TrainingRequest(_Model):
 # --------------------------------------------------------------------------------------------
 # Status
 # --------------------------------------------------------------------------------------------
+
+
+class RelayedEvent(_Model):
+    """A runner's event as the relay delivers it (the `relayed_event` signal): with the first
+    execution id of the run whose secret verified its signature."""
+
+    event: RunnerEvent
+    execution: str
 
 
 class StatusChange(_Model):

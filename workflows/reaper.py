@@ -17,7 +17,7 @@ from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from activities.gpu import GpuActivities, InstanceRef, RunLookupActivities, RunRef
-    from activities.providers.base import Instance, run_id_of_label
+    from activities.providers.base import Instance, run_of_label
 
 # Bounded: what is still failing is left for the next scheduled pass, not retried forever
 # (the schedule skips a pass while this one still runs).
@@ -52,20 +52,20 @@ class ReaperWorkflow:
             retry_policy=RETRY_A_FEW_TIMES,
         )
         by_run = self._group_by_run(instances)
-        run_ids = list(by_run)
-        open_states = await asyncio.gather(*(self._run_is_open(run_id) for run_id in run_ids))
+        runs = list(by_run)
+        open_states = await asyncio.gather(*(self._run_is_open(run) for run in runs))
 
         summary = ReaperSummary(instances_seen=len(instances))
         orphans: list[tuple[str, Instance]] = []
-        for run_id, is_open in zip(run_ids, open_states, strict=True):
-            ids = [instance.instance_id for instance in by_run[run_id]]
+        for run, is_open in zip(runs, open_states, strict=True):
+            ids = [instance.instance_id for instance in by_run[run]]
             if is_open is None:
                 summary.unsettled.extend(ids)
             elif is_open:
                 # Never touch an open run's GPUs: the run gives them back itself when it closes.
                 summary.kept.extend(ids)
             else:
-                orphans.extend((run_id, instance) for instance in by_run[run_id])
+                orphans.extend((run.run_id, instance) for instance in by_run[run])
 
         outcomes = await asyncio.gather(*(self._destroy(run_id, i) for run_id, i in orphans))
         for (_, instance), destroyed in zip(orphans, outcomes, strict=True):
@@ -95,27 +95,29 @@ class ReaperWorkflow:
         return summary
 
     @staticmethod
-    def _group_by_run(instances: list[Instance]) -> dict[str, list[Instance]]:
-        """Instances per run id, in listing order (a dict, never a set: replay must agree)."""
-        by_run: dict[str, list[Instance]] = {}
+    def _group_by_run(instances: list[Instance]) -> dict[RunRef, list[Instance]]:
+        """Instances per run (its id and, on newer labels, which run of that id), in listing
+        order (a dict, never a set: replay must agree)."""
+        by_run: dict[RunRef, list[Instance]] = {}
         for instance in instances:
-            run_id = run_id_of_label(instance.label)
-            if run_id is not None:
-                by_run.setdefault(run_id, []).append(instance)
+            run = run_of_label(instance.label)
+            if run is not None:
+                run_id, execution = run
+                by_run.setdefault(RunRef(run_id=run_id, execution=execution), []).append(instance)
         return by_run
 
     @staticmethod
-    async def _run_is_open(run_id: str) -> bool | None:
+    async def _run_is_open(run: RunRef) -> bool | None:
         """Whether the run is open; None when Temporal could not tell (its instances stay)."""
         try:
             return await workflow.execute_activity_method(
                 RunLookupActivities.run_is_open,
-                RunRef(run_id=run_id),
+                run,
                 start_to_close_timeout=timedelta(seconds=30),
                 retry_policy=RETRY_A_FEW_TIMES,
             )
         except ActivityError:
-            workflow.logger.warning("reaper: could not look up run %s", run_id, exc_info=True)
+            workflow.logger.warning("reaper: could not look up run %s", run.run_id, exc_info=True)
             return None
 
     @staticmethod

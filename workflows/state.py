@@ -52,6 +52,9 @@ class RunState(BaseModel):
     runner_failure: RunFailedData | None = None
     uploaded: ModelUploadedData | None = None
     webhooks: WebhookQueueState = WebhookQueueState()
+    # Its GPUs' labels, job URLs and runner secrets name the first execution, and only events
+    # relayed for that execution count (runs started since the run-identity patch).
+    execution_bound: bool = False
 
 
 class ContinuedRun(BaseModel):

@@ -44,6 +44,7 @@ with workflow.unsafe.imports_passed_through():
         GpuInfo,
         ModelResult,
         Progress,
+        RelayedEvent,
         RunError,
         RunStatus,
         RunStatusName,
@@ -68,6 +69,9 @@ ZIP_CHECKS_DATASET = "zip-checks-dataset"
 # the run reached its outcome is recorded without changing it. Asked only when such a cancel
 # comes, so runs that never meet one record no marker.
 CANCEL_ANYWHERE = "cancel-anywhere"
+# A run is its id plus its first execution: GPU labels, job URLs and runner secrets name both, so
+# a run that reuses an id never adopts the GPU, or accepts the events, of an earlier run.
+RUN_IDENTITY = "run-identity"
 
 # Named retry policies: side effects retry until the status deadline calls a stall; giving a
 # GPU back never gives up.
@@ -145,6 +149,7 @@ class TrainingWorkflow:
                 status=RunStatusName.PENDING,
                 history=[StatusChange(status=RunStatusName.PENDING, at=workflow.now())],
             ),
+            execution_bound=self._legacy is None and workflow.patched(RUN_IDENTITY),
         )
         self._facts = set(self._state.facts)
         self._webhooks = UserWebhooks(
@@ -291,6 +296,7 @@ class TrainingWorkflow:
                 output=request.output,
                 civitai_api_key=request.civitai_api_key,
                 limits=RunnerLimits(max_runtime_s=runtime_s),
+                events_name_execution=state.execution_bound,
                 job_url_ttl_s=deadlines.pending_gpu_s + JOB_URL_MARGIN_S,
                 # The upload URL lives only as long as this attempt's training can.
                 upload_url_ttl_s=min(deadlines.pending_gpu_s + runtime_s, 7 * 24 * 3600 - 60),
@@ -305,6 +311,7 @@ class TrainingWorkflow:
             AllocateGpuInput(
                 run_id=self._run_id,
                 attempt=attempt,
+                execution=state.execution if state.execution_bound else None,
                 job_url=job.job_url,
                 requirements=request.gpu,
                 exclude_machine_ids=state.excluded_machines,
@@ -519,7 +526,10 @@ class TrainingWorkflow:
         """Destroy every instance labelled for this run, and forget the run's job secrets."""
         await workflow.execute_activity_method(
             GpuActivities.release_run_gpus,
-            RunRef(run_id=self._run_id),
+            RunRef(
+                run_id=self._run_id,
+                execution=self._state.execution if self._state.execution_bound else None,
+            ),
             start_to_close_timeout=timedelta(minutes=2),
             retry_policy=RETRY_FOREVER,
             summary="give every GPU of the run back",
@@ -566,8 +576,32 @@ class TrainingWorkflow:
     # ----------------------------------------------------------------------------------------
 
     @workflow.signal
+    def relayed_event(self, relayed: RelayedEvent) -> None:
+        """Sent only by the relay, after it verified the runner's signature with the secret of
+        `relayed.execution` (the first execution id of the run the GPU was rented for)."""
+        if self._legacy is None and relayed.execution != self._state.execution:
+            workflow.logger.warning(
+                "run %s: ignored a %s event of another run of this id",
+                self._run_id,
+                relayed.event.type,
+            )
+            return
+        self._take(relayed.event)
+
+    @workflow.signal
     def runner_event(self, event: RunnerEvent) -> None:
-        """Sent only by the relay, after it verified the runner's signature."""
+        """Sent by relays from before runs were told apart by execution, for runners whose job
+        names the run id alone; runs started since then take only `relayed_event`."""
+        if self._legacy is None and self._state.execution_bound:
+            workflow.logger.warning(
+                "run %s: ignored a %s event not relayed for this run's execution",
+                self._run_id,
+                event.type,
+            )
+            return
+        self._take(event)
+
+    def _take(self, event: RunnerEvent) -> None:
         if self._legacy is not None:
             self._legacy.runner_event(event)
             return

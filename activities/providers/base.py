@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,22 +20,37 @@ _DEPLOYMENT = re.compile(DEPLOYMENT_PATTERN)
 InstanceState = Literal["starting", "running", "exited", "gone"]
 
 
+_EXECUTION_TAG = re.compile(r"^[0-9a-f]{12}$")
+
+
 @dataclass(frozen=True)
 class Label:
     deployment: str
     run_id: str
     attempt: int
+    # Which run of that id (execution_tag of its first execution); None on labels made before
+    # runs were told apart, which name the run id alone.
+    execution: str | None = None
 
 
-def instance_label(deployment: str, run_id: str, attempt: int) -> str:
-    """The label every instance of this system carries: loratrain:<deployment>:<run_id>:<attempt>.
+def execution_tag(first_execution_run_id: str) -> str:
+    """A short, fixed-length name for one run of a run id (a reused id is another run)."""
+    return hashlib.sha256(first_execution_run_id.encode()).hexdigest()[:12]
+
+
+def instance_label(deployment: str, run_id: str, attempt: int, execution: str | None = None) -> str:
+    """The label every instance of this system carries:
+    loratrain:<deployment>:<run_id>:<execution tag>:<attempt>.
 
     The deployment keeps two deployments that share a provider account from touching each
-    other's instances.
+    other's instances; the execution tag keeps a run from adopting the GPU of an earlier run
+    that had the same id. `execution` is the run's first execution id.
     """
     if not _DEPLOYMENT.fullmatch(deployment):
         raise ValueError(f"deployment name {deployment!r} must match {DEPLOYMENT_PATTERN}")
-    return f"{LABEL_PREFIX}{deployment}:{run_id}:{attempt}"
+    if execution is None:
+        return f"{LABEL_PREFIX}{deployment}:{run_id}:{attempt}"
+    return f"{LABEL_PREFIX}{deployment}:{run_id}:{execution_tag(execution)}:{attempt}"
 
 
 def parse_label(label: str) -> Label | None:
@@ -42,15 +58,31 @@ def parse_label(label: str) -> Label | None:
     if not label.startswith(LABEL_PREFIX):
         return None
     deployment, _, rest = label[len(LABEL_PREFIX) :].partition(":")
-    run_id, _, attempt = rest.rpartition(":")
+    parts = rest.split(":")  # run ids hold no ":"
+    if len(parts) == 3 and _EXECUTION_TAG.fullmatch(parts[1]):
+        run_id, execution, attempt = parts
+    elif len(parts) == 2:
+        (run_id, attempt), execution = parts, None
+    else:
+        return None
     if not _DEPLOYMENT.fullmatch(deployment) or not run_id or not attempt.isdigit():
         return None
-    return Label(deployment, run_id, int(attempt))
+    return Label(deployment, run_id, int(attempt), execution)
 
 
 def run_label_prefix(deployment: str, run_id: str) -> str:
-    """What the labels of every attempt of one run start with (run ids hold no ':')."""
+    """What the labels of every attempt of every run with this id start with (run ids hold no
+    ':'); parse_label tells the runs apart."""
     return instance_label(deployment, run_id, 0).removesuffix("0")
+
+
+def run_of_label(label: str) -> tuple[str, str | None] | None:
+    """(run id, execution tag or None) of a label, or None when the label is not ours."""
+    run_id = run_id_of_label(label)
+    if run_id is None:
+        return None
+    parsed = parse_label(label)
+    return run_id, parsed.execution if parsed is not None else None
 
 
 def run_id_of_label(label: str) -> str | None:
