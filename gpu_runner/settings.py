@@ -32,5 +32,8 @@ class RunnerSettings(BaseSettings):
     # "module:callable" taking RunnerSettings and returning a Trainer; overrides the job's trainer.
     # For tests and the embedded demo on machines without sd-scripts; unset in the GPU image.
     runner_trainer_factory: str | None = None
-    # How long the trainer's process group gets to exit after SIGTERM before SIGKILL.
-    runner_trainer_stop_grace_s: float = 15.0
+    # How long the trainer's process group gets to exit after SIGTERM before SIGKILL. A healthy
+    # sd-scripts exits at once (no handler of its own); one that takes longer is hung. Kept short
+    # so that a host's SIGTERM-to-SIGKILL wait holds it and the runner's last events (the local
+    # provider's STOP_TIMEOUT_S).
+    runner_trainer_stop_grace_s: float = 5.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -19,10 +20,17 @@ from temporalio.testing import ActivityEnvironment
 
 from activities.gpu import AllocateGpuInput, GpuActivities, InstanceRef, RunRef
 from activities.providers.base import Instance, NoOfferError, instance_label
-from activities.providers.local import LocalProvider, local_instance_id
+from activities.providers.local import STOP_TIMEOUT_S, LocalProvider, local_instance_id
+from gpu_runner.protocol import TrainingConfig
+from gpu_runner.runner import TERMINATE_FLUSH_S
+from gpu_runner.settings import RunnerSettings
+from tests.http_support import serve_asgi
+from tests.runner.relay_recorder import RecordingRelay
+from tests.runner.support import MASTER_SECRET, make_job
 from worker.settings import Settings
 from workflows.models import GpuRequirements
 
+STANDIN = Path(__file__).resolve().parent / "sd_scripts_standin"
 JOB_URL = "http://127.0.0.1:9/runs/run-1/job.json?X-Amz-Signature=secret"
 
 # One fake runner, its behaviour chosen by its first argument. It never outlives 60 s.
@@ -33,6 +41,8 @@ def write(name, text):
     with open(name + ".tmp", "w") as f:
         f.write(text)
     os.replace(name + ".tmp", name)
+
+HUNG_TRAINER = "import os, signal, time; os.kill(os.getpid(), signal.SIGSTOP); time.sleep(60)"
 
 mode = sys.argv[1]
 print("runner got job", os.environ.get("LORA_JOB_URL"), flush=True)
@@ -47,6 +57,13 @@ elif mode == "ignore-sigterm":
 elif mode == "fail":
     print("boom: CUDA out of memory", flush=True)
     sys.exit(3)
+elif mode == "hung-trainer":
+    # A trainer in its own session, as the runner starts sd-scripts, that hangs (stopped); the
+    # runner dies of the SIGTERM without stopping it, as when killed before its grace ran out.
+    trainer = subprocess.Popen(
+        [sys.executable, "-c", HUNG_TRAINER, sys.argv[2]], start_new_session=True
+    )
+    write("trainer.pid", str(trainer.pid))
 elif mode == "fail-when-told":
     while not os.path.exists(sys.argv[2]):
         time.sleep(0.02)
@@ -267,6 +284,11 @@ def test_runner_env_has_the_job_url_but_none_of_the_worker_secrets(
     values = json.dumps(env)
     assert "master-secret-value" not in values and "codec-key-value" not in values
     allowed = {"PATH", "HOME", "LANG", "PYTHONPATH", "VIRTUAL_ENV", "LORA_JOB_URL"}
+    # What marks every process of the instance for destroy: its directory, nothing secret.
+    assert env["LORATRAIN_LOCAL_INSTANCE"] == str(
+        (settings.instances_dir / instance.instance_id).resolve()
+    )
+    allowed.add("LORATRAIN_LOCAL_INSTANCE")
     # Python itself may add LC_CTYPE when it coerces the C locale.
     extra = {k for k in env if k not in allowed and not k.startswith("LORA_RUNNER_")}
     assert extra <= {"LC_CTYPE"}
@@ -322,6 +344,103 @@ def test_destroy_kills_a_runner_that_ignores_sigterm(runners: Runners, settings:
     assert not is_running(runner)
     exit_code = json.loads((directory / "exit.json").read_text())["exit_code"]
     assert exit_code == -9  # SIGKILL: the SIGTERM was ignored
+
+
+def test_destroy_kills_a_hung_trainer_that_left_the_runners_session(
+    runners: Runners, settings: Settings, tmp_path: Path
+) -> None:
+    tag = f"hung-trainer-{tmp_path.name}"  # on the trainer's command line, to find a survivor
+    provider = runners.provider("hung-trainer", tag, stop_timeout_s=0.5)
+    instance = provider.create("loratrain:run-1:1", JOB_URL, GpuRequirements())
+    pid_file = settings.instances_dir / instance.instance_id / "trainer.pid"
+    trainer = int(wait_until(lambda: pid_file.exists() and pid_file.read_text()))
+    wait_until(lambda: (proc_stat(trainer) or ["gone"])[0] == "T")  # stopped: SIGTERM waits
+    runner = record(settings, instance.instance_id)["pid"]
+    assert os.getsid(trainer) == trainer != os.getsid(runner)
+    try:
+        assert provider.destroy(instance.instance_id) is True
+
+        # destroy returns once nothing of the instance runs: the trainer went with the runner.
+        assert not is_running(runner)
+        assert running_pids_with(tag) == []
+    finally:
+        for pid in running_pids_with(tag):
+            os.kill(pid, signal.SIGKILL)
+
+
+def group_members(group: int) -> list[int]:
+    """Running processes of a process group."""
+    return [
+        pid
+        for pid in (int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit())
+        if (stat := proc_stat(pid)) is not None and int(stat[2]) == group and is_running(pid)
+    ]
+
+
+def test_destroy_lets_the_runner_stop_its_hung_sd_scripts_and_report(
+    settings: Settings, s3: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real runner and sd-scripts trainer (the stand-in), hung by SIGSTOP mid-training: the
+    provider waits longer than the runner's grace for its trainer, so the runner kills the
+    trainer itself, reports run.failed and exits on the SIGTERM, before any SIGKILL of its own."""
+    grace_s = RunnerSettings.model_fields["runner_trainer_stop_grace_s"].default
+    assert grace_s + TERMINATE_FLUSH_S < STOP_TIMEOUT_S
+    relay = RecordingRelay(MASTER_SECRET)
+    pids_file = tmp_path / "trainer.pids"
+    runner_settings = {
+        "REQUIRE_GPU": "false",
+        "RETRY_INITIAL_S": "0.05",
+        "RETRY_MAX_S": "0.2",
+        "DISK_MARGIN_BYTES": "0",
+        "SD_SCRIPTS_DIR": str(STANDIN),
+        "ACCELERATE_COMMAND": json.dumps([sys.executable, str(STANDIN / "accelerate")]),
+        "TOKENIZER_CACHE_DIR": str(tmp_path / "tokenizers"),
+    }
+    for name, value in runner_settings.items():
+        monkeypatch.setenv(f"LORA_RUNNER_{name}", value)
+    for name in ("LORA_RUNNER_TRAINER_FACTORY", "LORA_RUNNER_WORKDIR"):
+        monkeypatch.delenv(name, raising=False)
+    # The stand-in's switches reach it through the runner's command (the provider passes no
+    # other variables); 150 steps of 0.2 s, so training is still going when it is stopped.
+    command = ["env", "STANDIN_MODE=slow", f"STANDIN_PIDS_FILE={pids_file}"]
+    provider = LocalProvider(
+        settings.model_copy(
+            update={"local_runner_command": [*command, sys.executable, "-m", "gpu_runner"]}
+        )
+    )
+    trainer_group = None
+    with serve_asgi(relay.app) as relay_url:
+        job = make_job(
+            s3,
+            settings.bucket,
+            lambda run_id: relay.events_url(relay_url, run_id),
+            training=TrainingConfig(epochs=10, repeats=10),
+        )
+        instance = provider.create("loratrain:run-1:1", job.job_url, GpuRequirements())
+        try:
+            wait_until(lambda: pids_file.exists() and pids_file.read_text().endswith("\n"), 60)
+            trainer, grandchild = (int(pid) for pid in pids_file.read_text().split())
+            trainer_group = os.getpgid(trainer)  # accelerate leads it, in its own session
+            runner = record(settings, instance.instance_id)["pid"]
+            assert os.getsid(trainer) == trainer_group != runner
+            os.killpg(trainer_group, signal.SIGSTOP)
+            wait_until(lambda: (proc_stat(trainer) or ["gone"])[0] == "T")
+
+            assert provider.destroy(instance.instance_id) is True
+
+            assert group_members(trainer_group) == []
+            assert not is_running(trainer) and not is_running(grandchild)
+            assert not is_running(runner)
+            exit_code = json.loads(
+                (settings.instances_dir / instance.instance_id / "exit.json").read_text()
+            )["exit_code"]
+            assert exit_code == 128 + signal.SIGTERM, "the runner did not exit by itself"
+            (failed,) = relay.of_type("run.failed")
+            assert (failed.data["stage"], failed.data["code"]) == ("training", "terminated")
+        finally:
+            if trainer_group is not None and group_members(trainer_group):
+                os.killpg(trainer_group, signal.SIGKILL)
+            provider.destroy(instance.instance_id)
 
 
 def test_deallocate_twice_and_deallocate_unknown_are_not_errors(runners: Runners) -> None:

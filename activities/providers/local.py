@@ -12,6 +12,12 @@ Each instance is a directory under `settings.instances_dir` named after its id:
 Everything `find`, `get`, `destroy` and `list_instances` need is on disk, so a restarted worker
 still manages the instances an earlier one started. The process start time (field 22 of
 /proc/<pid>/stat) guards every pid against reuse.
+
+Destroying an instance ends every process of it, as destroying a container does on Vast. The
+runner starts its trainer in a session of its own (so that it can stop all of the trainer), out
+of reach of the runner's process group; so every process of an instance carries the variable
+LORATRAIN_LOCAL_INSTANCE=<instance directory> in its environment (children inherit it, whatever
+their session or parent), and destroy finds them all in /proc/<pid>/environ.
 """
 
 from __future__ import annotations
@@ -52,9 +58,17 @@ WORK_DIR = "work"
 INHERITED_ENV = ("PATH", "HOME", "LANG", "PYTHONPATH", "VIRTUAL_ENV")
 RUNNER_ENV_PREFIX = "LORA_RUNNER_"
 
+# Marks every process of an instance (see the module docstring). Not LORA_-prefixed: it is no
+# setting, and the runner keeps LORA_ variables from its trainer.
+INSTANCE_MARKER_ENV = "LORATRAIN_LOCAL_INSTANCE"
+
 LOG_TAIL_LINES = 20
 LOG_TAIL_BYTES = 8 * 1024
-STOP_TIMEOUT_S = 10.0
+# SIGTERM to SIGKILL. The runner needs, after a SIGTERM, its trainer's grace
+# (runner_trainer_stop_grace_s, 5 s) and the flush of its last events (TERMINATE_FLUSH_S, 8 s):
+# waiting longer lets it stop a hung trainer itself and say so (tests/test_gpu_local.py checks).
+STOP_TIMEOUT_S = 20.0
+KILL_TIMEOUT_S = 5.0
 _POLL_S = 0.05
 
 _INSTANCE_ID = re.compile(r"^local-[0-9a-f]{16}$")
@@ -135,6 +149,33 @@ def _group_members(record: _Record) -> list[int]:
         ):
             members.append(int(entry.name))
     return members
+
+
+def _marked_processes(marker: bytes) -> dict[int, int]:
+    """pid -> start ticks of every running process whose environment holds `marker` (a whole
+    NAME=value entry). Processes of other users cannot be read, and cannot be ours."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if marker not in environ.split(b"\0"):
+            continue
+        stat = _read_stat(int(entry.name))
+        if stat is not None and stat.running:
+            found[int(entry.name)] = stat.start_ticks
+    return found
+
+
+def _signal(pid: int, start_ticks: int, sig: signal.Signals) -> None:
+    """Signal pid if it is still the process seen (same start time), not one that reused it."""
+    stat = _read_stat(pid)
+    if stat is not None and stat.start_ticks == start_ticks:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
 
 
 def _log_tail(path: Path) -> list[str]:
@@ -310,7 +351,18 @@ class LocalProvider:
         # Each instance works in its own directory unless the worker configures one.
         env.setdefault("LORA_RUNNER_WORKDIR", str((directory / WORK_DIR).resolve()))
         env["LORA_JOB_URL"] = job_url
+        env[INSTANCE_MARKER_ENV] = self._marker_value(directory)
         return env
+
+    @staticmethod
+    def _marker_value(directory: Path) -> str:
+        # The directory, not the id: the id is a hash of the label, and two workers with their
+        # own instances directories (two dev stacks, parallel tests) may run the same label.
+        return str(directory.resolve())
+
+    def _marker(self, instance_id: str) -> bytes:
+        value = self._marker_value(self._directory(instance_id))
+        return f"{INSTANCE_MARKER_ENV}={value}".encode()
 
     def _start(self, instance_id: str, label: str, job_url: str) -> _Record:
         directory = self._directory(instance_id)
@@ -381,16 +433,48 @@ class LocalProvider:
         return instance.model_copy(update={"state": "exited", "message": ended})
 
     def _stop(self, instance_id: str, record: _Record) -> None:
-        """SIGTERM the runner's process group, then SIGKILL whatever is left after the timeout."""
-        for sig, timeout_s in ((signal.SIGTERM, self.stop_timeout_s), (signal.SIGKILL, 5.0)):
-            if not self._group_running(instance_id, record):
+        """End every process of the instance: SIGTERM, then SIGKILL what is left after the timeout.
+
+        SIGTERM goes to the runner's process group: the runner stops its trainer (in a session
+        of its own) and reports. A process of the instance that outlives the runner has no one
+        to stop it, so it gets the SIGTERM itself; SIGKILL reaches every one of them.
+        """
+        marker = self._marker(instance_id)
+        deadline = time.monotonic() + self.stop_timeout_s
+        with contextlib.suppress(ProcessLookupError):
+            if self._group_running(instance_id, record):
+                os.killpg(record.pid, signal.SIGTERM)
+        orphans_told: set[int] = set()
+        while True:
+            marked = _marked_processes(marker)
+            group = self._group_running(instance_id, record)
+            if not group and not marked:
                 break
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(record.pid, sig)
-            deadline = time.monotonic() + timeout_s
-            while self._group_running(instance_id, record) and time.monotonic() < deadline:
-                time.sleep(_POLL_S)
+            if time.monotonic() >= deadline:
+                self._kill(instance_id, record, marker)
+                break
+            if _same_process(record) is None:
+                for pid, start_ticks in marked.items():
+                    if pid not in orphans_told:
+                        _signal(pid, start_ticks, signal.SIGTERM)
+                        orphans_told.add(pid)
+            time.sleep(_POLL_S)
         self._reap(instance_id)
+
+    def _kill(self, instance_id: str, record: _Record, marker: bytes) -> None:
+        """SIGKILL the runner's group and every marked process until none runs (or a timeout)."""
+        deadline = time.monotonic() + KILL_TIMEOUT_S
+        while time.monotonic() < deadline:
+            marked = _marked_processes(marker)
+            group = self._group_running(instance_id, record)
+            if not group and not marked:
+                return
+            if group:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(record.pid, signal.SIGKILL)
+            for pid, start_ticks in marked.items():
+                _signal(pid, start_ticks, signal.SIGKILL)
+            time.sleep(_POLL_S)
 
     def _group_running(self, instance_id: str, record: _Record) -> bool:
         """Whether any process of the runner's group still runs. The runner, this worker's
