@@ -343,6 +343,12 @@ def group_members(pgids: set[int]) -> list[str]:
     return found
 
 
+def dev_pids(state: Path) -> dict[str, int]:
+    """The pid (and process group) of each child the state dir's `dev` recorded in dev.pids."""
+    recorded = json.loads((state / "dev.pids").read_text())
+    return {name: int(entry["pid"]) for name, entry in recorded.items()}
+
+
 def wait_until(check: Any, what: str, dev: Captured, timeout_s: float = 90) -> None:
     deadline = time.monotonic() + timeout_s
     while not check():
@@ -409,15 +415,13 @@ def running_dev(workdir: Path) -> Iterator[RunningDev]:
         relay_url = f"{env['LORA_RELAY_PUBLIC_URL']}/healthz"
         wait_until(lambda: answers(relay_url), "the relay", proc)
         wait_until(lambda: (state / "dev.pids").exists(), "the pids file", proc)
-        pids.update(json.loads((state / "dev.pids").read_text()))
+        pids.update(dev_pids(state))
         yield RunningDev(proc, env, state, pids)
     finally:
         proc.kill()
         with contextlib.suppress(OSError, ValueError):
             # Children restarted since they were recorded above.
-            pids.update(
-                {f"now {k}": v for k, v in json.loads((state / "dev.pids").read_text()).items()}
-            )
+            pids.update({f"now {k}": v for k, v in dev_pids(state).items()})
         for pgid in pids.values():
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pgid, signal.SIGKILL)
@@ -449,14 +453,12 @@ def test_dev_restarts_a_child_that_dies_and_keeps_the_others(workdir: Path) -> N
         os.killpg(dev.pids["worker"], signal.SIGKILL)
 
         def restarted() -> bool:
-            path = dev.state / "dev.pids"
-            if not path.exists():  # the stack stopped: wait_until reports its output
+            if not (dev.state / "dev.pids").exists():  # stopped: wait_until reports its output
                 return False
-            pids = json.loads(path.read_text())
-            return bool(pids["worker"] != dev.pids["worker"])
+            return dev_pids(dev.state)["worker"] != dev.pids["worker"]
 
         wait_until(restarted, "the worker's restart", dev.process, timeout_s=30)
-        pids = json.loads((dev.state / "dev.pids").read_text())
+        pids = dev_pids(dev.state)
         assert {k: v for k, v in pids.items() if k != "worker"} == {
             k: v for k, v in dev.pids.items() if k != "worker"
         }

@@ -23,7 +23,14 @@ import pytest
 from temporalio.client import Client
 
 from activities.providers.local import LocalProvider
-from worker.devstack import DevStack, LocalS3Ports, PortsInUse, read_dev_env
+from worker.devstack import (
+    DevStack,
+    LocalS3Ports,
+    PortsInUse,
+    StoppedChild,
+    process_start_ticks,
+    read_dev_env,
+)
 from worker.main import connect_client, s3_client
 from worker.settings import Settings
 from workflows.models import RunStatus, RunStatusName
@@ -31,7 +38,7 @@ from workflows.training import TrainingWorkflow
 
 from .images import encoded
 from .processes import Captured
-from .test_cli import group_members, stack_env, wait_until
+from .test_cli import dev_pids, group_members, stack_env, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 # The worker's and relay's log lines start with a UTC time to the millisecond and a level.
@@ -66,7 +73,7 @@ class Dev:
     started_in: Path
 
     def pids(self) -> dict[str, int]:
-        return {k: int(v) for k, v in json.loads((self.state / "dev.pids").read_text()).items()}
+        return dev_pids(self.state)
 
     def stop(self) -> str:
         out = self.process.stop(signal.SIGINT, timeout_s=60)
@@ -197,28 +204,117 @@ def test_every_port_of_the_local_s3_server_is_checked_before_anything_starts(
     assert not (tmp_path / "state").exists()
 
 
-def test_after_dev_itself_is_killed_the_next_dev_names_what_it_left_running(
+def running_members(pgids: set[int]) -> list[str]:
+    """`group_members` less zombies: an orphan's new parent may never reap it (PID 1 of some
+    machines does not), and a zombie holds no port, memory or file."""
+    running = []
+    for member in group_members(pgids):
+        with contextlib.suppress(OSError):
+            stat = Path(f"/proc/{member.split()[0]}/stat").read_text()
+            if stat[stat.rindex(")") + 2 :].split()[0] not in ("Z", "X"):
+                running.append(member)
+    return running
+
+
+def user_env(state: Path) -> dict[str, str]:
+    """A user's environment: nothing but the state dir says where the stack is."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORA_")}
+    return {**env, "PYTHONPATH": str(ROOT), "LORA_STATE_DIR": str(state)}
+
+
+def test_after_dev_itself_is_killed_the_next_dev_stops_what_it_left_running_and_starts(
     tmp_path: Path,
 ) -> None:
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     with running_dev(tmp_path) as dev:
         children = dev.pids()
+        addresses = read_dev_env(dev.state / "dev.env")
+        # While that `dev` runs, another is refused and touches none of its children.
+        refused = loratrain(["dev"], elsewhere, dev.state)
+        assert refused.returncode == 1
+        assert f"`loratrain dev` is already running (pid {dev.process.proc.pid})" in (
+            refused.stderr
+        )
+        assert dev.pids() == children
+        assert len(running_members(set(children.values()))) >= len(children)
+
         dev.process.kill()  # dev alone: its children live in groups of their own
+        assert running_members(set(children.values())), "its children should still run"
 
-        # Its dev.env says where that stack listened, so this one checks the same ports.
-        again = loratrain(["dev"], elsewhere, dev.state)
+        # Its dev.env says where that stack listened: this one takes the same ports.
+        again = Captured(
+            [sys.executable, "-m", "worker.cli", "dev"], cwd=elsewhere, env=user_env(dev.state)
+        )
+        try:
+            again.wait_for_line("loratrain dev is up", timeout_s=180)
+            stopped = ", ".join(f"{name} pid {pid}" for name, pid in children.items())
+            assert (
+                f"an earlier `loratrain dev` with state in {dev.state} ended without stopping "
+                f"its children; stopped them: {stopped}"
+            ) in again.output, again.output
+            assert running_members(set(children.values())) == [], "the old children are gone"
+            now = dev.pids()
+            assert set(now) == set(children) and not set(now.values()) & set(children.values())
+            assert running_members(set(now.values())), "the new children run"
+            assert read_dev_env(dev.state / "dev.env") == addresses  # the same state and ports
 
-        assert again.returncode == 1
-        running = ", ".join(f"{name} pid {pid}" for name, pid in children.items())
-        groups = " ".join(f"-{pid}" for pid in children.values())
-        assert (
-            f"processes of an earlier `loratrain dev` with state in {dev.state} are still "
-            f"running ({running}), but that `loratrain dev` itself is not; stop them with: "
-            f"kill -- {groups}"
-        ) in again.stderr
-        assert "already running" not in again.stderr
-        assert group_members(set(children.values())), "nothing was stopped or started"
+            out = again.stop(signal.SIGINT, timeout_s=60)
+            assert again.proc.returncode == 0, out
+            assert running_members(set(now.values()) | set(children.values())) == []
+        finally:
+            if again.proc.poll() is None:
+                again.kill()
+            with contextlib.suppress(OSError, ValueError):
+                for pgid in dev.pids().values():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(pgid, signal.SIGKILL)
+
+
+def test_only_the_processes_a_killed_dev_recorded_are_stopped(tmp_path: Path) -> None:
+    """dev.pids names each child by pid and start time: a pid that another process has taken
+    since is left alone; a child that ignores SIGTERM gets SIGKILL after the grace."""
+    state = tmp_path / "state"
+    state.mkdir()
+    program = (
+        "import signal, sys, time\n"
+        "if sys.argv[1] == 'ignores SIGTERM':\n"
+        "    signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "print('up', flush=True)\n"
+        "time.sleep(3600)\n"
+    )
+    behaviour = {"worker": "stops", "local S3": "ignores SIGTERM", "stranger": "stops"}
+    processes = {
+        name: subprocess.Popen(
+            [sys.executable, "-c", program, how], stdout=subprocess.PIPE, start_new_session=True
+        )
+        for name, how in behaviour.items()
+    }
+    try:
+        for process in processes.values():
+            assert process.stdout is not None and process.stdout.readline() == b"up\n"
+        recorded = {
+            name: {"pid": p.pid, "pgid": p.pid, "start_ticks": process_start_ticks(p.pid)}
+            for name, p in processes.items()
+        }
+        # The relay the file names is gone and its pid is the stranger's now, which started later.
+        relay = recorded.pop("stranger")
+        relay["start_ticks"] = int(relay["start_ticks"] or 0) - 1
+        (state / "dev.pids").write_text(json.dumps({**recorded, "relay": relay}))
+
+        stopped = DevStack(Settings(state_dir=state), grace_s=1.0).stop_leftovers()
+
+        assert stopped == [
+            StoppedChild("worker", processes["worker"].pid, killed=False),
+            StoppedChild("local S3", processes["local S3"].pid, killed=True),
+        ]
+        assert processes["worker"].wait(timeout=10) == -signal.SIGTERM
+        assert processes["local S3"].wait(timeout=10) == -signal.SIGKILL
+        assert processes["stranger"].poll() is None, "another process's pid is never signalled"
+    finally:
+        for process in processes.values():
+            process.kill()
+            process.wait()
 
 
 @pytest.mark.parametrize(

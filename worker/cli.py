@@ -278,7 +278,9 @@ def dev() -> None:
     signal.signal(signal.SIGTERM, request_stop)
     out.print("starting the embedded stack…", style="dim")
     try:
-        stack.start()
+        stack.start(
+            report=lambda line: err.print(line, style="yellow", markup=False, highlight=False)
+        )
     except StartInterrupted:
         out.print("stopped")
         return

@@ -154,7 +154,9 @@ def _start_stack(stack: DevStack, timings: Timings) -> threading.Thread:
     out.print(f"starting the embedded stack (state in {stack.state_dir})…", style="dim")
     try:
         with timings.part("stack start"):
-            stack.start()
+            stack.start(
+                report=lambda line: err.print(line, style="yellow", markup=False, highlight=False)
+            )
     except StartInterrupted:
         out.print("interrupted while the stack started; it is stopped")
         raise typer.Exit(EXIT_INTERRUPTED) from None

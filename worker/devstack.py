@@ -51,6 +51,8 @@ from .settings import DEV_ENV_NAME, SEARCH_ATTRIBUTE, Settings
 DEFAULT_LOCAL_S3_URL = "http://127.0.0.1:9000"
 # Where the relay serves the codec endpoint that lets the Temporal UI decrypt payloads.
 CODEC_PATH = "/codec"
+# The running `dev`'s children: each one's pid (which is also its process group) and start
+# time, so a later `dev` can stop what a killed one left running, and nothing else.
 PIDS_NAME = "dev.pids"
 # Held (flock) by the running `loratrain dev` and released by the kernel however it ends; holds
 # its pid, so a second `dev` can say which one runs.
@@ -141,6 +143,8 @@ class Child:
     command: list[str]
     env: dict[str, str]
     started_at: float = field(default_factory=time.monotonic)
+    # From /proc: with the pid, it names this process and no later one that reuses the pid.
+    start_ticks: int | None = None
     restarts: int = 0
     # When a dead child is due to be started again (monotonic), while it waits out its backoff.
     restart_at: float | None = None
@@ -545,6 +549,10 @@ class DevStack:
 
     def check_endpoints(self) -> None:
         """Raise unless every endpoint is on this machine, distinct, and free."""
+        self._check_endpoint_settings()
+        self._check_ports_free()
+
+    def _check_endpoint_settings(self) -> None:
         for e in (self.temporal, self.temporal_ui, self.local_s3):
             if not _is_loopback(e.host):
                 raise DevStackError(
@@ -573,6 +581,8 @@ class DevStack:
                     )
                 )
             seen[e.port] = e.name
+
+    def _check_ports_free(self) -> None:
         busy = [e for e in self.endpoints if not port_is_free(e.host, e.port)]
         if busy:
             raise PortsInUse(busy, self.state_dir, self._leftover_children())
@@ -595,31 +605,75 @@ class DevStack:
         return None
 
     def _leftover_children(self) -> dict[str, int]:
-        """Children recorded by an earlier stack that are still alive (it may have been killed)."""
-        try:
-            recorded = json.loads(self.pids_path.read_text())
-        except (OSError, ValueError):
-            return {}
+        """Children recorded by an earlier stack that still run and that `stop_leftovers` could
+        not stop: those a pid file without start times names, which may be anyone's now."""
         alive = {}
-        for name, pid in recorded.items():
-            try:
-                os.kill(int(pid), 0)
-            except (ProcessLookupError, PermissionError, ValueError, TypeError):
+        for child in read_recorded_children(self.pids_path):
+            if child.start_ticks is None:
+                try:
+                    os.kill(child.pid, 0)
+                except (ProcessLookupError, PermissionError):
+                    continue
+            elif not child.group_running():
                 continue
-            alive[str(name)] = int(pid)
+            alive[child.name] = child.pid
         return alive
+
+    def stop_leftovers(self) -> list[StoppedChild]:
+        """Stop the children that an earlier `dev` of this state dir left running when it was
+        killed (its pid file stays behind; a `dev` that stops cleanly removes it): SIGTERM each
+        recorded process group, services first, SIGKILL what outlives the grace. Only groups
+        whose leader is still the recorded process (same pid and start time) are signalled.
+        Call it only while no `dev` holds the state dir."""
+        recorded = [c for c in read_recorded_children(self.pids_path) if c.is_running()]
+        services = [c for c in recorded if c.name in _SERVICES]
+        infrastructure = [c for c in recorded if c.name not in _SERVICES]
+        killed: set[str] = set()
+        for batch in (services, infrastructure):
+            for child in batch:
+                if child.is_running():
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(child.pid, signal.SIGTERM)
+            deadline = time.monotonic() + self.grace_s
+            while any(c.group_running() for c in batch) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            for child in batch:
+                if child.group_running():
+                    killed.add(child.name)
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(child.pid, signal.SIGKILL)
+        deadline = time.monotonic() + self.grace_s
+        while any(c.group_running() for c in recorded) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return [StoppedChild(c.name, c.pid, c.name in killed) for c in recorded]
 
     # ---------------------------------------------------------------------------------------
     # Lifecycle
     # ---------------------------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Start everything and return once all of it answers; on any failure, stop it all."""
+    def start(self, report: Callable[[str], None] | None = None) -> None:
+        """Start everything and return once all of it answers; on any failure, stop it all.
+
+        Children that an earlier `dev` left running when it was killed are stopped first, with
+        one line to `report`."""
         owner = self.running_stack()
         if owner is not None:
             raise AlreadyRunning(self.state_dir, owner)
-        self.check_endpoints()
-        self._hold_lock()
+        self._check_endpoint_settings()
+        if self.pids_path.exists():
+            # Held while the leftovers are stopped, so a `dev` that starts meanwhile is refused
+            # instead of having its own new children taken for them.
+            self._hold_lock()
+        try:
+            stopped = self.stop_leftovers()
+            if stopped and report is not None:
+                report(stopped_leftovers_line(self.state_dir, stopped))
+            self._check_ports_free()
+            if self._lock_file is None:
+                self._hold_lock()
+        except BaseException:
+            self._release_lock()
+            raise
         try:
             self._prepare_state()
             temporal = self._start_temporal()
@@ -839,6 +893,7 @@ class DevStack:
         log_path = self.logs_dir / f"{name.lower().replace(' ', '-')}.log"
         env = env if env is not None else self._child_env()
         child = Child(name, _spawn(command, env, log_path), log_path, command, env)
+        child.start_ticks = process_start_ticks(child.pid)
         self.children.append(child)
         self._write_pids()
         return child
@@ -849,6 +904,7 @@ class DevStack:
         _signal_group(child, signal.SIGKILL)
         child.popen.wait()
         child.popen = _spawn(child.command, child.env, child.log_path)
+        child.start_ticks = process_start_ticks(child.pid)
         child.started_at = time.monotonic()
         child.restart_at = None
         child.restarts += 1
@@ -858,7 +914,11 @@ class DevStack:
     def _write_pids(self) -> None:
         # Atomically: a reader (a second `dev`, a test) never sees half a file.
         tmp = self.pids_path.with_name(f".{PIDS_NAME}.tmp")
-        tmp.write_text(json.dumps({c.name: c.pid for c in self.children}))
+        recorded = {
+            c.name: {"pid": c.pid, "pgid": c.pid, "start_ticks": c.start_ticks}
+            for c in self.children
+        }
+        tmp.write_text(json.dumps(recorded))
         os.replace(tmp, self.pids_path)
 
     def _child_env(self) -> dict[str, str]:
@@ -964,3 +1024,132 @@ def _exit_reason(child: Child) -> str:
 def _signal_group(child: Child, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(child.pid, sig)
+
+
+# ------------------------------------------------------------------------------------------------
+# The children an earlier `dev` left running
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _ProcStat:
+    state: str
+    pgrp: int
+    session: int
+    start_ticks: int
+
+    @property
+    def running(self) -> bool:
+        # Z: exited, not yet reaped (an orphan whose new parent never reaps it stays so); X: dead.
+        return self.state not in ("Z", "X")
+
+
+def _proc_stat(pid: int) -> _ProcStat | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    # Field 2 (comm) is in parentheses and may itself hold spaces or ')': split after the last.
+    fields = raw[raw.rfind(b")") + 2 :].split()
+    try:
+        return _ProcStat(
+            state=fields[0].decode("ascii", "replace"),
+            pgrp=int(fields[2]),
+            session=int(fields[3]),
+            start_ticks=int(fields[19]),
+        )
+    except (IndexError, ValueError):
+        return None
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """When the process `pid` started (clock ticks since boot), from /proc; None if it is gone."""
+    stat = _proc_stat(pid)
+    return stat.start_ticks if stat is not None else None
+
+
+@dataclass(frozen=True)
+class RecordedChild:
+    """A child as `dev.pids` records it: its pid leads a process group (and session) of its own."""
+
+    name: str
+    pid: int
+    start_ticks: int | None
+
+    def is_running(self) -> bool:
+        """Whether the recorded process itself still runs: same pid *and* start time, so a
+        process that got its pid later is never taken for it."""
+        stat = _proc_stat(self.pid)
+        return (
+            self.start_ticks is not None
+            and stat is not None
+            and stat.running
+            and stat.start_ticks == self.start_ticks
+        )
+
+    def group_running(self) -> list[int]:
+        """Running processes of its group: its session, started no earlier than it. The kernel
+        gives the pid to no other process while the group has members."""
+        if self.start_ticks is None:
+            return []
+        leader = _proc_stat(self.pid)
+        if leader is not None and leader.start_ticks != self.start_ticks:
+            return []  # the pid is another process's now, so the group it led is empty
+        members = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            stat = _proc_stat(int(entry.name))
+            if (
+                stat is not None
+                and stat.running
+                and stat.pgrp == self.pid
+                and stat.session == self.pid
+                and stat.start_ticks >= self.start_ticks
+            ):
+                members.append(int(entry.name))
+        return members
+
+
+def read_recorded_children(path: Path) -> list[RecordedChild]:
+    """The children a `dev` recorded in `path` (dev.pids); an entry without a start time (a
+    file from before start times were recorded) can never be verified, so it is never signalled."""
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(recorded, dict):
+        return []
+    children = []
+    for name, entry in recorded.items():
+        try:
+            if isinstance(entry, dict):
+                ticks = entry.get("start_ticks")
+                children.append(
+                    RecordedChild(
+                        str(name), int(entry["pid"]), None if ticks is None else int(ticks)
+                    )
+                )
+            else:
+                children.append(RecordedChild(str(name), int(entry), None))
+        except (KeyError, TypeError, ValueError):
+            continue
+    return children
+
+
+@dataclass(frozen=True)
+class StoppedChild:
+    name: str
+    pid: int
+    killed: bool  # it outlived SIGTERM's grace and got SIGKILL
+
+
+def stopped_leftovers_line(state_dir: Path, stopped: list[StoppedChild]) -> str:
+    """The one line that says what a killed `dev` had left running and this one stopped."""
+    names = ", ".join(f"{c.name} pid {c.pid}" for c in stopped)
+    killed = [c.name for c in stopped if c.killed]
+    late = f" ({', '.join(killed)} only by SIGKILL)" if killed else ""
+    return (
+        f"an earlier `loratrain dev` with state in {state_dir} ended without stopping its "
+        f"children; stopped them{late}: {names}"
+    )
