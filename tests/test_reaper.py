@@ -7,9 +7,12 @@ instances (sleeping child processes); the schedule that starts it needs the dev 
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -273,3 +276,16 @@ async def wait_until(condition: Any, timeout_s: float = 30.0) -> None:
     while not condition():
         assert loop.time() < deadline, "condition not met in time"
         await asyncio.sleep(0.1)
+
+
+def in_words(interval: timedelta) -> str:
+    """'minute', '5 minutes', '30 seconds': how the README says an interval."""
+    seconds = int(interval.total_seconds())
+    count, unit = (seconds // 60, "minute") if seconds % 60 == 0 else (seconds, "second")
+    return unit if count == 1 else f"{count} {unit}s"
+
+
+def test_the_readme_says_how_often_the_reaper_runs() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    said = re.findall(r"Temporal Schedule `loratrain-reaper`, every ([^,]+),", readme)
+    assert said == [in_words(REAPER_INTERVAL)], "README.md: the reaper's interval"
