@@ -312,6 +312,37 @@ async def test_download_checks_the_model_and_logs_prints_the_run_log(
     assert printed.stdout == log_text
 
 
+async def test_status_lists_the_loss_of_every_epoch_and_marks_the_kept_one(
+    dev_env: WorkflowEnvironment,
+    quiet_worker: tuple[Settings, RecordingProvider],
+    s3: Any,
+    workdir: Path,
+) -> None:
+    settings, _ = quiet_worker
+    env = cli_env(settings, dev_address(dev_env))
+    request = make_request(put_dataset(s3, settings.bucket, "cats/"), local_model(workdir))
+    handle = await start_run(dev_env.client, settings, request)
+    await wait_for_status(handle, RunStatusName.PENDING_GPU)
+    model_key = f"runs/{handle.id}/{handle.first_execution_run_id}/model/lora.safetensors"
+    s3.put_object(Bucket=settings.bucket, Key=model_key, Body=MODEL_BYTES)
+    *trained, completed, uploaded = ScriptedEvents(handle.id).happy_path(
+        model_key, MODEL_BYTES, epochs=3
+    )
+    # The second of three epochs has the lowest loss: its LoRA is the one uploaded and kept.
+    completed = completed.model_copy(
+        update={"data": {"epoch_losses": [0.21, 0.18, 0.19], "best_epoch": 2}}
+    )
+    uploaded = uploaded.model_copy(update={"data": {**uploaded.data, "epoch": 2, "loss": 0.18}})
+    for event in [*trained, completed, uploaded]:
+        await relay_event(handle, event)
+    await wait_for_status(handle, RunStatusName.COMPLETED)
+
+    shown = await asyncio.to_thread(cli, ["status", handle.id], env)
+
+    assert shown.exit_code == 0, shown.output
+    assert "epoch losses 1: 0.2100  2: 0.1800 (kept)  3: 0.1900" in shown.output.splitlines()
+
+
 # ------------------------------------------------------------------------------------------------
 # The worker is down: every command exits cleanly, in one line
 # ------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -123,9 +124,12 @@ async def test_a_model_lookup_that_keeps_failing_shows_its_attempt_and_last_erro
         assert entry["attempt"] >= 2
         assert entry["last_error"] == f"{expected_error}; will retry"
         assert entry["error_type"] == "CivitaiUnavailable"
-        # The rest is the RunStatus, as before.
-        status = RunStatus.model_validate({k: v for k, v in waiting.items() if k != "waiting_on"})
+        # All of it is a RunStatus, what it waits on included: a client parses it as one.
+        status = RunStatus.model_validate(waiting)
         assert status.run_id == handle.id
+        assert [(w.activity, w.error_type) for w in status.waiting_on] == [
+            ("resolve_model", "CivitaiUnavailable")
+        ]
 
         shown = await asyncio.to_thread(cli, ["status", handle.id], env)
         assert "waiting on   resolve the base model: attempt " in shown.output, shown.output
@@ -146,8 +150,10 @@ async def test_a_model_lookup_that_keeps_failing_shows_its_attempt_and_last_erro
                 watch.wait_for_line, "waiting on resolve the base model: attempt", 30
             )
             assert expected_error in line
-            first = await asyncio.to_thread(watch_json.wait_for_line, '"waiting_on"', 30)
-            assert json.loads(first)["waiting_on"][0]["activity"] == "resolve_model"
+            first = await asyncio.to_thread(
+                watch_json.wait_for_line, re.compile(r'"waiting_on":\[\{'), 30
+            )
+            assert RunStatus.model_validate_json(first).waiting_on[0].activity == "resolve_model"
 
             await handle.cancel()
 
@@ -156,6 +162,7 @@ async def test_a_model_lookup_that_keeps_failing_shows_its_attempt_and_last_erro
             await asyncio.to_thread(watch_json.finish, 30)
             last = RunStatus.model_validate_json(watch_json.output.splitlines()[-1])
             assert last.status == RunStatusName.CANCELLED
+            assert last.waiting_on == []  # an ended run waits on nothing
         finally:
             watch.kill()
             watch_json.kill()

@@ -42,11 +42,11 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from gpu_runner.protocol import RunId, TrainingConfig
-from workflows.models import RunStatus, RunStatusName, TrainingRequest
+from workflows.models import RunStatus, RunStatusName, TrainingRequest, WaitingOn
 
 from .converter import CodecKeyError
 from .settings import DEV_ENV_NAME, SEARCH_ATTRIBUTE, Settings
-from .waiting import WaitingOn, status_json, waiting_on, watch_waiting
+from .waiting import status_json, waiting_on, watch_waiting
 
 # Imported where used: the stack (boto3) and the dataset checks (Pillow) cost every command that
 # only asks Temporal a question a second of start-up.
@@ -682,7 +682,9 @@ def _print_status(st: RunStatus, waiting: Sequence[WaitingOn] = ()) -> None:
             ("GPU", escape(f"{gpu.gpu_name or '?'} ({gpu.provider} {gpu.instance_id}{price})"))
         )
     rows.append(("cost", f"${st.cost_usd:.2f}"))
-    if st.best_checkpoint is not None:
+    if st.epoch_losses:
+        rows.append(("epoch losses", _epoch_losses_text(st)))
+    elif st.best_checkpoint is not None:
         rows.append(("best epoch", str(st.best_checkpoint)))
     if st.result is not None:
         r = st.result
@@ -700,6 +702,19 @@ def _print_status(st: RunStatus, waiting: Sequence[WaitingOn] = ()) -> None:
         rows.append(("history" if i == 0 else "", f"{_local_time(change.at)}  {change.status}"))
     for label, value in rows:
         out.print(f"[bold]{label:<12}[/] {value}", highlight=False)
+
+
+def _epoch_losses_text(st: RunStatus) -> str:
+    """`1: 0.2100  2: 0.1800 (kept)  3: 0.1900`: the epoch whose LoRA is the run's model, or
+    before the upload the one of the lowest loss."""
+    if st.result is not None:
+        marked, mark = st.result.epoch or st.best_checkpoint, "kept"
+    else:
+        marked, mark = st.best_checkpoint, "lowest"
+    return "  ".join(
+        f"{epoch}: {loss:.4f}" + (f" ({mark})" if epoch == marked else "")
+        for epoch, loss in enumerate(st.epoch_losses, 1)
+    )
 
 
 def _reached_gpu(st: RunStatus) -> bool:
@@ -840,15 +855,20 @@ async def _watch(settings: Settings, run_id: str, as_json: bool) -> None:
     if as_json:
         printed: set[tuple[int, str | None]] = set()
         latest = st
+        # Every line carries what the run waits on as last seen; an ended run waits on nothing.
+        waiting_now: list[WaitingOn] = []
 
         def print_json(st: RunStatus) -> None:
             nonlocal latest
             latest = st
             if (st.version, st.execution_status) not in printed:  # a quiet poll repeats one
                 printed.add((st.version, st.execution_status))
-                typer.echo(st.model_dump_json())
+                ended = st.status.terminal or st.execution_status
+                typer.echo(status_json(st, [] if ended else waiting_now))
 
         def print_waiting(waiting: list[WaitingOn]) -> None:
+            nonlocal waiting_now
+            waiting_now = waiting
             typer.echo(status_json(latest, waiting))
 
         final = await _showing_waits(

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, timedelta
 from typing import Any
 
-from pydantic import BaseModel
 from temporalio.api.enums.v1 import PendingActivityState
 from temporalio.api.failure.v1 import Failure
 from temporalio.api.workflow.v1 import PendingActivityInfo
@@ -28,7 +26,7 @@ from temporalio.converter import DataConverter
 from temporalio.exceptions import ApplicationError, FailureError
 from temporalio.service import RPCError
 
-from workflows.models import RunStatus
+from workflows.models import RunStatus, WaitingOn
 
 # What each of the run's activities does, as the workflow's activity summaries say it.
 _WHAT = {
@@ -52,32 +50,6 @@ _STATES = {
 WAITING_POLL_S = 2.0
 _DESCRIBE_TIMEOUT = timedelta(seconds=10)
 _MAX_ERROR_CHARS = 500
-
-
-class WaitingOn(BaseModel):
-    """One activity of the run that has failed at least once and is being retried."""
-
-    activity: str  # the activity type
-    waiting_for: str  # what it does, in words
-    attempt: int  # the attempt running or due next
-    maximum_attempts: int | None = None  # None: until the status's deadline
-    state: str  # scheduled (waiting for its next attempt), started, cancel_requested
-    last_error: str | None = None
-    error_type: str | None = None
-    next_attempt_at: datetime | None = None
-
-    def describe(self) -> str:
-        """One line: what, which attempt, when the next one starts, and why the last failed."""
-        attempt = f"attempt {self.attempt}"
-        if self.maximum_attempts:
-            attempt += f" of {self.maximum_attempts}"
-        if self.next_attempt_at is not None:
-            attempt += f", next at {self.next_attempt_at.astimezone():%H:%M:%S}"
-        error = ""
-        if self.last_error:
-            kind = f" ({self.error_type})" if self.error_type else ""
-            error = f"; last error{kind}: {self.last_error}"
-        return f"{self.waiting_for}: {attempt}{error}"
 
 
 async def waiting_on(
@@ -127,14 +99,8 @@ async def _failure_text(failure: Failure, converter: DataConverter) -> tuple[str
 
 
 def status_json(st: RunStatus, waiting: Sequence[WaitingOn], indent: int | None = None) -> str:
-    """The RunStatus as JSON, with `waiting_on` added while any activity retries."""
-    if not waiting:
-        return st.model_dump_json(indent=indent)
-    data: dict[str, Any] = st.model_dump(mode="json")
-    data["waiting_on"] = [w.model_dump(mode="json") for w in waiting]
-    # Laid out as pydantic lays out the RunStatus alone: compact on one line, or indented.
-    separators = (",", ":") if indent is None else None
-    return json.dumps(data, indent=indent, separators=separators, ensure_ascii=False)
+    """The RunStatus as JSON, its `waiting_on` what Temporal says the run retries now."""
+    return st.model_copy(update={"waiting_on": list(waiting)}).model_dump_json(indent=indent)
 
 
 def signature(waiting: Sequence[WaitingOn]) -> tuple[tuple[str, int, str | None], ...]:

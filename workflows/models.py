@@ -198,6 +198,33 @@ class RunError(_Model):
     log_tail: list[str] = Field(default_factory=list)
 
 
+class WaitingOn(_Model):
+    """One activity of the run that has failed at least once and is being retried, as Temporal
+    describes it (see worker/waiting.py)."""
+
+    activity: str  # the activity type
+    waiting_for: str  # what it does, in words
+    attempt: int  # the attempt running or due next
+    maximum_attempts: int | None = None  # None: until the status's deadline
+    state: str  # scheduled (waiting for its next attempt), started, cancel_requested
+    last_error: str | None = None
+    error_type: str | None = None
+    next_attempt_at: datetime | None = None
+
+    def describe(self) -> str:
+        """One line: what, which attempt, when the next one starts, and why the last failed."""
+        attempt = f"attempt {self.attempt}"
+        if self.maximum_attempts:
+            attempt += f" of {self.maximum_attempts}"
+        if self.next_attempt_at is not None:
+            attempt += f", next at {self.next_attempt_at.astimezone():%H:%M:%S}"
+        error = ""
+        if self.last_error:
+            kind = f" ({self.error_type})" if self.error_type else ""
+            error = f"; last error{kind}: {self.last_error}"
+        return f"{self.waiting_for}: {attempt}{error}"
+
+
 class RunStatus(_Model):
     """What the `status` query answers; `version` grows by one on every change."""
 
@@ -228,4 +255,9 @@ class RunStatus(_Model):
         default=None,
         description="Set by clients from Temporal, never by the workflow: 'terminated' or "
         "'timed_out' when Temporal ended the run before it reached a final status.",
+    )
+    waiting_on: list[WaitingOn] = Field(
+        default_factory=list,
+        description="Set by clients from Temporal, never by the workflow: the run's activities "
+        "that failed and are being retried (why the status does not move); empty otherwise.",
     )
