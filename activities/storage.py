@@ -66,6 +66,8 @@ _ACCESS_ERRORS = frozenset(
 
 MAX_CAPTION_BYTES = 64 * 1024
 MAX_LOG_BYTES = 16 * 1024 * 1024  # the runner uploads only the end of a longer log
+# A .tar.gz of TensorBoard scalars: a few MB for a long run; a larger one is not uploaded.
+MAX_TENSORBOARD_BYTES = 64 * 1024 * 1024
 ZIP_PART_BYTES = 16 * 1024 * 1024  # smallest multipart part: bounds memory, allows 160 GB zips
 READ_CHUNK_BYTES = 1024 * 1024
 # Every entry gets this timestamp so the same dataset always gives the same zip bytes.
@@ -260,6 +262,8 @@ class StorageActivities:
             key=input.output.key or f"{prefix}/model/{training.output_name}.safetensors",
         )
         log = run_log_location(self.settings.bucket, prefix, input.attempt)
+        tensorboard = run_tensorboard_location(self.settings.bucket, prefix, input.attempt)
+        upload_ttl_s = input.upload_url_ttl_s or self.settings.upload_url_ttl_s
         bound_to = input.execution if input.events_name_execution else None
         # The key only travels to boxes that need it to download the model.
         civitai_api_key = None
@@ -294,21 +298,10 @@ class StorageActivities:
             webhook_secret=derive_run_secret(
                 self.settings.require_master_secret(), input.run_id, bound_to
             ),
-            upload=UploadTarget(
-                url=self._presign(
-                    "put_object", output, input.upload_url_ttl_s or self.settings.upload_url_ttl_s
-                ),
-                bucket=output.bucket,
-                key=output.key,
-                max_bytes=self.settings.max_model_bytes,
-            ),
-            log_upload=UploadTarget(
-                url=self._presign(
-                    "put_object", log, input.upload_url_ttl_s or self.settings.upload_url_ttl_s
-                ),
-                bucket=log.bucket,
-                key=log.key,
-                max_bytes=MAX_LOG_BYTES,
+            upload=self._upload_target(output, self.settings.max_model_bytes, upload_ttl_s),
+            log_upload=self._upload_target(log, MAX_LOG_BYTES, upload_ttl_s),
+            tensorboard_upload=self._upload_target(
+                tensorboard, MAX_TENSORBOARD_BYTES, upload_ttl_s
             ),
             limits=input.limits,
         )
@@ -325,6 +318,15 @@ class StorageActivities:
                 "get_object", location, input.job_url_ttl_s or self.settings.job_url_ttl_s
             ),
             output=output,
+        )
+
+    def _upload_target(self, location: S3Location, max_bytes: int, ttl_s: int) -> UploadTarget:
+        """A presigned PUT of `location` for the runner."""
+        return UploadTarget(
+            url=self._presign("put_object", location, ttl_s),
+            bucket=location.bucket,
+            key=location.key,
+            max_bytes=max_bytes,
         )
 
     @activity.defn
@@ -814,6 +816,13 @@ def run_log_location(bucket: str, prefix: str, attempt: int) -> S3Location:
     """Where a GPU attempt's runner uploads the run's log: `<run prefix>/logs/attempt-<n>.log`
     (`loratrain logs` reads every attempt's)."""
     return S3Location(bucket=bucket, key=f"{prefix}/logs/attempt-{attempt}.log")
+
+
+def run_tensorboard_location(bucket: str, prefix: str, attempt: int) -> S3Location:
+    """Where a GPU attempt's runner uploads its trainer's TensorBoard logs, a .tar.gz:
+    `<run prefix>/tensorboard/attempt-<n>.tar.gz`, beside `logs/` rather than in it
+    (`loratrain logs` prints every file there as text)."""
+    return S3Location(bucket=bucket, key=f"{prefix}/tensorboard/attempt-{attempt}.tar.gz")
 
 
 def _folder(prefix: str) -> str:

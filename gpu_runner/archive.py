@@ -1,8 +1,10 @@
-"""Unzip the images archive without trusting it: no escaping paths, no links, no zip bombs."""
+"""Unzip the images archive without trusting it: no escaping paths, no links, no zip bombs.
+Pack a folder the trainer wrote (its TensorBoard logs) into a .tar.gz to upload."""
 
 from __future__ import annotations
 
 import stat
+import tarfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -108,3 +110,20 @@ def safe_extract(zip_path: Path, dest: Path, *, max_bytes: int) -> ExtractedData
         if image_count == 0:
             raise ArchiveError("the images zip holds no images (.png .jpg .jpeg .webp)")
         return ExtractedDataset(image_count=image_count, bytes=written, files=files)
+
+
+def pack_folder(folder: Path, dest: Path) -> int:
+    """Write the regular files under `folder` to the .tar.gz `dest`, named relative to `folder`;
+    how many. With none (or no folder), no archive is written and the answer is 0."""
+    files = (
+        sorted(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+        if folder.is_dir()
+        else []
+    )
+    dest.unlink(missing_ok=True)
+    if not files:
+        return 0
+    with tarfile.open(dest, "w:gz") as archive:
+        for path in files:
+            archive.add(path, arcname=path.relative_to(folder).as_posix(), recursive=False)
+    return len(files)

@@ -225,6 +225,8 @@ class JobSpec(_Model):
     upload: UploadTarget
     # Presigned PUT for the run's full log (runner and trainer output, secrets redacted).
     log_upload: UploadTarget | None = None
+    # Presigned PUT for a .tar.gz of the trainer's TensorBoard logs, uploaded with the log.
+    tensorboard_upload: UploadTarget | None = None
     limits: RunnerLimits = RunnerLimits()
 
     def secrets(self) -> list[str]:

@@ -14,6 +14,7 @@ import logging
 import re
 import signal
 import sys
+import tarfile
 import time
 from collections.abc import Coroutine, Iterable
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any, NoReturn, TypeVar, cast
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from gpu_runner.archive import ArchiveError, safe_extract
+from gpu_runner.archive import ArchiveError, pack_folder, safe_extract
 from gpu_runner.downloads import DownloadError, DownloadResult, DownloadSpec, download, redact_url
 from gpu_runner.events import EventSender
 from gpu_runner.protocol import (
@@ -66,6 +67,7 @@ LOG_UPLOAD_MAX_BYTES = 16 * 1024 * 1024
 # A log is worth a short wait, not holding the GPU: the model upload is the patient one.
 LOG_UPLOAD_PATIENCE_S = 60.0
 LOG_FILE_NAME = "run.log"
+TENSORBOARD_ARCHIVE_NAME = "tensorboard.tar.gz"
 JOB_FETCH_ATTEMPTS = 4
 STOP_TRAINER_TIMEOUT_S = 30.0
 TERMINATE_FLUSH_S = 8.0  # docker stop waits 10 s before SIGKILL
@@ -258,6 +260,7 @@ class Runner:
         self._images_ready = asyncio.Event()
         self._training = False
         self._last_step: int | None = None
+        self._prepared: PreparedTraining | None = None
         self._upload_retry: tuple[int, str] | None = None
         self._log_file: logging.Handler | None = None
         self._log_level_before = logging.NOTSET
@@ -313,7 +316,7 @@ class Runner:
                     return await self._flush_and_exit(EXIT_OK)
                 failure = self._as_step_failed(error)
                 self._log_failure(failure)
-                await self._upload_log()
+                await self._upload_run_logs()
                 self._send_failure(failure)
                 return await self._flush_and_exit(EXIT_FAILED)
             if terminated in done:
@@ -335,7 +338,7 @@ class Runner:
                 f"the run took longer than its limit of {self.spec.limits.max_runtime_s} s",
             )
             self._log_failure(failure)
-            await self._upload_log()
+            await self._upload_run_logs()
             self._send_failure(failure)
             return await self._flush_and_exit(EXIT_FAILED)
         finally:
@@ -453,6 +456,49 @@ class Runner:
             logger.setLevel(self._log_level_before)
             handler.close()
 
+    async def _upload_run_logs(self) -> None:
+        """The trainer's TensorBoard logs, then the run's log (which says how that went)."""
+        await self._upload_tensorboard()
+        await self._upload_log()
+
+    async def _upload_tensorboard(self) -> None:
+        """PUT a .tar.gz of the trainer's TensorBoard logs, if the job asks for them and the
+        trainer wrote any; like the log, they never fail the run."""
+        target, prepared = self.spec.tensorboard_upload, self._prepared
+        if target is None or prepared is None or prepared.tensorboard_dir is None:
+            return
+        archive = self.run_dir / TENSORBOARD_ARCHIVE_NAME
+        try:
+            files = await asyncio.to_thread(pack_folder, prepared.tensorboard_dir, archive)
+            size = archive.stat().st_size if files else 0
+        except (OSError, tarfile.TarError) as e:
+            log.warning("could not pack the TensorBoard logs: %s", self._redact(str(e)))
+            return
+        if not files:
+            log.info("the trainer wrote no TensorBoard logs")
+            return
+        if size > target.max_bytes:
+            log.warning(
+                "not uploading the TensorBoard logs: %d bytes packed, over the limit of %d",
+                size,
+                target.max_bytes,
+            )
+            return
+        try:
+            await upload_file(
+                self._http,
+                target.url,
+                archive,
+                max_bytes=target.max_bytes,
+                retry_initial_s=self.settings.runner_retry_initial_s,
+                retry_max_s=self.settings.runner_retry_max_s,
+                give_up_after_s=LOG_UPLOAD_PATIENCE_S,
+            )
+        except (UploadError, OSError) as e:
+            log.warning("could not upload the TensorBoard logs: %s", self._redact(str(e)))
+        else:
+            log.info("uploaded the TensorBoard logs (%d files) to %s", files, target.key)
+
     async def _upload_log(self) -> None:
         """PUT the log so far; a log that cannot be uploaded never fails the run."""
         handler, target = self._log_file, self.spec.log_upload
@@ -500,7 +546,7 @@ class Runner:
             cuda=self._gpu_found,
         )
         inputs.output_dir.mkdir(parents=True, exist_ok=True)
-        prepared = await asyncio.to_thread(trainer.prepare, inputs)
+        prepared = self._prepared = await asyncio.to_thread(trainer.prepare, inputs)
         self._emit(
             "files.ready",
             FilesReadyData(
@@ -698,7 +744,7 @@ class Runner:
             ) from None
         log.info("uploaded %s (%d bytes) to %s", result.checkpoint.name, uploaded.bytes, target.key)
         # Before model.uploaded: once the upload is verified, the GPU may be taken away.
-        await self._upload_log()
+        await self._upload_run_logs()
         self._emit(
             "model.uploaded",
             ModelUploadedData(

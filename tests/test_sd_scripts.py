@@ -38,6 +38,7 @@ from gpu_runner.trainers.sd_scripts import (
     parse_epoch,
     parse_interval,
 )
+from tests.runner.support import safetensors_metadata, tensorboard_scalars
 
 REPO = Path(__file__).resolve().parent.parent
 STANDIN = REPO / "tests" / "sd_scripts_standin"
@@ -489,6 +490,60 @@ async def test_stop_leaves_no_process_of_the_group(
     with pytest.raises(TrainerError) as raised:
         await training
     assert raised.value.code == "trainer_stopped"
+
+
+# --------------------------------------------------------------------------------------------
+# What a run leaves besides the losses: the LoRA's metadata, TensorBoard logs
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("family", "plain"), [("sd15", False), ("sdxl", False), ("sd15", True)])
+async def test_every_checkpoint_names_the_pinned_commit_and_the_runs_resolution(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, family: BaseModelFamily, plain: bool
+) -> None:
+    """sd-scripts reads both where the image leaves nothing: its commit from git (the image
+    deletes its .git: "(unknown)") and modelspec.resolution from --resolution (without it, the
+    model type's default size, whatever the dataset config says). Also when the launcher runs
+    the script as it is (plain: no trainer hooks)."""
+    inputs = make_inputs(tmp_path, family, epochs=2, resolution=64)
+    await run_standin(tmp_path, monkeypatch, inputs, STANDIN_PLAIN="1" if plain else "0")
+
+    checkpoints = sorted(inputs.output_dir.glob("*.safetensors"))
+    assert [p.name for p in checkpoints] == ["lora-000001.safetensors", "lora.safetensors"]
+    for checkpoint in checkpoints:
+        metadata = safetensors_metadata(checkpoint.read_bytes())
+        assert metadata["ss_sd_scripts_commit_hash"] == sd_scripts.SD_SCRIPTS_COMMIT
+        assert metadata["modelspec.implementation_version"] == (
+            f"sd-scripts/{sd_scripts.SD_SCRIPTS_COMMIT}"
+        )
+        assert metadata["modelspec.resolution"] == "64x64"
+
+
+def test_a_commit_git_can_tell_is_kept() -> None:
+    """An sd-scripts that is a git checkout (dev) names its own commit, not the pinned one."""
+    told = launcher.known_commit(lambda: "0123abc", "(unknown)", "pinned")
+    untold = launcher.known_commit(lambda: "(unknown)", "(unknown)", "pinned")
+    assert (told(), untold()) == ("0123abc", "pinned")
+
+
+async def test_the_tensorboard_logs_are_where_the_prepared_training_says(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inputs = make_inputs(tmp_path, epochs=2)
+    trainer = SdScriptsTrainer(standin_settings(tmp_path))
+    prepared = trainer.prepare(inputs)
+    assert prepared.tensorboard_dir is not None
+
+    result = await trainer.train(prepared, Progress())
+
+    (events,) = prepared.tensorboard_dir.glob("*/network_train/events.out.tfevents.*")
+    averages = [
+        (step, value)
+        for tag, step, value in tensorboard_scalars(events.read_bytes())
+        if tag == "loss/epoch_average"
+    ]
+    assert [step for step, _ in averages] == [1, 2]
+    assert [value for _, value in averages] == pytest.approx(result.epoch_losses, rel=1e-6)
 
 
 def test_launcher_falls_back_to_the_script_without_trainer_hooks(tmp_path: Path) -> None:

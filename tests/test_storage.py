@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import time
 import zipfile
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
@@ -497,6 +499,37 @@ def test_job_spec_is_readable_through_its_url(settings: Settings, s3: Any) -> No
     shown = repr(ref) + str(ref)
     for secret in (ref.job_url, CIVITAI_KEY, spec.webhook_secret, spec.upload.url):
         assert secret not in shown
+
+
+def test_job_spec_has_a_put_for_tensorboard_logs_beside_the_runs_log(
+    settings: Settings, s3: Any
+) -> None:
+    upload_dataset(s3, settings.bucket, GOOD_FILES)
+    acts = StorageActivities(s3, settings)
+    images_zip = acts.build_images_zip(dataset(settings, run_id="run-job"))
+
+    job = job_input(images_zip).model_copy(update={"attempt": 2, "upload_url_ttl_s": 4321})
+
+    ref = acts.write_job_spec(job)
+
+    spec = JobSpec.model_validate_json(httpx.get(ref.job_url, timeout=10).content)
+    assert spec.log_upload is not None and spec.tensorboard_upload is not None
+    assert spec.log_upload.key == "runs/run-job/logs/attempt-2.log"
+    logs = S3Location(bucket=settings.bucket, key="runs/run-job/tensorboard/attempt-2.tar.gz")
+    assert (spec.tensorboard_upload.bucket, spec.tensorboard_upload.key) == (logs.bucket, logs.key)
+    assert spec.tensorboard_upload.max_bytes == storage.MAX_TENSORBOARD_BYTES
+
+    def ttl_s(url: str) -> float:
+        query = parse_qs(urlsplit(url).query)
+        if "X-Amz-Expires" in query:  # SigV4: the TTL
+            return float(query["X-Amz-Expires"][0])
+        return float(query["Expires"][0]) - time.time()  # SigV2: the time it expires
+
+    # Signed for as long as the log's PUT (both go up when training ends), as requested.
+    assert ttl_s(spec.tensorboard_upload.url) == pytest.approx(4321, abs=60)
+    assert ttl_s(spec.log_upload.url) == pytest.approx(4321, abs=60)
+    httpx.put(spec.tensorboard_upload.url, content=b"tar.gz", timeout=10).raise_for_status()
+    assert read_object(s3, logs) == b"tar.gz"
 
 
 def test_job_spec_uses_the_requested_output_and_the_worker_key(settings: Settings, s3: Any) -> None:

@@ -35,6 +35,8 @@ class PreparedTraining:
     paths: dict[str, str]  # files written (dataset toml, config toml, ...) for files.ready
     device: str | None = None  # where training runs: "cuda" or "cpu"
     mixed_precision: MixedPrecision | None = None  # what it runs in ("no": fp32)
+    # Where the trainer writes its TensorBoard logs; the runner uploads them when training ends.
+    tensorboard_dir: Path | None = None
 
 
 @dataclass(frozen=True)

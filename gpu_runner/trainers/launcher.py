@@ -1,6 +1,7 @@
 """Run an sd-scripts training script so that it reports exact losses as JSON lines.
 
-Usage (under `accelerate launch`): python launcher.py <sd-scripts dir>/<script>.py <script args>
+Usage (under `accelerate launch`):
+    python launcher.py [--sd-scripts-commit SHA] <sd-scripts dir>/<script>.py <script args>
 
 It imports the script as a module, subclasses its NetworkTrainer (NetworkTrainer or
 SdxlNetworkTrainer) with step_logging/epoch_logging that also print
@@ -8,6 +9,10 @@ SdxlNetworkTrainer) with step_logging/epoch_logging that also print
 what the script's `__main__` block does. sd-scripts calls those hooks only while tracking, i.e.
 with a logging_dir. When the script lacks any of that, it runs the script unchanged and the
 runner reads the tqdm bar instead.
+
+With --sd-scripts-commit, sd-scripts names that commit in the LoRA's metadata
+(ss_sd_scripts_commit_hash, modelspec.implementation_version) where it cannot ask git itself:
+the image deletes its .git, and sd-scripts would write "(unknown)".
 
 It runs in sd-scripts' Python environment: standard library only, nothing from gpu_runner.
 """
@@ -19,10 +24,22 @@ import json
 import math
 import runpy
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 EVENT_PREFIX = "@@loratrain "  # the same as gpu_runner.trainers.sd_scripts.EVENT_PREFIX
+COMMIT_OPTION = "--sd-scripts-commit"
+# Where sd-scripts asks git for its commit, and what it answers when git cannot tell.
+_COMMIT_QUESTIONS = (
+    ("library.train_util", "get_git_revision_hash", "(unknown)", "{commit}"),
+    (
+        "library.sai_model_spec",
+        "get_implementation_version",
+        "sd-scripts/unknown",
+        "sd-scripts/{commit}",
+    ),
+)
 
 
 def emit(event: dict[str, Any]) -> None:
@@ -60,6 +77,28 @@ def reporting_trainer(trainer_class: type) -> type:
     return ReportingTrainer
 
 
+def known_commit(ask_git: Callable[[], str], unknown: str, known: str) -> Callable[[], str]:
+    """sd-scripts' question to git, answered with `known` where git's answer is `unknown`."""
+
+    def answer() -> str:
+        found = ask_git()
+        return known if found == unknown else found
+
+    return answer
+
+
+def tell_commit(commit: str) -> None:
+    """Make sd-scripts' own functions name `commit` when git cannot (see the module docstring)."""
+    for module_name, function, unknown, known in _COMMIT_QUESTIONS:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        ask_git = getattr(module, function, None)
+        if callable(ask_git):
+            setattr(module, function, known_commit(ask_git, unknown, known.format(commit=commit)))
+
+
 def _load(script: Path) -> tuple[Any, Any, type] | None:
     """The script's module, sd-scripts' train_util and the trainer class, or None."""
     try:
@@ -92,6 +131,11 @@ def _load(script: Path) -> tuple[Any, Any, type] | None:
 
 
 def main(argv: list[str]) -> None:
+    commit = None
+    if argv[:1] == [COMMIT_OPTION]:
+        commit, argv = (argv[1], argv[2:]) if len(argv) > 1 else ("", [])
+    if not argv:
+        sys.exit(f"usage: launcher.py [{COMMIT_OPTION} SHA] <sd-scripts script> [script args...]")
     script = Path(argv[0]).resolve()
     script_args = argv[1:]
     # Python put this file's folder first on the path; sd-scripts' folder belongs there.
@@ -100,6 +144,8 @@ def main(argv: list[str]) -> None:
     sys.path.insert(0, str(script.parent))
     sys.argv = [str(script), *script_args]
     loaded = _load(script)
+    if commit:  # after the script's own imports, so they happen in its order
+        tell_commit(commit)
     if loaded is None:
         runpy.run_path(str(script), run_name="__main__")
         return
@@ -114,6 +160,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2:
-        sys.exit("usage: launcher.py <sd-scripts script> [script args...]")
     main(sys.argv[1:])

@@ -13,6 +13,12 @@ How it fits together:
   each step's loss and each epoch's average loss as JSON lines. Where those hooks are missing,
   the launcher runs the script as it is, and the epoch losses come from the tqdm bar's
   `avr_loss` instead (see OutputTracker).
+- The LoRA's metadata names what made it: the launcher tells sd-scripts its commit
+  (SD_SCRIPTS_COMMIT) where git cannot (the image deletes sd-scripts' .git), and the training
+  arguments carry the resolution, which sd-scripts' modelspec.resolution reads from there (not
+  from the dataset config).
+- sd-scripts' TensorBoard logs (its logging_dir) are the prepared training's tensorboard_dir,
+  which the runner uploads with its log.
 - Output (stdout and stderr merged, so their order is kept) is parsed for step, epoch and loss;
   the checkpoint of the epoch with the lowest average loss is the result.
 - `stop` signals the whole process group: accelerate alone would leave the trainer running.
@@ -157,6 +163,9 @@ class TrainingArguments(_Toml):
     # With a logging dir sd-scripts tracks to TensorBoard, and only then calls the
     # step_logging/epoch_logging hooks that the launcher reports through.
     logging_dir: str
+    # "width,height". Training reads the dataset config's; the LoRA's modelspec.resolution reads
+    # only this one (without it: 512x512, or 1024x1024 for SDXL, whatever the run trained at).
+    resolution: str
 
 
 class AccelerateConfig(_Toml):
@@ -317,12 +326,12 @@ def training_arguments(
     mixed_precision = training_precision(inputs)
     unet_only = text_encoder_lr == 0
     sdxl = inputs.family == "sdxl"
+    resolution = _required(config.resolution, "resolution")
     return TrainingArguments(
         pretrained_model_name_or_path=str(inputs.model_path),
         v2=inputs.family == "sd2",
         # SD 2.x at 768 px means the 768-v models, which predict v; the 512 px base ones do not.
-        v_parameterization=inputs.family == "sd2"
-        and _required(config.resolution, "resolution") >= 768,
+        v_parameterization=inputs.family == "sd2" and resolution >= 768,
         tokenizer_cache_dir=str(settings.runner_tokenizer_cache_dir),
         dataset_config=str(dataset_toml),
         output_dir=str(inputs.output_dir),
@@ -347,6 +356,7 @@ def training_arguments(
         # Only SDXL gains much from it, and sd-scripts allows it only without text encoder training.
         cache_text_encoder_outputs=sdxl and unet_only,
         logging_dir=str(logging_dir),
+        resolution=f"{resolution},{resolution}",
     )
 
 
@@ -661,6 +671,7 @@ class SdScriptsTrainer:
             },
             device=device,
             mixed_precision=arguments.mixed_precision,
+            tensorboard_dir=logging_dir,
         )
 
     def command(self, prepared: PreparedTraining) -> list[str]:
@@ -689,6 +700,8 @@ class SdScriptsTrainer:
             "--num_cpu_threads_per_process",
             "1",
             str(LAUNCHER_PATH),
+            "--sd-scripts-commit",
+            SD_SCRIPTS_COMMIT,
             str(script),
             "--config_file",
             prepared.paths["training_config"],

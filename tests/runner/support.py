@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import json
 import os
 import re
 import stat
+import struct
 import subprocess
 import sys
 import time
@@ -200,6 +202,10 @@ class Job:
     def log_key(self) -> str:
         return f"runs/{self.spec.run_id}/logs/attempt-1.log"
 
+    @property
+    def tensorboard_key(self) -> str:
+        return f"runs/{self.spec.run_id}/tensorboard/attempt-1.tar.gz"
+
 
 def presigned_get(s3: Any, bucket: str, key: str) -> str:
     return str(
@@ -233,12 +239,15 @@ def make_job(
     run_id: str | None = None,
     upload_s3: Any = None,
     log_upload: bool = False,
+    tensorboard_upload: bool = False,
     training: TrainingConfig | None = None,
 ) -> Job:
     """Put the images (and, unless `model_url` is given, the model) in S3 and write job.json.
 
     `upload_s3`: the client that presigns the uploads (one pointed at a proxy); `log_upload`:
-    the job also gets a presigned PUT for the run's log at `runs/<run_id>/logs/attempt-1.log`.
+    the job also gets a presigned PUT for the run's log at `runs/<run_id>/logs/attempt-1.log`;
+    `tensorboard_upload`: one for the TensorBoard logs at
+    `runs/<run_id>/tensorboard/attempt-1.tar.gz`.
     """
     run_id = run_id or f"run-{uuid.uuid4().hex[:10]}"
     images_zip = dataset_zip() if images_zip is None else images_zip
@@ -253,17 +262,13 @@ def make_job(
             "put_object", Params={"Bucket": bucket, "Key": upload_key}, ExpiresIn=900
         )
     )
-    log_key = f"runs/{run_id}/logs/attempt-1.log"
-    log_target = UploadTarget(
-        url=str(
-            upload_s3.generate_presigned_url(
-                "put_object", Params={"Bucket": bucket, "Key": log_key}, ExpiresIn=900
-            )
-        ),
-        bucket=bucket,
-        key=log_key,
-        max_bytes=1024 * 1024,
-    )
+
+    def put_target(key: str) -> UploadTarget:
+        url = upload_s3.generate_presigned_url(
+            "put_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=900
+        )
+        return UploadTarget(url=str(url), bucket=bucket, key=key, max_bytes=1024 * 1024)
+
     spec = JobSpec(
         run_id=run_id,
         images=ImagesSource(
@@ -289,7 +294,12 @@ def make_job(
         upload=UploadTarget(
             url=upload_url, bucket=bucket, key=upload_key, max_bytes=max_upload_bytes
         ),
-        log_upload=log_target if log_upload else None,
+        log_upload=put_target(f"runs/{run_id}/logs/attempt-1.log") if log_upload else None,
+        tensorboard_upload=(
+            put_target(f"runs/{run_id}/tensorboard/attempt-1.tar.gz")
+            if tensorboard_upload
+            else None
+        ),
         limits=limits
         or RunnerLimits(max_runtime_s=120, orphan_timeout_s=20, heartbeat_interval_s=1),
     )
@@ -380,6 +390,91 @@ def wait_until(predicate: Any, timeout_s: float) -> bool:
             return True
         time.sleep(0.02)
     return bool(predicate())
+
+
+# --------------------------------------------------------------------------------------------
+# What a run leaves behind: safetensors metadata, TensorBoard event files
+# --------------------------------------------------------------------------------------------
+
+
+def safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The `__metadata__` of a .safetensors file: 8 bytes little-endian length, then JSON."""
+    (size,) = struct.unpack("<Q", data[:8])
+    metadata: dict[str, str] = json.loads(data[8 : 8 + size]).get("__metadata__", {})
+    return metadata
+
+
+def tensorboard_scalars(data: bytes) -> list[tuple[str, int, float]]:
+    """(tag, step, value) of every scalar in a TensorBoard event file.
+
+    Event files are TFRecords (length, masked CRC-32C of it, the Event protobuf, its masked
+    CRC-32C); an Event has the step in field 2 and a Summary in field 5, whose values (field 1)
+    have a tag (1) and a simple_value (2, float32). The CRCs are checked: a cut file fails here.
+    """
+    scalars = []
+    offset = 0
+    while offset < len(data):
+        (length,) = struct.unpack_from("<Q", data, offset)
+        (length_crc,) = struct.unpack_from("<I", data, offset + 8)
+        record = data[offset + 12 : offset + 12 + length]
+        (record_crc,) = struct.unpack_from("<I", data, offset + 12 + length)
+        assert length_crc == _masked_crc32c(data[offset : offset + 8]), "bad length CRC"
+        assert record_crc == _masked_crc32c(record), "bad record CRC"
+        offset += 16 + length
+        event = _proto_fields(record)
+        step = int(event.get(2, [0])[0])
+        for summary in event.get(5, []):
+            for value in _proto_fields(bytes(summary)).get(1, []):
+                fields = _proto_fields(bytes(value))
+                if 1 in fields and 2 in fields:
+                    tag = bytes(fields[1][0]).decode()
+                    (number,) = struct.unpack("<f", bytes(fields[2][0]))
+                    scalars.append((tag, step, number))
+    return scalars
+
+
+def _proto_fields(data: bytes) -> dict[int, list[Any]]:
+    """Field number -> values (ints for varints, bytes otherwise) of one protobuf message."""
+    fields: dict[int, list[Any]] = {}
+    offset = 0
+    while offset < len(data):
+        key, offset = _varint(data, offset)
+        number, wire = key >> 3, key & 7
+        value: Any
+        if wire == 0:
+            value, offset = _varint(data, offset)
+        elif wire == 1:
+            value, offset = data[offset : offset + 8], offset + 8
+        elif wire == 2:
+            size, offset = _varint(data, offset)
+            value, offset = data[offset : offset + size], offset + size
+        elif wire == 5:
+            value, offset = data[offset : offset + 4], offset + 4
+        else:
+            raise ValueError(f"unexpected protobuf wire type {wire}")
+        fields.setdefault(number, []).append(value)
+    return fields
+
+
+def _varint(data: bytes, offset: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        byte = data[offset]
+        offset += 1
+        result |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return result, offset
+
+
+def _masked_crc32c(data: bytes) -> int:
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+    crc ^= 0xFFFFFFFF
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
 def no_secrets_in(text: str, job: Job) -> None:

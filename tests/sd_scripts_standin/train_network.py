@@ -3,8 +3,11 @@
 It reads the same --config_file and dataset TOML as sd-scripts, reads the images and captions,
 and prints what sd-scripts prints, in its formats: `epoch N/M` on stdout, the tqdm bar with
 `avr_loss` on stderr, and checkpoints named as sd-scripts names them (save_every_n_epochs: the
-last epoch is only `<output_name>.safetensors`). Like sd-scripts, it calls the trainer's
-step_logging/epoch_logging hooks only when tracking (a logging_dir is set).
+last epoch is only `<output_name>.safetensors`), with sd-scripts' metadata (ss_* and modelspec.*
+keys, computed as sd-scripts computes them). Like sd-scripts, it calls the trainer's
+step_logging/epoch_logging hooks only when tracking (a logging_dir is set), and those write
+TensorBoard event files where accelerate's tracker writes them:
+<logging_dir>/<YYYYmmddHHMMSS>/network_train/events.out.tfevents.<time>.<host>.<pid>.0.
 
 Behaviour, from the environment:
   STANDIN_MODE     ok (default) | nodata | nan | crash | slow
@@ -27,6 +30,7 @@ import argparse
 import json
 import math
 import os
+import socket
 import struct
 import subprocess
 import sys
@@ -39,7 +43,80 @@ from library.train_util import logger
 
 
 class Accelerator:
+    """accelerate's Accelerator with a TensorBoard tracker, as sd-scripts sets it up."""
+
     is_main_process = True
+
+    def __init__(self, logging_dir: str | None) -> None:
+        # library/train_util.py prepare_accelerator: <logging_dir>/<log_prefix><timestamp>
+        self.project_dir = (
+            None if logging_dir is None else f"{logging_dir}/{time.strftime('%Y%m%d%H%M%S')}"
+        )
+        self._events: EventFile | None = None
+
+    def init_trackers(self, project_name: str) -> None:
+        if self.project_dir is not None:
+            self._events = EventFile(Path(self.project_dir) / project_name)
+
+    def log(self, values: dict[str, Any], step: int) -> None:
+        if self._events is not None:
+            for tag, value in values.items():
+                self._events.scalar(tag, float(value), step)
+
+
+class EventFile:
+    """What torch's SummaryWriter writes: TFRecords of Event protobufs, one per scalar, flushed
+    as they come (so a crash keeps what was logged)."""
+
+    def __init__(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.0"
+        self.path = folder / name
+        self._write(_event(0, file_version="brain.Event:2"))
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        summary_value = _field(1, tag.encode()) + bytes([2 << 3 | 5]) + struct.pack("<f", value)
+        self._write(_event(step, summary=_field(1, summary_value)))
+
+    def _write(self, record: bytes) -> None:
+        length = struct.pack("<Q", len(record))
+        with self.path.open("ab") as f:
+            f.write(length + struct.pack("<I", _masked_crc32c(length)))
+            f.write(record + struct.pack("<I", _masked_crc32c(record)))
+
+
+def _event(step: int, *, file_version: str | None = None, summary: bytes | None = None) -> bytes:
+    """An Event: wall_time (1, double), step (2, varint), file_version (3), summary (5)."""
+    event = bytes([1 << 3 | 1]) + struct.pack("<d", time.time()) + bytes([2 << 3]) + _varint(step)
+    if file_version is not None:
+        event += _field(3, file_version.encode())
+    if summary is not None:
+        event += _field(5, summary)
+    return event
+
+
+def _field(number: int, data: bytes) -> bytes:
+    """A length-delimited protobuf field."""
+    return bytes([number << 3 | 2]) + _varint(len(data)) + data
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _masked_crc32c(data: bytes) -> int:
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+    crc ^= 0xFFFFFFFF
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
 class NetworkTrainer:
@@ -49,12 +126,12 @@ class NetworkTrainer:
     def step_logging(
         self, accelerator: Any, logs: dict[str, Any], global_step: int, epoch: int
     ) -> None:
-        """sd-scripts hands these to TensorBoard; the stand-in has none."""
+        accelerator.log(logs, step=global_step)
 
     def epoch_logging(
         self, accelerator: Any, logs: dict[str, Any], global_step: int, epoch: int
     ) -> None:
-        """sd-scripts hands these to TensorBoard; the stand-in has none."""
+        accelerator.log(logs, step=epoch)
 
     def assert_extra_args(self, args: argparse.Namespace) -> None:
         pass
@@ -64,6 +141,7 @@ class NetworkTrainer:
             _write_launch_env(os.environ["STANDIN_LAUNCH_ENV_FILE"])
         mode = os.environ.get("STANDIN_MODE", "ok")
         step_s = float(os.environ.get("STANDIN_STEP_S", "0.2" if mode in ("nan", "slow") else "0"))
+        train_util.prepare_dataset_args(args, True)
         logger.info(f"Loading dataset config from {args.dataset_config}")
         subsets = _subsets(train_util.load_dataset_config(args.dataset_config))
         num_train_images = 0
@@ -96,9 +174,30 @@ class NetworkTrainer:
         if os.environ.get("STANDIN_PIDS_FILE"):
             _spawn_grandchild()
 
+        metadata = {
+            "ss_training_started_at": time.time(),
+            "ss_output_name": args.output_name,
+            "ss_learning_rate": args.learning_rate,
+            "ss_unet_lr": args.unet_lr,
+            "ss_num_train_images": num_train_images,
+            "ss_num_batches_per_epoch": batches,
+            "ss_num_epochs": num_train_epochs,
+            "ss_max_train_steps": args.max_train_steps,
+            "ss_network_module": args.network_module,
+            "ss_network_dim": args.network_dim,
+            "ss_network_alpha": args.network_alpha,
+            "ss_mixed_precision": args.mixed_precision,
+            "ss_v2": bool(args.v2),
+            "ss_seed": args.seed,
+            "ss_sd_scripts_commit_hash": train_util.get_git_revision_hash(),
+        }
+        metadata = {k: str(v) for k, v in metadata.items()}  # as sd-scripts does
+
         epoch_losses = _epoch_losses(num_train_epochs)
         tracking = args.logging_dir is not None and hasattr(self, "step_logging")
-        accelerator = Accelerator()
+        accelerator = Accelerator(args.logging_dir)
+        if tracking:
+            accelerator.init_trackers("network_train")
         recorder = train_util.LossRecorder()
         progress_bar = train_util.ProgressBar(args.max_train_steps)
         global_step = 0
@@ -133,9 +232,30 @@ class NetworkTrainer:
                     epoch + 1,
                 )
             if (epoch + 1) % args.save_every_n_epochs == 0 and (epoch + 1) < num_train_epochs:
-                _save(args, f"{args.output_name}-{epoch + 1:06d}.safetensors", epoch + 1)
-        _save(args, f"{args.output_name}.safetensors", num_train_epochs)
+                name = f"{args.output_name}-{epoch + 1:06d}.safetensors"
+                self._save(args, name, metadata, global_step, epoch + 1)
+        self._save(args, f"{args.output_name}.safetensors", metadata, global_step, num_train_epochs)
         logger.info("model saved.")
+
+    def _save(
+        self,
+        args: argparse.Namespace,
+        name: str,
+        metadata: dict[str, str],
+        steps: int,
+        epoch: int,
+    ) -> None:
+        """A valid .safetensors file without tensors, with sd-scripts' metadata for the epoch."""
+        os.makedirs(args.output_dir, exist_ok=True)
+        path = os.path.join(args.output_dir, name)
+        print(f"\nsaving checkpoint: {path}")
+        metadata["ss_training_finished_at"] = str(time.time())
+        metadata["ss_steps"] = str(steps)
+        metadata["ss_epoch"] = str(epoch)
+        metadata.update(train_util.get_sai_model_spec(None, args, self.is_sdxl, True, False))
+        header = json.dumps({"__metadata__": metadata}).encode()
+        with open(path, "wb") as f:
+            f.write(struct.pack("<Q", len(header)) + header)
 
 
 def _subsets(config: dict[str, Any]) -> list[dict[str, Any]]:
@@ -167,18 +287,6 @@ def _epoch_losses(epochs: int) -> list[float]:
     given = [float(x) for x in os.environ.get("STANDIN_LOSSES", "").split(",") if x.strip()]
     default = [0.2 - 0.01 * e for e in range(epochs)]
     return [given[e] if e < len(given) else default[e] for e in range(epochs)]
-
-
-def _save(args: argparse.Namespace, name: str, epoch: int) -> None:
-    """A valid .safetensors file without tensors; its metadata says which epoch it holds."""
-    os.makedirs(args.output_dir, exist_ok=True)
-    path = os.path.join(args.output_dir, name)
-    print(f"\nsaving checkpoint: {path}")
-    header = json.dumps(
-        {"__metadata__": {"ss_epoch": str(epoch), "ss_output_name": args.output_name}}
-    ).encode()
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(header)) + header)
 
 
 def _crash() -> Exception:
@@ -243,6 +351,7 @@ def setup_parser() -> argparse.ArgumentParser:
         "lr_scheduler",
         "mixed_precision",
         "logging_dir",
+        "resolution",
     ):
         parser.add_argument(f"--{name}", type=str, default=None)
     parser.add_argument(

@@ -5,7 +5,7 @@ sd-scripts in one way: unknown keys in the --config_file TOML are errors here (s
 them silently), so a misspelt argument fails the tests instead of being dropped.
 """
 
-# ruff: noqa: E501  (sd-scripts' messages, verbatim)
+# ruff: noqa: E501, RUF001  (sd-scripts' messages, verbatim)
 
 from __future__ import annotations
 
@@ -79,6 +79,41 @@ DATASET_ASCENDABLE = {
 GENERAL_KEYS = DATASET_ASCENDABLE | SUBSET_ASCENDABLE | DREAMBOOTH_ASCENDABLE | DROPOUT_ASCENDABLE
 DATASET_KEYS = GENERAL_KEYS | {"subsets"}
 SUBSET_KEYS = SUBSET_ASCENDABLE | DREAMBOOTH_DISTINCT | DREAMBOOTH_ASCENDABLE | DROPOUT_ASCENDABLE
+
+
+def get_git_revision_hash() -> str:
+    """sd-scripts asks `git rev-parse HEAD` in its library folder and answers "(unknown)" when
+    that fails, as it does on the GPU image, which deletes sd-scripts' .git. The stand-in sits
+    in this project's own git checkout, so it answers as the image does without asking git."""
+    return "(unknown)"
+
+
+def get_sai_model_spec(
+    state_dict: dict[str, Any] | None,
+    args: argparse.Namespace,
+    sdxl: bool,
+    lora: bool,
+    textual_inversion: bool,
+) -> dict[str, str]:
+    """sd-scripts' call: the resolution is --resolution (None when only the dataset config has
+    one), and the title the output name."""
+    # Imported here, not at the top as sd-scripts does: the tests read this file's schemas alone.
+    from library import sai_model_spec
+
+    return sai_model_spec.build_metadata(
+        args.v2, args.v_parameterization, sdxl, time.time(), args.output_name, args.resolution
+    )
+
+
+def prepare_dataset_args(args: argparse.Namespace, support_metadata: bool) -> None:
+    """sd-scripts turns --resolution ('size' or 'width,height') into a (width, height) tuple."""
+    if args.resolution is not None:
+        args.resolution = tuple([int(r) for r in args.resolution.split(",")])
+        if len(args.resolution) == 1:
+            args.resolution = (args.resolution[0], args.resolution[0])
+        assert len(args.resolution) == 2, (
+            f"resolution must be 'size' or 'width,height' / resolution（解像度）は'サイズ'または'幅','高さ'で指定してください: {args.resolution}"
+        )
 
 
 def verify_command_line_training_args(args: argparse.Namespace) -> None:
