@@ -84,6 +84,8 @@ def base_settings(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) ->
         # The tests' webhook receivers listen on loopback over http, as in the embedded stack.
         webhook_allow_http=True,
         webhook_allow_private_addresses=True,
+        # Workflow tests signal runs directly, with no relay; tests with a relay turn it on.
+        relay_health_check=False,
     )
 
 

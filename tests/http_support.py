@@ -14,16 +14,17 @@ import uvicorn
 
 @contextlib.contextmanager
 def serve_asgi(
-    app: Any, *, host: str = "127.0.0.1", startup_timeout_s: float = 10.0
+    app: Any, *, host: str = "127.0.0.1", port: int = 0, startup_timeout_s: float = 10.0
 ) -> Iterator[str]:
     """Run `app` with uvicorn until the block ends; yields its base URL, e.g. http://127.0.0.1:41234.
 
-    The socket is bound before uvicorn starts (port 0), so there is no race for the port. Usable
-    from sync and async tests alike: the server has its own event loop in its own thread.
+    The socket is bound before uvicorn starts (port 0 unless a server must come back at the
+    same address), so there is no race for the port. Usable from sync and async tests alike:
+    the server has its own event loop in its own thread.
     """
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, 0))
+    sock.bind((host, port))
     port = sock.getsockname()[1]
     config = uvicorn.Config(
         app,

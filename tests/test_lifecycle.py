@@ -146,15 +146,17 @@ async def test_instance_dying_in_training_is_replaced_and_the_run_completes(
 # --------------------------------------------------------------------------------------------
 
 
-async def test_hung_trainer_stalls_within_the_idle_limit_despite_heartbeats(
+async def test_hung_trainer_loses_its_host_within_the_idle_limit_despite_heartbeats(
     time_skipping_env: WorkflowEnvironment,
     run_settings: Settings,
     request_factory: Any,
 ) -> None:
+    """With one GPU attempt allowed, the lost host ends the run (tests/test_faults.py: with
+    more, it is replaced)."""
     env, provider = time_skipping_env, RecordingProvider(run_settings)
     idle_s = SHORT_DEADLINES.training_idle_s
     async with running_worker(env.client, run_settings, provider):
-        handle = await start_run(env.client, run_settings, request_factory())
+        handle = await start_run(env.client, run_settings, request_factory(max_gpu_attempts=1))
         await wait_for_status(handle, RunStatusName.PENDING_GPU)
         script = await reach_training(handle)
         last_step_at = await env.get_current_time()
@@ -171,7 +173,10 @@ async def test_hung_trainer_stalls_within_the_idle_limit_despite_heartbeats(
 
     assert status.status == RunStatusName.STALLED
     assert status.error is not None
-    assert status.error.message == f"no training step for {idle_s} s"
+    assert status.error.message == (
+        "no GPU finished the run after 1 attempts: attempt 1 (local): "
+        f"no training step for {idle_s} s: its trainer is stuck"
+    )
     stalled_after = (status.history[-1].at - last_step_at).total_seconds()
     assert idle_s - 1 <= stalled_after <= idle_s + INSTANCE_CHECK_INTERVAL.total_seconds() + 1
     assert_no_instance_left(provider)

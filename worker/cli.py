@@ -45,6 +45,8 @@ from gpu_runner.protocol import RunId, TrainingConfig
 from workflows.models import RunStatus, RunStatusName, TrainingRequest, WaitingOn
 
 from .converter import CodecKeyError
+from .deliveries import describe as describe_deliveries
+from .deliveries import webhook_deliveries
 from .settings import DEV_ENV_NAME, SEARCH_ATTRIBUTE, Settings
 from .waiting import status_json, waiting_on, watch_waiting
 
@@ -656,6 +658,9 @@ async def _status(settings: Settings, run_id: str, as_json: bool) -> None:
     description = await describe_run(handle, settings)
     run_status = await query_status(handle, description, settings)
     waiting = await waiting_on(description, client.data_converter)
+    info = description.raw_description.workflow_execution_info
+    first_execution = info.first_run_id or description.run_id
+    run_status.webhooks = await webhook_deliveries(client, run_id, first_execution)
     if as_json:
         typer.echo(status_json(run_status, waiting, indent=2))
         return
@@ -682,6 +687,13 @@ def _print_status(st: RunStatus, waiting: Sequence[WaitingOn] = ()) -> None:
             ("GPU", escape(f"{gpu.gpu_name or '?'} ({gpu.provider} {gpu.instance_id}{price})"))
         )
     rows.append(("cost", f"${st.cost_usd:.2f}"))
+    if st.webhooks is not None:
+        style = "yellow" if st.webhooks.failing or st.webhooks.given_up else "default"
+        rows.append(("webhooks", f"[{style}]{escape(describe_deliveries(st.webhooks))}[/]"))
+    if st.gpu_not_released is not None:
+        rows.append(("GPU left", f"[red]{escape(st.gpu_not_released)}[/]"))
+    if st.waiting_for_relay is not None:
+        rows.append(("relay", f"[yellow]{escape('down: ' + st.waiting_for_relay)}[/]"))
     if st.epoch_losses:
         rows.append(("epoch losses", _epoch_losses_text(st)))
     elif st.best_checkpoint is not None:

@@ -32,6 +32,7 @@ from activities.civitai import ModelActivities
 from activities.gpu import GpuActivities, RunLookupActivities
 from activities.notify import NotifyActivities
 from activities.providers.base import GpuProvider
+from activities.relay import RelayActivities
 from activities.storage import StorageActivities
 from workflows.notify import UserWebhookWorkflow
 from workflows.reaper import ReaperWorkflow
@@ -141,6 +142,7 @@ def activities_for(settings: Settings, provider: GpuProvider | None = None) -> l
     models = ModelActivities(s3, settings, presigner)
     gpu = GpuActivities(provider or gpu_provider(settings), settings)
     notify = NotifyActivities(settings)
+    relay = RelayActivities(settings)
     return [
         storage.validate_images,
         storage.build_images_zip,
@@ -154,6 +156,7 @@ def activities_for(settings: Settings, provider: GpuProvider | None = None) -> l
         gpu.release_run_gpus,
         gpu.list_labelled_instances,
         notify.send_user_webhook,
+        relay.relay_health,
     ]
 
 

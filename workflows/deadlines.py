@@ -22,6 +22,8 @@ class Deadline:
     message: str
     # pendingGpu: a GPU that never became ready is replaced, not the end of the run.
     replace_gpu: bool = False
+    # Training's "no step for training_idle_s": the host's trainer is stuck.
+    trainer_idle: bool = False
 
 
 def _human(seconds: int) -> str:
@@ -53,6 +55,7 @@ def status_deadline(
             at=idle_at,
             summary=f"stall deadline: training idle {_human(deadlines.training_idle_s)}",
             message=f"no training step for {deadlines.training_idle_s} s",
+            trainer_idle=True,
         )
     limit_s = {
         RunStatusName.PENDING: deadlines.pending_s,

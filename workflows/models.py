@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Annotated, Literal
 
@@ -148,6 +148,29 @@ class TrainingRequest(_Model):
 # --------------------------------------------------------------------------------------------
 
 
+class WebhookDelivery(_Model):
+    """Where one user webhook's delivery stands (the child's memo and result)."""
+
+    event_type: str
+    state: Literal["delivering", "failing", "delivered", "refused", "gave_up"]
+    attempts: int = 0
+    last_error: str | None = None
+    next_attempt_at: datetime | None = None
+    # A receiver's Retry-After for the next attempt, when longer than the schedule's delay.
+    retry_after: timedelta | None = None
+
+
+class WebhookDeliveries(_Model):
+    """A run's user webhooks, counted by where their delivery stands (set by clients, from
+    the run's webhook children, never by the workflow)."""
+
+    sent: int = 0
+    delivering: int = 0
+    failing: int = 0
+    given_up: int = Field(default=0, description="Refused by the receiver, or out of attempts.")
+    last_error: str | None = None
+
+
 class RelayedEvent(_Model):
     """A runner's event as the relay delivers it (the `relayed_event` signal): with the first
     execution id of the run whose secret verified its signature."""
@@ -246,6 +269,20 @@ class RunStatus(_Model):
         default_factory=list, description="Why each replaced GPU was given up, in order."
     )
     error: RunError | None = None
+    webhooks: WebhookDeliveries | None = Field(
+        default=None,
+        description="Set by clients from the run's webhook children, never by the workflow.",
+    )
+    gpu_not_released: str | None = Field(
+        default=None,
+        description="A GPU the run could not destroy within its limit (instance id and last "
+        "error); the reaper keeps destroying it.",
+    )
+    waiting_for_relay: str | None = Field(
+        default=None,
+        description="Set while a deadline passed with the relay down (why it is down): the "
+        "GPU's events cannot reach the run, so the run waits for the relay instead of stalling.",
+    )
     late_cancel_at: datetime | None = Field(
         default=None,
         description="When a cancel arrived after the run had reached its outcome (model verified "

@@ -55,6 +55,9 @@ class RunState(BaseModel):
     # Its GPUs' labels, job URLs and runner secrets name the first execution, and only events
     # relayed for that execution count (runs started since the run-identity patch).
     execution_bound: bool = False
+    # While the relay is down at a deadline, or just back, the deadline waits until this.
+    deadline_grace_until: datetime | None = None
+    relay_down_since: datetime | None = None
 
 
 class ContinuedRun(BaseModel):

@@ -5,13 +5,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, Literal, TypeVar
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeKey
-from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
+from temporalio.exceptions import (
+    ActivityError,
+    ApplicationError,
+    FailureError,
+    is_cancelled_exception,
+)
 from temporalio.exceptions import TimeoutError as ActivityTimeoutError
 from temporalio.workflow import ActivityCancellationType
 
@@ -19,6 +24,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.civitai import ModelActivities, ResolveModelInput
     from activities.gpu import AllocateGpuInput, GpuActivities, InstanceRef, RunRef
     from activities.providers.base import Instance
+    from activities.relay import RelayActivities
     from activities.storage import (
         DatasetInput,
         ImagesZip,
@@ -72,6 +78,14 @@ CANCEL_ANYWHERE = "cancel-anywhere"
 # A run is its id plus its first execution: GPU labels, job URLs and runner secrets name both, so
 # a run that reuses an id never adopts the GPU, or accepts the events, of an earlier run.
 RUN_IDENTITY = "run-identity"
+# Faults end right: a trainer alive without steps is a lost host (replaced while attempts
+# remain), and a deadline that passes while our own relay is down waits for the relay.
+FAULTS_END_RIGHT = "faults-end-right"
+# Cost edges: the budget is checked before each rental, the GPU is given back before the upload
+# is verified (nothing is billed while S3 is checked), billing counts from the host's creation,
+# and a destroy that does not converge within DESTROY_LIMIT is reported instead of retried
+# forever in the run (the reaper keeps at it).
+COST_EDGES = "cost-edges"
 
 # Named retry policies: side effects retry until the status deadline calls a stall; giving a
 # GPU back never gives up.
@@ -92,6 +106,15 @@ WEBHOOK_HANDOVER = timedelta(minutes=1)
 MAX_WATCH_WAIT_S = 3600.0
 # Stop before a cost cap is crossed, leaving the destroy this much of the GPU's time.
 COST_CAP_MARGIN = timedelta(minutes=2)
+# How long the run itself tries to destroy one instance before it reports it and moves on.
+DESTROY_LIMIT = timedelta(minutes=15)
+# A deadline that passes with the relay down is looked at again this often; once the relay is
+# back, the GPU's held-back events (its retries back off up to 60 s) get this long to arrive.
+RELAY_RECHECK = timedelta(seconds=30)
+RELAY_RECOVERY_GRACE = timedelta(minutes=2)
+# The longest one status waits for the relay; past it the deadline counts again.
+RELAY_OUTAGE_LIMIT = timedelta(hours=2)
+RELAY_CHECK_RETRY = RetryPolicy(maximum_attempts=2)
 # Presigned URLs for the GPU: the job must be readable for as long as a boot may take.
 JOB_URL_MARGIN_S = 10 * 60
 
@@ -117,6 +140,10 @@ class _RunnerFailed(Exception):
 
 class _CostCap(Exception):
     """The next minutes of GPU time would cross the run's max_cost_usd."""
+
+
+class _GpuNotReleased(Exception):
+    """An instance could not be destroyed within DESTROY_LIMIT; the reaper keeps trying."""
 
 
 @dataclass(frozen=True)
@@ -223,6 +250,14 @@ class TrainingWorkflow:
                 continue
             if followed == "hand over":
                 return False
+            instance = self._state.instance
+            if instance is not None and workflow.patched(COST_EDGES):
+                # The runner is done once its model is up: nothing is billed while S3 checks it.
+                try:
+                    await self._give_back(instance)
+                except _GpuNotReleased as stuck:
+                    # The model is up: verify it; the release at the end tries once more.
+                    self._state.status.gpu_not_released = str(stuck)
             await self._verify_upload()
             return True
 
@@ -279,6 +314,8 @@ class TrainingWorkflow:
         prepared = state.prepared
         assert prepared is not None
         attempt = state.status.attempt
+        if (refusal := self._over_budget_for_a_rental()) and workflow.patched(COST_EDGES):
+            raise _CostCap(refusal)
         deadlines = request.deadlines
         runtime_s = (
             deadlines.pending_images_s + deadlines.pending_model_s + deadlines.training_total_s
@@ -306,6 +343,7 @@ class TrainingWorkflow:
             summary=f"write the job for GPU attempt {attempt}",
         )
         state.output = job.output
+        renting_since = workflow.now()
         instance = await workflow.execute_activity_method(
             GpuActivities.allocate_gpu,
             AllocateGpuInput(
@@ -327,15 +365,19 @@ class TrainingWorkflow:
         if self._giving_up:
             return  # the release that follows destroys it by its label
         state.instance = instance
+        # Billed from the host's creation, which lies between asking and the answer (a time
+        # from another clock outside that window, e.g. a test's skipped time, is not trusted).
+        now, created = workflow.now(), instance.created_at
+        start = created if created is not None and renting_since <= created <= now else now
         state.gpu_spans.append(
-            GpuSpan(dollars_per_hour=instance.dollars_per_hour or 0.0, start=workflow.now())
+            GpuSpan(dollars_per_hour=instance.dollars_per_hour or 0.0, start=start)
         )
         state.status.gpu = GpuInfo(
             provider=instance.provider,
             instance_id=instance.instance_id,
             gpu_name=instance.gpu_name,
             dollars_per_hour=instance.dollars_per_hour,
-            started_at=workflow.now(),
+            started_at=start,
             machine_id=instance.machine_id,
             host_id=instance.host_id,
             country=instance.country,
@@ -353,6 +395,10 @@ class TrainingWorkflow:
             deadline = self._deadline()
             now = workflow.now()
             if now >= deadline.at:
+                if workflow.patched(FAULTS_END_RIGHT) and await self._relay_kept_events_away():
+                    continue
+                if deadline.trainer_idle and workflow.patched(FAULTS_END_RIGHT):
+                    return _ReplaceGpu(f"{deadline.message}: its trainer is stuck")
                 if deadline.replace_gpu:
                     limit_s = self._request.deadlines.pending_gpu_s
                     reason = f"GPU not ready within {limit_s} s"
@@ -393,6 +439,52 @@ class TrainingWorkflow:
             workflow.logger.warning("run %s: instance check failed; next one soon", self._run_id)
             return False, None
         return True, current
+
+    async def _relay_kept_events_away(self) -> bool:
+        """Whether a deadline that just passed must wait: our relay is down, so the GPU's events
+        cannot reach the run (asked again in RELAY_RECHECK), or it just came back and the
+        events it held back get RELAY_RECOVERY_GRACE. An outage past RELAY_OUTAGE_LIMIT, or a
+        relay that cannot be asked, lets the deadline count."""
+        state, now = self._state, workflow.now()
+        try:
+            # A regular activity, not a local one: asked only when a deadline passes, and the
+            # time-skipping test server does not skip time past one in flight.
+            health = await workflow.execute_activity_method(
+                RelayActivities.relay_health,
+                start_to_close_timeout=timedelta(seconds=30),
+                retry_policy=RELAY_CHECK_RETRY,
+                summary="is the relay up?",
+            )
+        except ActivityError:
+            workflow.logger.warning("run %s: could not ask the relay", self._run_id)
+            return False
+        if not health.up:
+            down_since = state.relay_down_since or now
+            if now - down_since >= RELAY_OUTAGE_LIMIT:
+                return False
+            if state.relay_down_since is None:
+                workflow.logger.warning(
+                    "run %s: deadline passed with the relay down (%s): waiting for the relay",
+                    self._run_id,
+                    health.detail,
+                )
+                state.relay_down_since = now
+                state.status.waiting_for_relay = health.detail
+                self._bump()
+            state.deadline_grace_until = now + RELAY_RECHECK
+            return True
+        if state.relay_down_since is not None:
+            self._relay_is_back()
+            state.deadline_grace_until = now + RELAY_RECOVERY_GRACE
+            return True
+        return False
+
+    def _relay_is_back(self) -> None:
+        state = self._state
+        state.relay_down_since = None
+        if state.status.waiting_for_relay is not None:
+            state.status.waiting_for_relay = None
+            self._bump()
 
     async def _host_says(self) -> str:
         """The host's own word on an instance that did not boot, for the run's error."""
@@ -511,29 +603,57 @@ class TrainingWorkflow:
     # ----------------------------------------------------------------------------------------
 
     async def _give_back(self, instance: Instance) -> None:
-        await workflow.execute_activity_method(
-            GpuActivities.deallocate_gpu,
-            self._instance_ref(instance),
-            start_to_close_timeout=timedelta(minutes=2),
-            retry_policy=RETRY_FOREVER,
-            summary=f"destroy GPU instance {instance.instance_id}",
-        )
+        """Destroy the instance; _GpuNotReleased when that does not converge within
+        DESTROY_LIMIT (the run reports it; the reaper destroys it once the run has closed)."""
+        bounded = workflow.patched(COST_EDGES)
+        try:
+            await workflow.execute_activity_method(
+                GpuActivities.deallocate_gpu,
+                self._instance_ref(instance),
+                start_to_close_timeout=timedelta(minutes=2),
+                schedule_to_close_timeout=DESTROY_LIMIT if bounded else None,
+                retry_policy=RETRY_FOREVER,
+                summary=f"destroy GPU instance {instance.instance_id}",
+            )
+        except ActivityError as e:
+            if not bounded or is_cancelled_exception(e):
+                raise
+            raise _GpuNotReleased(
+                f"GPU instance {instance.instance_id} ({instance.provider}) could not be "
+                f"destroyed within {int(DESTROY_LIMIT.total_seconds() // 60)} min "
+                f"({_cause_of(e)}); the reaper keeps trying"
+            ) from None
         self._close_gpu_span()
         self._state.instance = None
         self._facts.discard(Fact.GPU_CREATED)
 
     async def _compensate(self) -> None:
         """Destroy every instance labelled for this run, and forget the run's job secrets."""
-        await workflow.execute_activity_method(
-            GpuActivities.release_run_gpus,
-            RunRef(
-                run_id=self._run_id,
-                execution=self._state.execution if self._state.execution_bound else None,
-            ),
-            start_to_close_timeout=timedelta(minutes=2),
-            retry_policy=RETRY_FOREVER,
-            summary="give every GPU of the run back",
-        )
+        bounded = workflow.patched(COST_EDGES)
+        try:
+            await workflow.execute_activity_method(
+                GpuActivities.release_run_gpus,
+                RunRef(
+                    run_id=self._run_id,
+                    execution=self._state.execution if self._state.execution_bound else None,
+                ),
+                start_to_close_timeout=timedelta(minutes=2),
+                schedule_to_close_timeout=DESTROY_LIMIT if bounded else None,
+                retry_policy=RETRY_FOREVER,
+                summary="give every GPU of the run back",
+            )
+            self._state.status.gpu_not_released = None  # whatever was left is gone now
+        except ActivityError as e:
+            if not bounded or is_cancelled_exception(e):
+                raise
+            instance = self._state.instance
+            which = f"GPU instance {instance.instance_id}" if instance else "the run's GPUs"
+            self._state.status.gpu_not_released = (
+                f"{which} could not be destroyed within "
+                f"{int(DESTROY_LIMIT.total_seconds() // 60)} min ({_cause_of(e)}); "
+                "the reaper keeps trying"
+            )
+            workflow.logger.error("run %s: %s", self._run_id, self._state.status.gpu_not_released)
         self._close_gpu_span()
         self._state.instance = None
         self._bump()
@@ -562,6 +682,22 @@ class TrainingWorkflow:
             for span in self._state.gpu_spans
         )
         return round(hours, 4)
+
+    def _over_budget_for_a_rental(self) -> str | None:
+        """Why renting another GPU would cross the cost cap: one at the requirements' highest
+        price could not even run for COST_CAP_MARGIN on what is left."""
+        cap = self._request.max_cost_usd
+        if cap is None:
+            return None
+        spent = self._cost_usd()
+        price = self._request.gpu.max_dollars_per_hour
+        needed = price * COST_CAP_MARGIN.total_seconds() / 3600
+        if cap - spent > needed:
+            return None
+        return (
+            f"not renting GPU attempt {self._state.status.attempt}: ${spent:.4f} of the run's "
+            f"${cap} cost cap is spent, and a GPU at up to ${price}/h would cross it"
+        )
 
     def _cost_cap_at(self) -> datetime | None:
         """When the run must stop so that the cap is not crossed, while a GPU is held."""
@@ -606,6 +742,8 @@ class TrainingWorkflow:
             self._legacy.runner_event(event)
             return
         state = self._state
+        if state.relay_down_since is not None:
+            self._relay_is_back()  # an event got through
         if (
             event.run_id != self._run_id
             or event.attempt != state.status.attempt
@@ -734,9 +872,14 @@ class TrainingWorkflow:
 
     def _deadline(self) -> Deadline:
         status = self._state.status.status
-        return status_deadline(
+        deadline = status_deadline(
             status, self._entered_at(status), self._request.deadlines, self._state.last_step_at
         )
+        grace = self._state.deadline_grace_until
+        if grace is not None and grace > deadline.at:
+            summary = f"{deadline.summary} (waiting for the relay)"
+            return replace(deadline, at=grace, summary=summary)
+        return deadline
 
     def _learn(self, fact: Fact) -> None:
         self._facts.add(fact)
@@ -748,6 +891,7 @@ class TrainingWorkflow:
             self._enter(status)
 
     def _enter(self, status: RunStatusName) -> None:
+        self._state.deadline_grace_until = None
         self._state.status.status = status
         self._state.status.history.append(StatusChange(status=status, at=workflow.now()))
         self._wake += 1
@@ -781,6 +925,8 @@ class TrainingWorkflow:
             rate = f" at ${st.gpu.dollars_per_hour:.3f}/h" if st.gpu.dollars_per_hour else ""
             lines.append(f"GPU: {st.gpu.gpu_name or st.gpu.provider}{rate}")
         lines.append(f"cost so far: ${self._cost_usd():.4f}")
+        if st.waiting_for_relay is not None:
+            lines.append(f"waiting for the relay: {st.waiting_for_relay}")
         if st.error is not None:
             lines.append(f"error ({st.error.code}): {st.error.message}")
         return "  \n".join(lines)
@@ -808,10 +954,17 @@ class TrainingWorkflow:
                 RunStatusName.FAILED,
                 RunError(
                     code="cost_cap",
-                    message=f"stopped before the run's cost cap of ${cap} was crossed "
+                    message=str(exc)
+                    or f"stopped before the run's cost cap of ${cap} was crossed "
                     f"(${self._cost_usd():.4f} spent)",
                     stage=stage,
                 ),
+            )
+        elif isinstance(exc, _GpuNotReleased):
+            self._state.status.gpu_not_released = str(exc)
+            self._end(
+                RunStatusName.FAILED,
+                RunError(code="gpu_not_released", message=str(exc), stage=stage),
             )
         elif isinstance(exc, _RunnerFailed):
             failure = exc.failure
@@ -920,3 +1073,16 @@ class TrainingWorkflow:
                 cancelled = True
                 continue
             return cancelled
+
+
+def _cause_of(error: ActivityError) -> str:
+    """What went wrong under an activity error, in a line: a timeout with the failure of the
+    last attempt it cut short."""
+    cause = error.cause
+    if not isinstance(cause, FailureError):
+        return str(cause or error)
+    text = cause.message
+    last = cause.cause
+    if isinstance(cause, ActivityTimeoutError) and isinstance(last, FailureError):
+        text = f"{text}; last attempt: {last.message}"
+    return text.splitlines()[0] if text else type(cause).__name__

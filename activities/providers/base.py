@@ -6,6 +6,7 @@ import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Literal, Protocol
 
 from pydantic import BaseModel
@@ -112,6 +113,8 @@ class Instance(BaseModel):
     machine_id: str | None = None
     host_id: str | None = None
     country: str | None = None
+    # When the provider created it: billing starts here, not when the allocation returned.
+    created_at: datetime | None = None
 
 
 class NoOfferError(Exception):

@@ -39,6 +39,7 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import requests
@@ -110,6 +111,7 @@ class _InstanceRow(BaseModel):
     machine_id: int | None = None
     host_id: int | None = None
     geolocation: str | None = None
+    start_date: float | None = None  # epoch seconds of the instance's creation
 
 
 @dataclass(frozen=True)
@@ -369,6 +371,7 @@ class VastProvider:
                 machine_id=str(offer.machine_id),
                 host_id=None if offer.host_id is None else str(offer.host_id),
                 country=offer.country,
+                created_at=datetime.now(UTC),
             )
         raise NoOfferError("every offer tried was taken: " + "; ".join(refused))
 
@@ -496,4 +499,7 @@ class VastProvider:
             machine_id=None if row.machine_id is None else str(row.machine_id),
             host_id=None if row.host_id is None else str(row.host_id),
             country=country_of(row.geolocation),
+            created_at=None
+            if row.start_date is None
+            else datetime.fromtimestamp(row.start_date, UTC),
         )
