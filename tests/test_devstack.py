@@ -23,12 +23,12 @@ import pytest
 from temporalio.client import Client
 
 from activities.providers.local import LocalProvider
+from activities.providers.procfs import start_ticks
 from worker.devstack import (
     DevStack,
     LocalS3Ports,
     PortsInUse,
     StoppedChild,
-    process_start_ticks,
     read_dev_env,
 )
 from worker.main import connect_client, s3_client
@@ -294,7 +294,7 @@ def test_only_the_processes_a_killed_dev_recorded_are_stopped(tmp_path: Path) ->
         for process in processes.values():
             assert process.stdout is not None and process.stdout.readline() == b"up\n"
         recorded = {
-            name: {"pid": p.pid, "pgid": p.pid, "start_ticks": process_start_ticks(p.pid)}
+            name: {"pid": p.pid, "pgid": p.pid, "start_ticks": start_ticks(p.pid)}
             for name, p in processes.items()
         }
         # The relay the file names is gone and its pid is the stranger's now, which started later.

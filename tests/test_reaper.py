@@ -29,7 +29,7 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
 from activities.providers.base import Instance, instance_label
-from activities.providers.local import _read_stat
+from activities.providers.procfs import read_stat
 from worker.main import (
     REAPER_INTERVAL,
     REAPER_SCHEDULE_ID,
@@ -92,7 +92,7 @@ GPU = GpuRequirements()
 def process_alive(provider: RecordingProvider, instance_id: str) -> bool:
     record = provider._record(instance_id)
     assert record is not None
-    stat = _read_stat(record.pid)
+    stat = read_stat(record.pid)
     return stat is not None and stat.running and stat.start_ticks == record.start_ticks
 
 

@@ -45,6 +45,8 @@ from pydantic import SecretStr
 from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest
 from temporalio.client import Client
 
+from activities.providers.procfs import group_members, read_stat, start_ticks
+
 from .converter import new_codec_key
 from .settings import DEV_ENV_NAME, SEARCH_ATTRIBUTE, Settings
 
@@ -893,7 +895,7 @@ class DevStack:
         log_path = self.logs_dir / f"{name.lower().replace(' ', '-')}.log"
         env = env if env is not None else self._child_env()
         child = Child(name, _spawn(command, env, log_path), log_path, command, env)
-        child.start_ticks = process_start_ticks(child.pid)
+        child.start_ticks = start_ticks(child.pid)
         self.children.append(child)
         self._write_pids()
         return child
@@ -904,7 +906,7 @@ class DevStack:
         _signal_group(child, signal.SIGKILL)
         child.popen.wait()
         child.popen = _spawn(child.command, child.env, child.log_path)
-        child.start_ticks = process_start_ticks(child.pid)
+        child.start_ticks = start_ticks(child.pid)
         child.started_at = time.monotonic()
         child.restart_at = None
         child.restarts += 1
@@ -1032,43 +1034,6 @@ def _signal_group(child: Child, sig: signal.Signals) -> None:
 
 
 @dataclass(frozen=True)
-class _ProcStat:
-    state: str
-    pgrp: int
-    session: int
-    start_ticks: int
-
-    @property
-    def running(self) -> bool:
-        # Z: exited, not yet reaped (an orphan whose new parent never reaps it stays so); X: dead.
-        return self.state not in ("Z", "X")
-
-
-def _proc_stat(pid: int) -> _ProcStat | None:
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return None
-    # Field 2 (comm) is in parentheses and may itself hold spaces or ')': split after the last.
-    fields = raw[raw.rfind(b")") + 2 :].split()
-    try:
-        return _ProcStat(
-            state=fields[0].decode("ascii", "replace"),
-            pgrp=int(fields[2]),
-            session=int(fields[3]),
-            start_ticks=int(fields[19]),
-        )
-    except (IndexError, ValueError):
-        return None
-
-
-def process_start_ticks(pid: int) -> int | None:
-    """When the process `pid` started (clock ticks since boot), from /proc; None if it is gone."""
-    stat = _proc_stat(pid)
-    return stat.start_ticks if stat is not None else None
-
-
-@dataclass(frozen=True)
 class RecordedChild:
     """A child as `dev.pids` records it: its pid leads a process group (and session) of its own."""
 
@@ -1079,7 +1044,7 @@ class RecordedChild:
     def is_running(self) -> bool:
         """Whether the recorded process itself still runs: same pid *and* start time, so a
         process that got its pid later is never taken for it."""
-        stat = _proc_stat(self.pid)
+        stat = read_stat(self.pid)
         return (
             self.start_ticks is not None
             and stat is not None
@@ -1092,23 +1057,7 @@ class RecordedChild:
         gives the pid to no other process while the group has members."""
         if self.start_ticks is None:
             return []
-        leader = _proc_stat(self.pid)
-        if leader is not None and leader.start_ticks != self.start_ticks:
-            return []  # the pid is another process's now, so the group it led is empty
-        members = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            stat = _proc_stat(int(entry.name))
-            if (
-                stat is not None
-                and stat.running
-                and stat.pgrp == self.pid
-                and stat.session == self.pid
-                and stat.start_ticks >= self.start_ticks
-            ):
-                members.append(int(entry.name))
-        return members
+        return group_members(self.pid, self.start_ticks)
 
 
 def read_recorded_children(path: Path) -> list[RecordedChild]:

@@ -34,7 +34,6 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -44,6 +43,7 @@ from worker.settings import Settings
 from workflows.models import GpuRequirements
 
 from .base import Instance
+from .procfs import ProcStat, group_members, read_stat
 
 PROVIDER_NAME = "local"
 RECORD_FILE = "instance.json"
@@ -89,40 +89,9 @@ class _Exit(BaseModel):
     exit_code: int
 
 
-@dataclass(frozen=True)
-class _ProcStat:
-    state: str
-    pgrp: int
-    session: int
-    start_ticks: int
-
-    @property
-    def running(self) -> bool:
-        # Z: a zombie (exited, not yet reaped); X: dead.
-        return self.state not in ("Z", "X")
-
-
-def _read_stat(pid: int) -> _ProcStat | None:
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return None
-    # Field 2 (comm) is in parentheses and may itself hold spaces or ')': split after the last.
-    fields = raw[raw.rfind(b")") + 2 :].split()
-    try:
-        return _ProcStat(
-            state=fields[0].decode("ascii", "replace"),
-            pgrp=int(fields[2]),
-            session=int(fields[3]),
-            start_ticks=int(fields[19]),
-        )
-    except (IndexError, ValueError):
-        return None
-
-
-def _same_process(record: _Record) -> _ProcStat | None:
+def _same_process(record: _Record) -> ProcStat | None:
     """The stat of the record's process while it runs (not a zombie, not a reused pid)."""
-    stat = _read_stat(record.pid)
+    stat = read_stat(record.pid)
     if stat is None or stat.start_ticks != record.start_ticks or not stat.running:
         return None
     return stat
@@ -130,25 +99,7 @@ def _same_process(record: _Record) -> _ProcStat | None:
 
 def _group_members(record: _Record) -> list[int]:
     """Running processes of the runner's process group (its session, started after it)."""
-    leader = _read_stat(record.pid)
-    if leader is not None and leader.start_ticks != record.start_ticks:
-        # The pid is taken by another process, which the kernel allows only once the runner's
-        # group is empty: what looks like its group now belongs to someone else.
-        return []
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        stat = _read_stat(int(entry.name))
-        if (
-            stat is not None
-            and stat.running
-            and stat.pgrp == record.pid
-            and stat.session == record.pid
-            and stat.start_ticks >= record.start_ticks
-        ):
-            members.append(int(entry.name))
-    return members
+    return group_members(record.pid, record.start_ticks)
 
 
 def _marked_processes(marker: bytes) -> dict[int, int]:
@@ -164,7 +115,7 @@ def _marked_processes(marker: bytes) -> dict[int, int]:
             continue
         if marker not in environ.split(b"\0"):
             continue
-        stat = _read_stat(int(entry.name))
+        stat = read_stat(int(entry.name))
         if stat is not None and stat.running:
             found[int(entry.name)] = stat.start_ticks
     return found
@@ -172,7 +123,7 @@ def _marked_processes(marker: bytes) -> dict[int, int]:
 
 def _signal(pid: int, start_ticks: int, sig: signal.Signals) -> None:
     """Signal pid if it is still the process seen (same start time), not one that reused it."""
-    stat = _read_stat(pid)
+    stat = read_stat(pid)
     if stat is not None and stat.start_ticks == start_ticks:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
@@ -380,7 +331,7 @@ class LocalProvider:
         with self._children_lock:
             self._children[instance_id] = process
         # Not reaped yet (only poll() does that), so /proc still has it even if it already ended.
-        stat = _read_stat(process.pid)
+        stat = read_stat(process.pid)
         record = _Record(
             label=label,
             pid=process.pid,
