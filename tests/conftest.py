@@ -10,8 +10,9 @@ import shutil
 import socket
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import boto3
 import pytest
@@ -24,7 +25,14 @@ from worker.converter import data_converter
 from worker.devstack import local_s3_server
 from worker.settings import SEARCH_ATTRIBUTE, STATE_DIR_VARIABLE, Settings
 
-from .workflow_support import dev_server
+from .workflow_support import (
+    SHORT_DEADLINES,
+    SLEEPING_RUNNER,
+    dev_server,
+    local_model,
+    make_request,
+    put_dataset,
+)
 
 # Fixed test-only keys, so histories recorded by the integration tests replay in later runs.
 TEST_CODEC_KEY = "bG9yYXRyYWluLXRlc3QtY29kZWMta2V5LTMyLWJ5dGU="
@@ -148,3 +156,23 @@ async def time_skipping_env(base_settings: Settings) -> AsyncIterator[WorkflowEn
 async def dev_env(base_settings: Settings) -> AsyncIterator[WorkflowEnvironment]:
     async with dev_server(base_settings) as env:
         yield env
+
+
+@pytest.fixture
+def run_settings(settings: Settings) -> Settings:
+    """Settings whose local GPUs run a sleeping stand-in: the test plays the runner's events."""
+    return settings.model_copy(update={"local_runner_command": SLEEPING_RUNNER})
+
+
+@pytest.fixture
+def request_factory(s3: Any, run_settings: Settings, tmp_path: Path) -> Callable[..., Any]:
+    """Requests for a small dataset in the test's bucket and a local model, with short
+    deadlines unless overridden."""
+    images = put_dataset(s3, run_settings.bucket, "uploads/cats/")
+    model = local_model(tmp_path)
+
+    def make(**overrides: Any) -> Any:
+        overrides.setdefault("deadlines", SHORT_DEADLINES)
+        return make_request(images, model, **overrides)
+
+    return make

@@ -7,10 +7,8 @@ from __future__ import annotations
 import time
 import uuid
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
-import pytest
 from temporalio.api.enums.v1 import EventType
 from temporalio.testing import WorkflowEnvironment
 
@@ -25,13 +23,9 @@ from .test_workflow import MODEL_BYTES, assert_no_instance_left, finish, send_al
 from .workflow_support import (
     CODE_VERSION,
     SHORT_DEADLINES,
-    SLEEPING_RUNNER,
     RecordingProvider,
     ScriptedEvents,
     check_replays,
-    local_model,
-    make_request,
-    put_dataset,
     running_worker,
     start_run,
     wait_for_status,
@@ -62,23 +56,6 @@ class UndestroyableProvider(RecordingProvider):
 
     def destroy(self, instance_id: str) -> bool:
         raise RuntimeError(f"HTTP 500 destroying {instance_id}")
-
-
-@pytest.fixture
-def run_settings(settings: Settings) -> Settings:
-    return settings.model_copy(update={"local_runner_command": SLEEPING_RUNNER})
-
-
-@pytest.fixture
-def request_factory(s3: Any, run_settings: Settings, tmp_path: Path) -> Any:
-    images = put_dataset(s3, run_settings.bucket, "uploads/cost/")
-    model = local_model(tmp_path)
-
-    def make(**overrides: Any) -> Any:
-        overrides.setdefault("deadlines", SHORT_DEADLINES)
-        return make_request(images, model, **overrides)
-
-    return make
 
 
 def runner_failed() -> RunFailedData:

@@ -4,10 +4,8 @@ healthy run. Time-skipping server, the real relay over HTTP for its health."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-import pytest
 from temporalio.testing import WorkflowEnvironment
 
 from gpu_runner.protocol import TrainingProgressData
@@ -23,31 +21,15 @@ from .test_workflow import MODEL_BYTES, assert_no_instance_left, finish, send_al
 from .workflow_support import (
     CODE_VERSION,
     SHORT_DEADLINES,
-    SLEEPING_RUNNER,
     RecordingProvider,
     ScriptedEvents,
     check_replays,
-    local_model,
-    make_request,
-    put_dataset,
     running_worker,
     start_run,
     wait_for_status,
 )
 
 IDLE_S = SHORT_DEADLINES.training_idle_s
-
-
-@pytest.fixture
-def run_settings(settings: Settings) -> Settings:
-    return settings.model_copy(update={"local_runner_command": SLEEPING_RUNNER})
-
-
-@pytest.fixture
-def request_factory(s3: Any, run_settings: Settings, tmp_path: Path) -> Any:
-    images = put_dataset(s3, run_settings.bucket, "uploads/faults/")
-    model = local_model(tmp_path)
-    return lambda **overrides: make_request(images, model, deadlines=SHORT_DEADLINES, **overrides)
 
 
 async def test_a_trainer_alive_without_steps_loses_its_host_and_the_next_one_completes(

@@ -46,7 +46,6 @@ from .workflow_support import (
     CODE_VERSION,
     SEED_ORDER,
     SHORT_DEADLINES,
-    SLEEPING_RUNNER,
     RecordingProvider,
     ScriptedEvents,
     check_replays,
@@ -60,23 +59,6 @@ from .workflow_support import (
 )
 
 USER_SECRET = "whsec_" + "bGlmZWN5Y2xlLXRlc3Qtc2VjcmV0"
-
-
-@pytest.fixture
-def run_settings(settings: Settings) -> Settings:
-    return settings.model_copy(update={"local_runner_command": SLEEPING_RUNNER})
-
-
-@pytest.fixture
-def request_factory(s3: Any, run_settings: Settings, tmp_path: Path) -> Callable[..., Any]:
-    images = put_dataset(s3, run_settings.bucket, "uploads/cats/")
-    model = local_model(tmp_path)
-
-    def make(**overrides: Any) -> Any:
-        overrides.setdefault("deadlines", SHORT_DEADLINES)
-        return make_request(images, model, **overrides)
-
-    return make
 
 
 def kill_instance(provider: RecordingProvider, instance_id: str) -> None:

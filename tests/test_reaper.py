@@ -39,7 +39,7 @@ from worker.settings import Settings
 from workflows.models import GpuRequirements
 from workflows.reaper import REAP_INCOMPLETE, ReaperSummary, ReaperWorkflow
 
-from .workflow_support import SLEEPING_RUNNER, RecordingProvider, check_replays, running_worker
+from .workflow_support import RecordingProvider, check_replays, running_worker
 
 
 @workflow.defn(name="FinishedRun")
@@ -65,11 +65,6 @@ class OpenRun:
     @workflow.signal
     def finish(self) -> None:
         self._finish = True
-
-
-@pytest.fixture
-def run_settings(settings: Settings) -> Settings:
-    return settings.model_copy(update={"local_runner_command": SLEEPING_RUNNER})
 
 
 @pytest.fixture

@@ -25,13 +25,11 @@ from .workflow_support import (
     PNG,
     SEED_ORDER,
     SHORT_DEADLINES,
-    SLEEPING_RUNNER,
     RecordingProvider,
     ScriptedEvents,
     check_replays,
     local_model,
     make_request,
-    put_dataset,
     relay_event,
     running_worker,
     start_run,
@@ -42,25 +40,8 @@ MODEL_BYTES = b"trained-lora-weights" * 100
 
 
 @pytest.fixture
-def run_settings(settings: Settings) -> Settings:
-    return settings.model_copy(update={"local_runner_command": SLEEPING_RUNNER})
-
-
-@pytest.fixture
 def provider(run_settings: Settings) -> RecordingProvider:
     return RecordingProvider(run_settings)
-
-
-@pytest.fixture
-def request_factory(s3: Any, run_settings: Settings, tmp_path: Path) -> Any:
-    images = put_dataset(s3, run_settings.bucket, "uploads/cats/")
-    model = local_model(tmp_path)
-
-    def make(**overrides: Any) -> Any:
-        overrides.setdefault("deadlines", SHORT_DEADLINES)
-        return make_request(images, model, **overrides)
-
-    return make
 
 
 def assert_no_instance_left(provider: RecordingProvider) -> None:
