@@ -29,7 +29,10 @@ class RelayActivities:
         connected to Temporal, i.e. a runner's event would reach its run now."""
         if not self.settings.relay_health_check:
             return RelayHealth(up=True, detail="not checked (LORA_RELAY_HEALTH_CHECK=false)")
-        url = f"{self.settings.relay_public_url.rstrip('/')}/healthz"
+        url = (
+            self.settings.relay_health_url
+            or f"{self.settings.relay_public_url.rstrip('/')}/healthz"
+        )
         try:
             async with httpx.AsyncClient(timeout=self.settings.http_timeout_s) as client:
                 response = await client.get(url)

@@ -8,6 +8,7 @@ from typing import Any
 
 from temporalio.testing import WorkflowEnvironment
 
+from activities.relay import RelayActivities
 from gpu_runner.protocol import TrainingProgressData
 from worker.relay import create_app
 from worker.settings import Settings
@@ -124,3 +125,26 @@ async def test_a_relay_that_is_up_lets_the_deadline_count(
     assert status.error is not None and "its trainer is stuck" in status.error.message
     assert status.waiting_for_relay is None
     assert_no_instance_left(provider)
+
+
+async def test_the_relays_health_is_read_where_the_worker_reaches_it(
+    dev_env: WorkflowEnvironment, settings: Settings
+) -> None:
+    """Up: the relay answers and is connected to Temporal. Down: nothing listens, or the relay
+    cannot reach Temporal (its own, here: a dead address). LORA_RELAY_HEALTH_URL wins over the
+    public URL, for a worker that cannot reach the public address."""
+    checked = settings.model_copy(
+        update={"relay_health_check": True, "relay_public_url": f"http://127.0.0.1:{free_port()}"}
+    )
+    down = await RelayActivities(checked).relay_health()
+    assert not down.up and "unreachable" in down.detail
+
+    with serve_asgi(create_app(checked, dev_env.client)) as relay_url:
+        internal = checked.model_copy(update={"relay_health_url": f"{relay_url}/healthz"})
+        assert (await RelayActivities(internal).relay_health()).up
+
+    cut_off = checked.model_copy(update={"temporal_address": f"127.0.0.1:{free_port()}"})
+    with serve_asgi(create_app(cut_off)) as relay_url:
+        internal = checked.model_copy(update={"relay_health_url": f"{relay_url}/healthz"})
+        health = await RelayActivities(internal).relay_health()
+    assert not health.up and health.detail == "the relay is not connected to Temporal"

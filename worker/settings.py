@@ -102,9 +102,12 @@ class Settings(BaseSettings):
     relay_port: int = 8088
     relay_public_url: str = "http://127.0.0.1:8088"
     # Before a run calls a stall on a GPU's missing event, the worker asks the relay's /healthz
-    # (at relay_public_url) whether events can reach runs at all, and waits out an outage of its
-    # own relay instead. Off only where no relay serves runs (workflow tests signal directly).
+    # whether events can reach runs at all, and waits out an outage of its own relay instead.
+    # relay_health_url: where the worker reaches that (default: relay_public_url's /healthz;
+    # set it where the worker cannot reach the public address). The check is off only where no
+    # relay serves runs (workflow tests signal runs directly).
     relay_health_check: bool = True
+    relay_health_url: str | None = None
     webhook_master_secret: SecretStr | None = None
     # User webhooks go to https URLs on public addresses only. The embedded stack (and tests)
     # allow http and loopback/private receivers; never turn these on where users are strangers.
