@@ -34,7 +34,8 @@ class RelayActivities:
             or f"{self.settings.relay_public_url.rstrip('/')}/healthz"
         )
         try:
-            async with httpx.AsyncClient(timeout=self.settings.http_timeout_s) as client:
+            # Well under the activity's own timeout, so a relay that drops packets reads as down.
+            async with httpx.AsyncClient(timeout=min(5.0, self.settings.http_timeout_s)) as client:
                 response = await client.get(url)
         except httpx.HTTPError as e:
             return RelayHealth(up=False, detail=f"{url} unreachable: {type(e).__name__}")

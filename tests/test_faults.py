@@ -4,8 +4,14 @@ healthy run. Time-skipping server, the real relay over HTTP for its health."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from typing import Any
 
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 from temporalio.testing import WorkflowEnvironment
 
 from activities.relay import RelayActivities
@@ -148,3 +154,39 @@ async def test_the_relays_health_is_read_where_the_worker_reaches_it(
         internal = checked.model_copy(update={"relay_health_url": f"{relay_url}/healthz"})
         health = await RelayActivities(internal).relay_health()
     assert not health.up and health.detail == "the relay is not connected to Temporal"
+
+
+async def test_a_cancel_while_the_relay_is_asked_ends_the_run_cancelled(
+    dev_env: WorkflowEnvironment, run_settings: Settings, request_factory: Any
+) -> None:
+    """The run's cancel arrives once: one that lands while a deadline asks the relay is the
+    user's, not a relay that could not be asked. Dev server, real time: a 2 s idle deadline."""
+    asked, release = threading.Event(), threading.Event()
+
+    async def healthz(request: Request) -> Response:
+        asked.set()
+        await asyncio.to_thread(release.wait, 30)
+        return JSONResponse({"ok": True, "temporal_connected": True})
+
+    slow_relay = Starlette(routes=[Route("/healthz", healthz)])
+    deadlines = SHORT_DEADLINES.model_copy(update={"training_idle_s": 2})
+    with serve_asgi(slow_relay) as relay_url:
+        relayed = run_settings.model_copy(
+            update={"relay_health_check": True, "relay_health_url": f"{relay_url}/healthz"}
+        )
+        provider = RecordingProvider(relayed)
+        async with running_worker(dev_env.client, relayed, provider):
+            handle = await start_run(dev_env.client, relayed, request_factory(deadlines=deadlines))
+            await wait_for_status(handle, RunStatusName.PENDING_GPU, timeout_s=30)
+            await reach_training(handle)
+            try:
+                await asyncio.to_thread(asked.wait, 60)
+                assert asked.is_set(), "the idle deadline never asked the relay"
+                await handle.cancel()
+            finally:
+                release.set()
+            status, _ = await asyncio.wait_for(finish(handle), timeout=60)
+
+    assert status.status == RunStatusName.CANCELLED
+    assert status.attempt == 1 and status.gpu_failures == []
+    assert_no_instance_left(provider)

@@ -7,12 +7,14 @@ count by their execution status.
 
 from __future__ import annotations
 
+from pydantic import ValidationError
 from temporalio.client import Client, WorkflowExecution, WorkflowExecutionStatus
 from temporalio.service import RPCError
 
 from workflows.models import WebhookDeliveries, WebhookDelivery
 from workflows.notify import MEMO_KEY
 
+_MEMO_TELLS = {WorkflowExecutionStatus.RUNNING, WorkflowExecutionStatus.COMPLETED}
 _GAVE_UP = {
     WorkflowExecutionStatus.FAILED,
     WorkflowExecutionStatus.TERMINATED,
@@ -38,7 +40,9 @@ async def webhook_deliveries(
         if not child.id.startswith(prefix):
             continue
         found = True
-        delivery = await _delivery(child)
+        # A child ended from outside (terminated, timed out) counts by that, whatever its memo
+        # said; one from before the memo existed counts by its execution status.
+        delivery = await _delivery(child) if child.status in _MEMO_TELLS else None
         if delivery is None:
             _count_by_status(counts, child.status)
             continue
@@ -50,7 +54,8 @@ async def webhook_deliveries(
             counts.failing += 1
         else:
             counts.delivering += 1
-        if delivery.state != "delivered" and delivery.last_error:
+        if delivery.state != "delivered" and delivery.last_error and counts.last_error is None:
+            # Listed newest first: the most recent webhook's error.
             counts.last_error = f"attempt {delivery.attempts}: {delivery.last_error}"
     return counts if found else None
 
@@ -58,7 +63,12 @@ async def webhook_deliveries(
 async def _delivery(child: WorkflowExecution) -> WebhookDelivery | None:
     memo = await child.memo()
     raw = memo.get(MEMO_KEY)
-    return WebhookDelivery.model_validate(raw) if raw is not None else None
+    if raw is None:
+        return None
+    try:
+        return WebhookDelivery.model_validate(raw)
+    except ValidationError:
+        return None  # a memo this client cannot read: counted by the execution's status
 
 
 def _count_by_status(counts: WebhookDeliveries, status: WorkflowExecutionStatus | None) -> None:

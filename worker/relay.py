@@ -210,12 +210,19 @@ class FirstExecutions:
     earlier run of a reused id gets 410 (its GPU stops) instead of reaching the later run. Only
     a cache: a miss or a mismatch asks Temporal again."""
 
-    def __init__(self, limit: int = 10_000) -> None:
+    def __init__(self, limit: int = 10_000, ttl_s: float = 60.0) -> None:
         self._limit = limit
-        self._known: dict[str, str] = {}
+        self._ttl_s = ttl_s
+        # run id -> (first execution id, when Temporal said so): a reused id is seen within ttl.
+        self._known: dict[str, tuple[str, float]] = {}
 
     async def check(self, handle: WorkflowHandle[Any, Any], execution: str) -> None:
-        if self._known.get(handle.id) == execution:
+        known = self._known.get(handle.id)
+        if (
+            known is not None
+            and known[0] == execution
+            and time.monotonic() - known[1] < self._ttl_s
+        ):
             return
         try:
             description = await handle.describe(rpc_timeout=TEMPORAL_RPC_TIMEOUT)
@@ -223,6 +230,9 @@ class FirstExecutions:
             if e.status == RPCStatusCode.NOT_FOUND:
                 raise Rejection(404, f"no run {handle.id!r}") from None
             raise _rpc_failure("describe", handle.id, e) from None
+        except Exception:
+            log.exception("describing run %s failed unexpectedly", handle.id)
+            raise _temporal_unavailable("unexpected error") from None
         first = description.raw_description.workflow_execution_info.first_run_id
         if first and first != execution:
             raise Rejection(
@@ -232,7 +242,7 @@ class FirstExecutions:
             )
         if len(self._known) >= self._limit:
             self._known.clear()
-        self._known[handle.id] = execution
+        self._known[handle.id] = (execution, time.monotonic())
 
 
 async def _signal_run(

@@ -15,7 +15,7 @@ from datetime import timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
 
 with workflow.unsafe.imports_passed_through():
     from activities.notify import NotifyActivities, UserWebhookInput
@@ -79,6 +79,8 @@ class UserWebhookWorkflow:
                     summary=f"attempt {number} of {len(DELIVERY_SCHEDULE)}",
                 )
             except ActivityError as e:
+                if is_cancelled_exception(e):
+                    raise  # an operator cancelled the delivery: not the receiver's answer
                 cause = e.cause
                 delivery.last_error = (
                     cause.message if isinstance(cause, ApplicationError) else str(e)

@@ -58,6 +58,10 @@ class RunState(BaseModel):
     # While the relay is down at a deadline, or just back, the deadline waits until this.
     deadline_grace_until: datetime | None = None
     relay_down_since: datetime | None = None
+    # When this status began waiting for the relay (bounds the wait), and when an event last
+    # reached the run (a recent one proves the relay delivers).
+    relay_wait_started_at: datetime | None = None
+    last_event_at: datetime | None = None
 
 
 class ContinuedRun(BaseModel):

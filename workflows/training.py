@@ -115,6 +115,9 @@ RELAY_RECOVERY_GRACE = timedelta(minutes=2)
 # The longest one status waits for the relay; past it the deadline counts again.
 RELAY_OUTAGE_LIMIT = timedelta(hours=2)
 RELAY_CHECK_RETRY = RetryPolicy(maximum_attempts=2)
+# An event this recent proves the relay delivers, whatever its health says (a runner sends a
+# heartbeat a minute while it lives).
+RELAY_HEARD_WINDOW = timedelta(minutes=2)
 # Presigned URLs for the GPU: the job must be readable for as long as a boot may take.
 JOB_URL_MARGIN_S = 10 * 60
 
@@ -215,7 +218,8 @@ class TrainingWorkflow:
         # Compensation on every path above: nothing labelled for this run survives it, and a
         # cancel that arrives meanwhile waits for it.
         late_cancel = await self._shielded(self._compensate())
-        late_cancel = await self._shielded(self._close(notifier)) or late_cancel
+        closing = self._close(notifier)
+        late_cancel = await self._shielded(closing, cancel_ended_it_before=True) or late_cancel
         return self._finish(late_cancel)
 
     async def _train_to_an_outcome(self) -> bool:
@@ -435,7 +439,9 @@ class TrainingWorkflow:
                 retry_policy=INSTANCE_CHECK_RETRY,
                 summary="check the GPU instance",
             )
-        except ActivityError:
+        except ActivityError as e:
+            if is_cancelled_exception(e) and workflow.patched(CANCEL_ANYWHERE):
+                raise  # the run's cancel, which arrives once: not a provider that did not answer
             workflow.logger.warning("run %s: instance check failed; next one soon", self._run_id)
             return False, None
         return True, current
@@ -443,8 +449,10 @@ class TrainingWorkflow:
     async def _relay_kept_events_away(self) -> bool:
         """Whether a deadline that just passed must wait: our relay is down, so the GPU's events
         cannot reach the run (asked again in RELAY_RECHECK), or it just came back and the
-        events it held back get RELAY_RECOVERY_GRACE. An outage past RELAY_OUTAGE_LIMIT, or a
-        relay that cannot be asked, lets the deadline count."""
+        events it held back get RELAY_RECOVERY_GRACE. An event that reached the run since the
+        last look proves the relay delivers, whatever its health says. A status waits at most
+        RELAY_OUTAGE_LIMIT in all; a relay that cannot be asked lets the deadline count."""
+        # The deadline's own time: the grace counts from it, as the v7 recordings did.
         state, now = self._state, workflow.now()
         try:
             # A regular activity, not a local one: asked only when a deadline passes, and the
@@ -455,29 +463,34 @@ class TrainingWorkflow:
                 retry_policy=RELAY_CHECK_RETRY,
                 summary="is the relay up?",
             )
-        except ActivityError:
+        except ActivityError as e:
+            if is_cancelled_exception(e):
+                raise
             workflow.logger.warning("run %s: could not ask the relay", self._run_id)
             return False
-        if not health.up:
-            down_since = state.relay_down_since or now
-            if now - down_since >= RELAY_OUTAGE_LIMIT:
-                return False
+        heard = state.last_event_at is not None and now - state.last_event_at < RELAY_HEARD_WINDOW
+        if health.up or heard:
             if state.relay_down_since is None:
-                workflow.logger.warning(
-                    "run %s: deadline passed with the relay down (%s): waiting for the relay",
-                    self._run_id,
-                    health.detail,
-                )
-                state.relay_down_since = now
-                state.status.waiting_for_relay = health.detail
-                self._bump()
-            state.deadline_grace_until = now + RELAY_RECHECK
-            return True
-        if state.relay_down_since is not None:
+                return False
             self._relay_is_back()
             state.deadline_grace_until = now + RELAY_RECOVERY_GRACE
             return True
-        return False
+        waiting_since = state.relay_wait_started_at or now
+        if now - waiting_since >= RELAY_OUTAGE_LIMIT:
+            self._relay_is_back()
+            return False
+        state.relay_wait_started_at = waiting_since
+        if state.relay_down_since is None:
+            workflow.logger.warning(
+                "run %s: deadline passed with the relay down (%s): waiting for the relay",
+                self._run_id,
+                health.detail,
+            )
+            state.relay_down_since = now
+            state.status.waiting_for_relay = health.detail
+            self._bump()
+        state.deadline_grace_until = now + RELAY_RECHECK
+        return True
 
     def _relay_is_back(self) -> None:
         state = self._state
@@ -742,6 +755,7 @@ class TrainingWorkflow:
             self._legacy.runner_event(event)
             return
         state = self._state
+        state.last_event_at = workflow.now()
         if state.relay_down_since is not None:
             self._relay_is_back()  # an event got through
         if (
@@ -891,7 +905,7 @@ class TrainingWorkflow:
             self._enter(status)
 
     def _enter(self, status: RunStatusName) -> None:
-        self._state.deadline_grace_until = None
+        self._state.deadline_grace_until = self._state.relay_wait_started_at = None
         self._state.status.status = status
         self._state.status.history.append(StatusChange(status=status, at=workflow.now()))
         self._wake += 1
@@ -1047,28 +1061,53 @@ class TrainingWorkflow:
             await self._settle(task)
             raise
         if not done:
-            await self._settle(task)
+            if await self._settle(task):
+                raise asyncio.CancelledError()  # the user's cancel came while it settled
             limit_s = int((deadline.at - self._entered_at(status)).total_seconds())
             raise _Stalled(f"{what} took longer than the {status.value} deadline ({limit_s} s)")
         task.result()
 
-    async def _settle(self, task: asyncio.Future[None]) -> None:
+    async def _settle(self, task: asyncio.Future[None]) -> bool:
+        """Cancel `task` and wait until it has ended; True when the run itself was cancelled
+        meanwhile (that cancel arrives once, and must not be lost)."""
         self._giving_up = True
         task.cancel()
-        # A cancelled activity ends as ActivityError, not CancelledError: both mean "gave up".
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await asyncio.shield(task)
+        run_cancelled = False
+        while not task.done():
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                if task.done():
+                    break
+                if not workflow.patched(CANCEL_ANYWHERE):
+                    break  # runs before the patch stopped waiting here
+                run_cancelled = True
+            except Exception:
+                # A cancelled activity ends as ActivityError: it gave up, as asked.
+                break
+        return run_cancelled
 
     @staticmethod
-    async def _shielded(work: Awaitable[T]) -> bool:
-        """Run `work` to the end even if the run is cancelled meanwhile; True if it was."""
+    async def _shielded(work: Awaitable[T], *, cancel_ended_it_before: bool = False) -> bool:
+        """Run `work` to the end even if the run is cancelled meanwhile; True if it was.
+
+        Runs from before the cancel-anywhere patch replay as they ran: a cancel that came as the
+        work finished escaped, and so did one during work that was not shielded then
+        (`cancel_ended_it_before`: the final hand-over of webhooks and watchers)."""
         task = asyncio.ensure_future(work)
         cancelled = False
         while True:
             try:
                 await asyncio.shield(task)
             except asyncio.CancelledError:
-                if task.done():
+                if task.cancelled():
+                    raise
+                if (task.done() or cancel_ended_it_before) and not workflow.patched(
+                    CANCEL_ANYWHERE
+                ):
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
                     raise
                 cancelled = True
                 continue
