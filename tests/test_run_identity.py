@@ -128,13 +128,11 @@ async def test_a_reused_run_id_never_adopts_or_trusts_the_earlier_runs_gpu(
 
 
 async def test_the_workflow_ignores_events_relayed_for_another_execution(
-    dev_env: WorkflowEnvironment, settings: Settings, s3: Any, tmp_path: Any
+    dev_env: WorkflowEnvironment, run_settings: Settings, request_factory: Any
 ) -> None:
     """The signal's execution is the relay's word on which run's secret verified the event."""
-    run_settings = settings.model_copy(update={"local_runner_command": SLEEPING_RUNNER})
     provider = RecordingProvider(run_settings)
-    images = put_dataset(s3, run_settings.bucket, "uploads/identity-signal/")
-    request = make_request(images, local_model(tmp_path), deadlines=SHORT_DEADLINES)
+    request = request_factory()
     async with running_worker(dev_env.client, run_settings, provider):
         handle = await start_run(dev_env.client, run_settings, request)
         waiting = await wait_for_status(handle, RunStatusName.PENDING_GPU, timeout_s=30)

@@ -18,12 +18,7 @@ from workflows.training import MAX_WATCH_WAIT_S, TrainingWorkflow
 
 from .test_workflow import finish
 from .workflow_support import (
-    SHORT_DEADLINES,
-    SLEEPING_RUNNER,
     RecordingProvider,
-    local_model,
-    make_request,
-    put_dataset,
     running_worker,
     start_run,
     wait_for_status,
@@ -35,12 +30,10 @@ WAIT_S = 0.5
 
 
 async def test_each_wait_for_change_returns_at_its_callers_wait_on_a_quiet_run(
-    dev_env: WorkflowEnvironment, settings: Settings, s3: Any, tmp_path: Any
+    dev_env: WorkflowEnvironment, run_settings: Settings, request_factory: Any
 ) -> None:
-    run_settings = settings.model_copy(update={"local_runner_command": SLEEPING_RUNNER})
     provider = RecordingProvider(run_settings)
-    images = put_dataset(s3, run_settings.bucket, "uploads/watch/")
-    request = make_request(images, local_model(tmp_path), deadlines=SHORT_DEADLINES)
+    request = request_factory()
     async with running_worker(dev_env.client, run_settings, provider):
         handle = await start_run(dev_env.client, run_settings, request)
         quiet = await wait_for_status(handle, RunStatusName.PENDING_GPU, timeout_s=30)
