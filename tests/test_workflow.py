@@ -264,6 +264,59 @@ async def test_duplicated_and_shuffled_events_reach_the_same_final_state(
     assert_no_instance_left(provider)
 
 
+async def test_events_that_wake_the_run_cancel_no_timer(
+    time_skipping_env: WorkflowEnvironment,
+    run_settings: Settings,
+    request_factory: Any,
+    s3: Any,
+) -> None:
+    """Each event that moves the run wakes its loop; the loop's timer stands and is waited on
+    again, so an event costs one workflow task and no timer is cancelled once the GPU is rented
+    (a cancel that races the timer firing stops the run on the time-skipping server)."""
+    env, provider = time_skipping_env, RecordingProvider(run_settings)
+    async with running_worker(env.client, run_settings, provider):
+        handle = await start_run(env.client, run_settings, request_factory())
+        await wait_for_status(handle, RunStatusName.PENDING_GPU)
+        key = upload_model(s3, run_settings, handle)
+        events = ScriptedEvents(handle.id).happy_path(key, MODEL_BYTES)
+        for event in events[:-1]:
+            await relay_event(handle, event)
+            await wait_for_status(handle, event_status(event))
+        await relay_event(handle, events[-1])
+        status, error = await finish(handle)
+        history = await handle.fetch_history()
+
+    assert error is None and status.status == RunStatusName.COMPLETED
+    rented_at = next(
+        e.event_id
+        for e in history.events
+        if e.activity_task_scheduled_event_attributes.activity_type.name == "allocate_gpu"
+    )
+    started = {
+        e.timer_started_event_attributes.timer_id: e.event_id
+        for e in history.events
+        if e.HasField("timer_started_event_attributes")
+    }
+    cancelled = [
+        e.timer_canceled_event_attributes.timer_id
+        for e in history.events
+        if e.HasField("timer_canceled_event_attributes")
+    ]
+    assert [t for t in cancelled if started[t] > rented_at] == []
+    # One timer per wake-up that was not an event's, not one per event.
+    after_rental = [t for t, at in started.items() if at > rented_at]
+    assert len(after_rental) <= 2, after_rental
+
+
+def event_status(event: RunnerEvent) -> RunStatusName:
+    """The status a run shows once the happy path's `event` arrived."""
+    return {
+        "gpu.ready": RunStatusName.PENDING_IMAGES,
+        "images.ready": RunStatusName.PENDING_MODEL,
+        "model.ready": RunStatusName.PENDING_MODEL,
+    }.get(event.type, RunStatusName.TRAINING)
+
+
 class RaisingAfterCreateProvider(RecordingProvider):
     """Creates the instance, then fails the call: the provider answered garbage, say."""
 

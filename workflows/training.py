@@ -86,6 +86,10 @@ FAULTS_END_RIGHT = "faults-end-right"
 # and a destroy that does not converge within DESTROY_LIMIT is reported instead of retried
 # forever in the run (the reaper keeps at it).
 COST_EDGES = "cost-edges"
+# The main loop's wake-up timer stands until it fires: an event that wakes the loop costs one
+# workflow task instead of a cancelled timer and a new one, and no timer is ever cancelled in
+# the instant it fires (the time-skipping test server rejects that cancel and stops the run).
+STANDING_ALARM = "standing-alarm"
 
 # Named retry policies: side effects retry until the status deadline calls a stall; giving a
 # GPU back never gives up.
@@ -188,6 +192,9 @@ class TrainingWorkflow:
         # Bumped whenever the main loop must look again (status, failure, history length);
         # progress alone only changes the query's answer and wakes nothing.
         self._wake = 0
+        # The loop's standing wake-up timer and the time it fires (STANDING_ALARM).
+        self._alarm: asyncio.Task[None] | None = None
+        self._alarm_at = datetime.min
         self._closing = False
         # Set once the run stops waiting for work in flight (deadline or cancel).
         self._giving_up = False
@@ -423,9 +430,24 @@ class TrainingWorkflow:
                 (next_check, "check the GPU instance"),
                 (cost_cap_at or deadline.at, "cost cap"),
             )
-            seen = self._wake
-            await self._wait(lambda: self._wake != seen, wake - now, summary)  # noqa: B023
+            await self._sleep_until_woken(wake, summary)
         return self._host_lost_before_ready() or "uploaded"
+
+    async def _sleep_until_woken(self, wake: datetime, summary: str) -> None:
+        """Until `wake` (in the future) or until something wakes the loop. The timer for a
+        wake-up stands: a later loop that wakes no earlier waits on it again, and one that must
+        wake earlier sets an earlier timer and leaves the old one to fire unheard."""
+        seen = self._wake
+        if not workflow.patched(STANDING_ALARM):
+            await self._wait(lambda: self._wake != seen, wake - workflow.now(), summary)
+            return
+        if self._alarm is None or self._alarm.done() or wake < self._alarm_at:
+            self._alarm_at = wake
+            self._alarm = asyncio.create_task(
+                workflow.sleep(wake - workflow.now(), summary=summary)
+            )
+        alarm = self._alarm
+        await workflow.wait_condition(lambda: alarm.done() or self._wake != seen)
 
     async def _instance_now(self) -> tuple[bool, Instance | None]:
         """(asked, the provider's view): asked is False when the provider did not answer."""
