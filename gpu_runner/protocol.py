@@ -47,9 +47,44 @@ RunId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")]
 Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 
-def base_model_family(base_model: str) -> BaseModelFamily:
-    """Map a Civitai base model name ("SD 1.5", "SDXL 1.0", "Pony", "Flux.1 D") to a family."""
+# Base models people name on Civitai that are built on an architecture none of our families
+# trains (Pony V7 is AuraFlow, not SDXL). Matched on the lowercased name's start.
+UNSUPPORTED_BASE_MODELS: dict[str, str] = {
+    "pony v7": "AuraFlow",
+    "auraflow": "AuraFlow",
+    "chroma": "Chroma",
+    "qwen": "Qwen-Image",
+    "hidream": "HiDream",
+    "lumina": "Lumina",
+    "kolors": "Kolors",
+    "hunyuan": "Hunyuan",
+    "pixart": "PixArt",
+    "stable cascade": "Stable Cascade",
+    "wan video": "Wan",
+    "ltxv": "LTX-Video",
+    "mochi": "Mochi",
+    "cogvideox": "CogVideoX",
+    "svd": "Stable Video Diffusion",
+    "playground": "Playground",
+    "sd 2.1 unclip": "SD 2.1 unCLIP",
+}
+
+
+def unsupported_architecture(base_model: str) -> str | None:
+    """The architecture a named base model is built on when no family here trains it."""
     name = base_model.strip().lower().replace("_", " ")
+    for prefix, architecture in UNSUPPORTED_BASE_MODELS.items():
+        if name.startswith(prefix):
+            return architecture
+    return None
+
+
+def base_model_family(base_model: str) -> BaseModelFamily:
+    """Map a Civitai base model name ("SD 1.5", "SDXL 1.0", "Pony", "Flux.1 D") to a family;
+    "other" for every name no family here trains (`unsupported_architecture` names some)."""
+    name = base_model.strip().lower().replace("_", " ")
+    if unsupported_architecture(name) is not None:
+        return "other"
     if name.startswith("flux"):
         return "flux"
     if name.startswith("sd 3") or name.startswith("sd3"):
@@ -61,6 +96,17 @@ def base_model_family(base_model: str) -> BaseModelFamily:
     if name.startswith("sd 2") or name in {"sd2", "sd21"}:
         return "sd2"
     return "other"
+
+
+ComponentRole = Literal["clip_l", "clip_g", "t5xxl", "ae"]
+"""Files beside the main checkpoint that a family's script loads on their own."""
+
+# What each family's script needs besides its checkpoint, where the checkpoint does not hold
+# it: Flux.1's transformer-only files never hold their text encoders or AE; SD 3.5 files may.
+FAMILY_COMPONENTS: dict[str, tuple[ComponentRole, ...]] = {
+    "flux": ("clip_l", "t5xxl", "ae"),
+    "sd3": ("clip_l", "clip_g", "t5xxl"),
+}
 
 
 class _Model(BaseModel):
@@ -184,6 +230,18 @@ class ImagesSource(_Model):
     image_count: int = Field(ge=1)
 
 
+class ModelComponent(_Model):
+    """One file a family loads beside its checkpoint (a text encoder, the AE)."""
+
+    role: ComponentRole
+    url: str = Field(repr=False, description="Where to download it.")
+    filename: str = Field(pattern=r"^[^/\\]{1,255}$")
+    sha256: Sha256Hex | None = None
+    bytes: int | None = Field(default=None, ge=0)
+    needs_civitai_key: bool = False
+    needs_hf_token: bool = False
+
+
 class ModelSource(_Model):
     url: str = Field(repr=False, description="Where to download the base model.")
     filename: str = Field(pattern=r"^[^/\\]{1,255}$")
@@ -192,6 +250,13 @@ class ModelSource(_Model):
     base_model: str = Field(description="As the source names it, e.g. 'SD 1.5'.")
     family: BaseModelFamily
     needs_civitai_key: bool = False
+    needs_hf_token: bool = False
+    # Read from the checkpoint's header: "dev"/"schnell" (Flux.1), "medium"/"large" (SD 3.5).
+    variant: str | None = None
+    # SD 2.x 768-v checkpoints predict v; the 512 ones (and every other family here) do not.
+    v_parameterization: bool = False
+    # The family's files that the checkpoint does not hold (FAMILY_COMPONENTS).
+    components: list[ModelComponent] = Field(default_factory=list)
 
 
 class UploadTarget(_Model):
@@ -218,6 +283,8 @@ class JobSpec(_Model):
     images: ImagesSource
     model: ModelSource
     civitai_api_key: str | None = Field(default=None, repr=False)
+    # For gated Hugging Face files (Flux.1-dev); sent only when a file needs it.
+    hf_token: str | None = Field(default=None, repr=False)
     training: TrainingConfig
     trainer: TrainerName = "sd-scripts"
     events_url: str = Field(description="The relay's POST endpoint for this run.")
@@ -231,7 +298,7 @@ class JobSpec(_Model):
 
     def secrets(self) -> list[str]:
         """Every value the runner must redact from logs it sends back."""
-        values = [self.webhook_secret, self.civitai_api_key]
+        values = [self.webhook_secret, self.civitai_api_key, self.hf_token]
         return [v for v in values if v]
 
 

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from gpu_runner.protocol import RunnerEvent, TrainerName, TrainingConfig
+from gpu_runner.protocol import ComponentRole, RunnerEvent, TrainerName, TrainingConfig
 
 BucketName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")]
 
@@ -119,6 +119,12 @@ class TrainingRequest(_Model):
         max_length=2048,
         description="civitai:<versionId>, an https URL, s3://bucket/key, or a local path "
         "(local provider only).",
+    )
+    model_files: dict[ComponentRole, str] = Field(
+        default_factory=dict,
+        description="Files the model's family loads beside it, by role (clip_l, clip_g, t5xxl, "
+        "ae), in the same schemes as `model` plus hf:<repo>[@rev]/<file>. A role the checkpoint "
+        "holds needs none; one left out takes the family's default source.",
     )
     training: TrainingConfig = TrainingConfig()
     gpu: GpuRequirements = GpuRequirements()

@@ -9,6 +9,7 @@ from typing import Protocol
 
 from gpu_runner.protocol import (
     BaseModelFamily,
+    ComponentRole,
     MixedPrecision,
     Stage,
     TrainingConfig,
@@ -26,6 +27,11 @@ class TrainingInputs:
     output_dir: Path
     secrets: list[str] = field(default_factory=list)  # redact these from any log line
     cuda: bool = True  # whether the runner found a GPU; without one, training runs in fp32
+    # The family's files beside the checkpoint, downloaded (FAMILY_COMPONENTS), by role.
+    components: dict[ComponentRole, Path] = field(default_factory=dict)
+    variant: str | None = None  # "dev"/"schnell" (Flux.1), "medium"/"large" (SD 3.5)
+    v_parameterization: bool = False  # SD 2.x 768-v
+    vram_mb: int | None = None  # the GPU's memory, when the runner found one
 
 
 @dataclass(frozen=True)
