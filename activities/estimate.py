@@ -242,7 +242,7 @@ def local_gpu() -> tuple[str, float | None]:
                 return name.strip(), float(memory) / 1024
             except ValueError:
                 return name.strip(), None
-    return "this machine (no CUDA GPU found)", None
+    return "this machine", None
 
 
 def estimate_run(
@@ -346,7 +346,7 @@ def _local_offers(
     name, vram = local_gpu()
     note = None
     if vram is None:
-        note = "no CUDA GPU: times assume the reference class"
+        note = "no CUDA GPU found: its times assume an RTX 3090-class GPU"
     elif vram < requirements.min_vram_gb:
         note = f"{vram:.0f} GB VRAM, below the {requirements.min_vram_gb} GB this run needs"
     return [
@@ -435,11 +435,12 @@ def describe_requirements(requirements: GpuRequirements) -> str:
 
 
 def format_duration(seconds: float) -> str:
+    """1h05m, 9m06s, 42s."""
     seconds = round(seconds)
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     if hours:
-        return f"{hours} h {minutes:02d} min"
+        return f"{hours}h{minutes:02d}m"
     if minutes:
-        return f"{minutes} min {secs:02d} s"
-    return f"{secs} s"
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"

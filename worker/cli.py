@@ -15,7 +15,7 @@ from collections.abc import Callable, Coroutine, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NamedTuple, NoReturn
 from urllib.parse import quote
 
 import httpx
@@ -412,12 +412,61 @@ def train(
             "--set mixed_precision=bf16 (repeat it).",
         ),
     ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Resolve everything and show the GPUs that qualify, the best offers and the "
+            "expected time and cost; upload, rent and start nothing.",
+        ),
+    ] = False,
 ) -> None:
     """Check the dataset, model, settings and trainer here, then upload, start a run, and
     print its id.
 
-    Nothing is uploaded or started while any problem is found; every one is listed.
+    Nothing is uploaded or started while any problem is found; every one is listed. With
+    --dry-run, show what the run would rent, take and cost (as `estimate` does) and stop there.
     """
+    checked = _checked_request(
+        images,
+        model,
+        run_id,
+        {"epochs": epochs, "resolution": resolution, "trigger_word": trigger_word},
+        set_ or [],
+        trainer,
+        webhook_url,
+        webhook_secret,
+    )
+    if dry_run:
+        _show_estimate(checked, as_json=False, top=DEFAULT_OFFERS_SHOWN)
+        return
+    run_async(
+        _start_run(
+            checked.settings, checked.run_id, checked.request, checked.folder, checked.uploads
+        )
+    )
+
+
+class _CheckedRequest(NamedTuple):
+    settings: Settings
+    run_id: str
+    request: TrainingRequest
+    folder: Path | None
+    uploads: list[Path]
+
+
+def _checked_request(
+    images: str,
+    model: str,
+    run_id: str | None,
+    options: dict[str, Any],
+    set_: list[str],
+    trainer: Trainer | None,
+    webhook_url: str | None = None,
+    webhook_secret: str | None = None,
+) -> _CheckedRequest:
+    """The request `train` would start, every input checked here; lists every problem and
+    exits 2 when there is any."""
     from .preflight import check_model, choose_trainer, dataset_problems
 
     settings = load_settings()
@@ -442,9 +491,8 @@ def train(
     chosen = choose_trainer(trainer.value if trainer else None, settings)
     if chosen.problem:
         problems.append(chosen.problem)
-    options = {"epochs": epochs, "resolution": resolution, "trigger_word": trigger_word}
     training: dict[str, Any] = {k: v for k, v in options.items() if v is not None}
-    extra, set_problems = _training_settings(set_ or [], given=set(training))
+    extra, set_problems = _training_settings(set_, given=set(training))
     notes: list[str] = []
     problems.extend(set_problems)
     fields: dict[str, Any] = {
@@ -469,7 +517,7 @@ def train(
     for note in [*notes, chosen.note]:
         if note:
             err.print(note, markup=False, highlight=False)
-    run_async(_start_run(settings, run_id, request, folder, uploads))
+    return _CheckedRequest(settings, run_id, request, folder, uploads)
 
 
 def _request_problems(
@@ -641,6 +689,177 @@ def _upload(settings: Settings, folder: Path, files: list[Path], request: Traini
                 f"cannot reach S3 at {settings.s3_endpoint_url or 'AWS'} ({e}): "
                 "is `loratrain dev` running?"
             )
+
+
+DEFAULT_OFFERS_SHOWN = 5
+
+
+@app.command()
+def estimate(
+    images: Annotated[
+        str,
+        typer.Argument(
+            metavar="IMAGES",
+            help="A local folder of images and .txt captions, or s3://bucket/prefix.",
+        ),
+    ],
+    model: Annotated[
+        str,
+        typer.Option(help="civitai:<versionId>, an https URL, s3://bucket/key, or a local path."),
+    ],
+    epochs: Annotated[int | None, typer.Option()] = None,
+    resolution: Annotated[int | None, typer.Option(help="Multiple of 64.")] = None,
+    trainer: Annotated[Trainer | None, typer.Option(help="As for train.")] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", metavar="KEY=VALUE", help="Any training setting, as for train."),
+    ] = None,
+    offers: Annotated[int, typer.Option(min=1, max=50, help="How many offers to show.")] = (
+        DEFAULT_OFFERS_SHOWN
+    ),
+    as_json: Annotated[bool, typer.Option("--json", help="The estimate as JSON.")] = False,
+) -> None:
+    """What a run would need, rent and cost: the GPUs that qualify, the best offers by expected
+    cost, and the expected time and cost, with the assumptions. Uploads and rents nothing."""
+    checked = _checked_request(
+        images, model, None, {"epochs": epochs, "resolution": resolution}, set_ or [], trainer
+    )
+    _show_estimate(checked, as_json=as_json, top=offers)
+
+
+def _show_estimate(checked: _CheckedRequest, *, as_json: bool, top: int) -> None:
+    """Resolve the dataset and the model as the run would, ask the provider for offers, and
+    print the estimate; one line and exit 1 when any of it cannot be done."""
+    from temporalio.exceptions import ApplicationError
+
+    from activities.estimate import (
+        NoQualifyingOffer,
+        estimate_run,
+        local_dataset,
+        resolve_model,
+        s3_dataset,
+    )
+    from activities.providers.vast import VastApiError
+    from worker.main import s3_client
+
+    settings, request = checked.settings, checked.request
+    s3 = s3_client(settings)
+    if checked.folder is not None:
+        dataset = local_dataset(str(checked.folder), checked.uploads)
+    else:
+        where = f"s3://{request.images.bucket}/{request.images.prefix}"
+        try:
+            dataset = s3_dataset(s3, request.images.bucket, request.images.prefix)
+        except (BotoCoreError, ClientError) as e:
+            fail(f"IMAGES: cannot list {where} here ({e}); the estimate needs the image count")
+        if not dataset.images:
+            fail(f"IMAGES: {where} holds no .png, .jpg, .jpeg or .webp images")
+    try:
+        model = asyncio.run(resolve_model(settings, s3, request.model))
+    except ApplicationError as e:
+        fail(f"--model: {e.message}")
+    if model.family == "other":
+        fail(
+            f"--model: {model.filename} is based on {model.base_model!r}, which no family here "
+            "trains (sd15, sd2, sdxl, flux, sd3)"
+        )
+    try:
+        result = estimate_run(
+            settings,
+            dataset=dataset,
+            model=model,
+            trainer=request.trainer,
+            training=request.training,
+            request_gpu=request.gpu,
+            top=top,
+        )
+    except NoQualifyingOffer as e:
+        fail(str(e))
+    except VastApiError as e:
+        fail(f"cannot ask Vast for offers: {e}")
+    except ValueError as e:  # the provider is not configured (LORA_VAST_API_KEY)
+        fail(str(e))
+    if as_json:
+        print(result.model_dump_json(indent=2))
+        return
+    _print_estimate(result)
+
+
+def _print_estimate(result: Any) -> None:
+    from rich import box
+    from rich.table import Table
+
+    from activities.estimate import format_duration
+
+    ds, model, config = result.dataset, result.model, result.training
+    size = f"{model.bytes / 1e9:.2f} GB" if model.bytes is not None else "size unknown"
+    variant = f" {model.variant}" if model.variant else ""
+    rows = [
+        (
+            "dataset",
+            f"{ds.where}: {ds.images} images, {ds.captions} captions, {ds.bytes / 1e6:.1f} MB",
+        ),
+        ("model", f"{model.filename} ({model.base_model}, family {model.family}{variant}, {size})"),
+        ("trainer", result.trainer),
+        (
+            "settings",
+            f"{config.resolution} px, batch {config.batch_size}, {config.epochs} epochs x "
+            f"{config.repeats} repeats, dim {config.network_dim}, alpha "
+            f"{config.network_alpha:g}, {config.mixed_precision}",
+        ),
+        ("steps", result.steps_formula),
+        ("GPUs that qualify", _qualifying(result.requirements)),
+    ]
+    for name, value in rows:
+        out.print(f"{name:<18} {value}", markup=False, highlight=False)
+    table = Table(
+        title=f"offers ({result.provider}), by expected cost",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
+    columns = ("offer", "GPU", "VRAM", "$/h", "Mbps", "s/step", "setup", "training", "cost")
+    for column in columns:
+        table.add_column(
+            column, justify="left" if column in ("offer", "GPU") else "right", no_wrap=True
+        )
+    notes = []
+    for o in result.offers:
+        table.add_row(
+            o.offer,
+            o.gpu_name,
+            f"{o.vram_gb:.0f} GB" if o.vram_gb is not None else "?",
+            f"{o.dollars_per_hour:.3f}",
+            f"{o.download_mbps:.0f}" if o.download_mbps is not None else "-",
+            f"{o.seconds_per_step:.2f}",
+            format_duration(o.download_s + o.overhead_s),
+            format_duration(o.training_s),
+            f"${o.cost_usd:.2f}",
+        )
+        if o.note:
+            notes.append(f"offer {o.offer}: {o.note}")
+    out.print(table)
+    for note in notes:
+        out.print(note, markup=False, highlight=False)
+    best = result.best
+    out.print(
+        f"expected: {format_duration(best.hours * 3600)}, ${best.cost_usd:.2f} on "
+        f"{best.gpu_name} (offer {best.offer})",
+        markup=False,
+        highlight=False,
+    )
+    out.print("assumptions:", markup=False)
+    for line in result.assumptions:
+        out.print(f"  {line}", markup=False, highlight=False)
+
+
+def _qualifying(requirements: Any) -> str:
+    names = ", ".join(requirements.gpu_names) or "any GPU"
+    return (
+        f"{names} with >= {requirements.min_vram_gb} GB VRAM, <= "
+        f"${requirements.max_dollars_per_hour:g}/h, reliability >= "
+        f"{requirements.min_reliability:g}, >= {requirements.disk_gb} GB disk"
+    )
 
 
 @app.command()
