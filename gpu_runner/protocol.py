@@ -18,7 +18,14 @@ import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
 from standardwebhooks import Webhook, WebhookVerificationError
 
 PROTOCOL_VERSION = 1
@@ -126,6 +133,7 @@ _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "unet_lr": 1e-4,
         "text_encoder_lr": 5e-5,
         "mixed_precision": "fp16",
+        "gradient_checkpointing": True,
     },
     "sd2": {
         "resolution": 768,
@@ -135,6 +143,7 @@ _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "unet_lr": 1e-4,
         "text_encoder_lr": 5e-5,
         "mixed_precision": "fp16",
+        "gradient_checkpointing": True,
     },
     # SDXL trains the UNet only by default: it lets sd-scripts cache text encoder outputs.
     "sdxl": {
@@ -145,8 +154,51 @@ _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "unet_lr": 1e-4,
         "text_encoder_lr": 0.0,
         "mixed_precision": "bf16",
+        "gradient_checkpointing": True,
+    },
+    # sd-scripts' docs/flux_train_network.md: rank 16, lr 1e-4, "--timestep_sampling shift
+    # --discrete_flow_shift 3.1582 --model_prediction_type raw --guidance_scale 1.0" ("work
+    # well"). Alpha 16, not the docs' 1: at lr 1e-4, alpha 1 scales every update by 1/16
+    # (ai-toolkit's Flux recipe, rank 16 alpha 16 lr 1e-4, is the one people know). bf16: the
+    # weights' dtype. Text encoders are not trained, so their outputs are cached.
+    "flux": {
+        "resolution": 1024,
+        "batch_size": 1,
+        "network_dim": 16,
+        "network_alpha": 16,
+        "unet_lr": 1e-4,
+        "text_encoder_lr": 0.0,
+        "mixed_precision": "bf16",
+        "gradient_checkpointing": True,
+        "timestep_sampling": "shift",
+        "discrete_flow_shift": 3.1582,
+        "guidance_scale": 1.0,
+    },
+    # sd-scripts' docs/sd3_train_network.md: rank 16, lr 1e-4, weighting_scheme uniform.
+    "sd3": {
+        "resolution": 1024,
+        "batch_size": 1,
+        "network_dim": 16,
+        "network_alpha": 16,
+        "unet_lr": 1e-4,
+        "text_encoder_lr": 0.0,
+        "mixed_precision": "bf16",
+        "gradient_checkpointing": True,
+        "weighting_scheme": "uniform",
     },
 }
+
+# Settings only some families' scripts have: set for another family, they are refused.
+_FAMILY_ONLY_FIELDS: dict[str, tuple[str, ...]] = {
+    "blocks_to_swap": ("flux", "sd3"),
+    "timestep_sampling": ("flux",),
+    "discrete_flow_shift": ("flux",),
+    "guidance_scale": ("flux",),
+    "weighting_scheme": ("sd3",),
+}
+
+TimestepSampling = Literal["sigma", "uniform", "sigmoid", "shift", "flux_shift"]
+WeightingScheme = Literal["sigma_sqrt", "logit_normal", "mode", "cosmap", "none", "uniform"]
 
 
 class TrainingConfig(_Model):
@@ -169,6 +221,33 @@ class TrainingConfig(_Model):
     trigger_word: str | None = Field(default=None, min_length=1, max_length=64)
     keep_tokens: int = Field(default=1, ge=0, le=10)
     max_train_steps: int | None = Field(default=None, ge=1, le=100_000)
+    gradient_checkpointing: bool | None = None
+    # Memory savings for Flux.1 / SD 3.5 (and fp8 for every family); None: chosen on the GPU
+    # from its memory (gpu_runner/trainers/sd_scripts.py, memory_plan).
+    fp8_base: bool | None = None
+    blocks_to_swap: int | None = Field(default=None, ge=0, le=36)
+    # Flux.1's flow matching (flux_train_network.py's options of the same names).
+    timestep_sampling: TimestepSampling | None = None
+    discrete_flow_shift: float | None = Field(default=None, gt=0, le=100)
+    guidance_scale: float | None = Field(default=None, ge=0, le=30)
+    # SD 3.5's loss weighting by timestep (sd3_train_network.py's --weighting_scheme).
+    weighting_scheme: WeightingScheme | None = None
+
+    @model_validator(mode="after")
+    def _only_the_familys_options(self, info: ValidationInfo) -> Self:
+        family = (info.context or {}).get("family")
+        if family is None:
+            return self
+        for name, families in _FAMILY_ONLY_FIELDS.items():
+            value = getattr(self, name)
+            if (
+                value is not None
+                and family not in families
+                and not (name == "blocks_to_swap" and value == 0)
+            ):
+                names = " and ".join(families)
+                raise ValueError(f"{name} applies to {names} models only, not {family}")
+        return self
 
     @model_validator(mode="after")
     def _alpha_not_above_dim(self) -> Self:
@@ -185,7 +264,9 @@ class TrainingConfig(_Model):
 
     def for_family(self, family: BaseModelFamily) -> TrainingConfig:
         """This config with every unset field filled from the family's defaults."""
-        return self.model_validate({**self.model_dump(), **self._family_fill(family)})
+        return self.model_validate(
+            {**self.model_dump(), **self._family_fill(family)}, context={"family": family}
+        )
 
     def _family_fill(self, family: BaseModelFamily) -> dict[str, Any]:
         defaults = _FAMILY_DEFAULTS.get(family, _FAMILY_DEFAULTS["sd15"])

@@ -40,13 +40,19 @@ import signal
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
-from gpu_runner.protocol import MixedPrecision, TrainingProgressData
+from gpu_runner.protocol import (
+    FAMILY_COMPONENTS,
+    BaseModelFamily,
+    MixedPrecision,
+    TrainingConfig,
+    TrainingProgressData,
+)
 from gpu_runner.settings import RunnerSettings
 from gpu_runner.trainers.base import (
     PreparedTraining,
@@ -76,7 +82,26 @@ TOKENIZER_IDS = (
 )
 
 _T = TypeVar("_T")
-_UNSUPPORTED_FAMILIES = {"flux": "Flux", "sd3": "SD3"}
+
+# Per family: the script, its LoRA module, and the files flags its parser takes beside the
+# checkpoint (sd-scripts' docs/flux_train_network.md, sd3_train_network.md).
+SCRIPTS: dict[str, str] = {
+    "sd15": "train_network.py",
+    "sd2": "train_network.py",
+    "sdxl": "sdxl_train_network.py",
+    "flux": "flux_train_network.py",
+    "sd3": "sd3_train_network.py",
+}
+NETWORK_MODULES: dict[str, str] = {
+    "sd15": "networks.lora",
+    "sd2": "networks.lora",
+    "sdxl": "networks.lora",
+    "flux": "networks.lora_flux",
+    "sd3": "networks.lora_sd3",
+}
+# Families whose captions go to T5-XXL as sentences: no tag shuffling, and their text encoder
+# outputs are cached (which sd-scripts refuses together with shuffle_caption).
+T5_FAMILIES = frozenset({"flux", "sd3"})
 
 
 # --------------------------------------------------------------------------------------------
@@ -124,12 +149,18 @@ class DatasetConfig(_Toml):
 class TrainingArguments(_Toml):
     """The file passed as `--config_file`: field names are sd-scripts' argparse dests.
 
-    Checked against train_network.py, library/train_util.py and library/sdxl_train_util.py at
-    SD_SCRIPTS_COMMIT. sd-scripts does not type-check values read from this file, so the types
-    here are the ones its code expects.
+    Checked against train_network.py, sdxl_/flux_/sd3_train_network.py and library/*_util.py
+    at SD_SCRIPTS_COMMIT (tests/test_sd_scripts_families.py parses it with their parsers).
+    sd-scripts does not type-check values read from this file, so the types here are the ones
+    its code expects. None is left out of the file (the script's default).
     """
 
     pretrained_model_name_or_path: str
+    # The family's files beside the checkpoint (Flux.1: all three; SD 3.5: those it lacks).
+    clip_l: str | None = None
+    clip_g: str | None = None
+    t5xxl: str | None = None
+    ae: str | None = None
     v2: bool = False
     v_parameterization: bool = False
     tokenizer_cache_dir: str
@@ -155,9 +186,20 @@ class TrainingArguments(_Toml):
     mixed_precision: Literal["no", "fp16", "bf16"]
     no_half_vae: bool = False
     cache_latents: bool = True
+    cache_latents_to_disk: bool | None = None
     cache_text_encoder_outputs: bool = False
+    cache_text_encoder_outputs_to_disk: bool | None = None
     gradient_checkpointing: bool = True
     sdpa: bool = True
+    fp8_base: bool | None = None
+    blocks_to_swap: int | None = None
+    # Flux.1 (library/flux_train_utils.py add_flux_train_arguments)
+    timestep_sampling: str | None = None
+    discrete_flow_shift: float | None = None
+    model_prediction_type: Literal["raw", "additive", "sigma_scaled"] | None = None
+    guidance_scale: float | None = None
+    # SD 3.5 (library/train_util.py add_dit_training_arguments)
+    weighting_scheme: str | None = None
     max_data_loader_n_workers: int = 2
     persistent_data_loader_workers: bool = True
     # With a logging dir sd-scripts tracks to TensorBoard, and only then calls the
@@ -241,16 +283,15 @@ def _toml_value(value: Any) -> str:
 
 def script_for(family: str) -> str:
     """The sd-scripts script that trains a LoRA for this base model family."""
-    if family in _UNSUPPORTED_FAMILIES:
-        name = _UNSUPPORTED_FAMILIES[family]
+    script = SCRIPTS.get(family)
+    if script is None:
         raise TrainerError(
             "unsupported_model",
-            f"{name} models are not supported yet: training them needs extra model files "
-            "(text encoders, VAE) that a request cannot name yet. Use an SD 1.x, SD 2.x or "
-            "SDXL-based model.",
+            f"sd-scripts trains no LoRA for base model family {family!r}: use an SD 1.x, SD 2.x, "
+            "SDXL, Flux.1 or SD 3.5 model.",
             stage="files",
         )
-    return "sdxl_train_network.py" if family == "sdxl" else "train_network.py"
+    return script
 
 
 def put_trigger_word_first(folders: list[tuple[Path, int]], trigger_word: str) -> None:
@@ -258,7 +299,7 @@ def put_trigger_word_first(folders: list[tuple[Path, int]], trigger_word: str) -
 
     sd-scripts uses class_tokens only for images without a caption file, and its caption_prefix
     would double the word on those; so the captions themselves are rewritten (keep_tokens keeps
-    the first token in place).
+    the first token in place for CLIP families; T5 families read it as the caption's start).
     """
     for folder, _ in folders:
         for image in sorted(folder.iterdir()):
@@ -307,7 +348,9 @@ def dataset_config(inputs: TrainingInputs, folders: list[tuple[Path, int]]) -> D
                         image_dir=str(folder),
                         num_repeats=config.repeats,
                         class_tokens=config.trigger_word,
-                        keep_tokens=config.keep_tokens,
+                        # keep_tokens guards the trigger word from shuffle_caption, which
+                        # T5 families never get (their text encoder outputs are cached).
+                        keep_tokens=0 if inputs.family in T5_FAMILIES else config.keep_tokens,
                     )
                     for folder, _ in folders
                 ]
@@ -321,17 +364,26 @@ def training_arguments(
 ) -> TrainingArguments:
     """Map a TrainingConfig (already filled with the family's defaults) to sd-scripts' args."""
     config = inputs.config
+    family = inputs.family
     unet_lr = _required(config.unet_lr, "unet_lr")
     text_encoder_lr = _required(config.text_encoder_lr, "text_encoder_lr")
     mixed_precision = training_precision(inputs)
     unet_only = text_encoder_lr == 0
-    sdxl = inputs.family == "sdxl"
+    sdxl = family == "sdxl"
+    flux = family == "flux"
+    t5 = family in T5_FAMILIES
     resolution = _required(config.resolution, "resolution")
+    plan = memory_plan(inputs)
+    components = component_paths(inputs)
     return TrainingArguments(
         pretrained_model_name_or_path=str(inputs.model_path),
-        v2=inputs.family == "sd2",
-        # SD 2.x at 768 px means the 768-v models, which predict v; the 512 px base ones do not.
-        v_parameterization=inputs.family == "sd2" and resolution >= 768,
+        clip_l=components.get("clip_l"),
+        clip_g=components.get("clip_g"),
+        t5xxl=components.get("t5xxl"),
+        ae=components.get("ae"),
+        v2=family == "sd2",
+        # The checkpoint says whether it predicts v (SD 2.x 768-v), not the training resolution.
+        v_parameterization=family == "sd2" and inputs.v_parameterization,
         tokenizer_cache_dir=str(settings.runner_tokenizer_cache_dir),
         dataset_config=str(dataset_toml),
         output_dir=str(inputs.output_dir),
@@ -340,6 +392,7 @@ def training_arguments(
         # sd-scripts lets max_train_epochs override max_train_steps, so pass exactly one.
         max_train_epochs=None if config.max_train_steps else config.epochs,
         max_train_steps=config.max_train_steps,
+        network_module=NETWORK_MODULES[family],
         network_dim=_required(config.network_dim, "network_dim"),
         network_alpha=float(_required(config.network_alpha, "network_alpha")),
         network_train_unet_only=unet_only,
@@ -353,11 +406,38 @@ def training_arguments(
         mixed_precision=mixed_precision,
         # SDXL's VAE overflows in fp16.
         no_half_vae=sdxl and mixed_precision == "fp16",
-        # Only SDXL gains much from it, and sd-scripts allows it only without text encoder training.
-        cache_text_encoder_outputs=sdxl and unet_only,
+        # SDXL: allowed only without text encoder training. Flux.1 and SD 3.5 cache what the
+        # trained encoders do not need (T5-XXL alone is ~10 GB): sd-scripts' is_partial caching.
+        cache_text_encoder_outputs=t5 or (sdxl and unet_only),
+        cache_text_encoder_outputs_to_disk=True if t5 else None,
+        cache_latents_to_disk=True if t5 else None,
+        gradient_checkpointing=config.gradient_checkpointing is not False,
+        fp8_base=True if plan.fp8_base else None,
+        blocks_to_swap=plan.blocks_to_swap or None,
+        timestep_sampling=config.timestep_sampling if flux else None,
+        discrete_flow_shift=config.discrete_flow_shift if flux else None,
+        # docs/flux_train_network.md: "raw" is the recommended one (sd-scripts' default is not).
+        model_prediction_type="raw" if flux else None,
+        guidance_scale=config.guidance_scale if flux else None,
+        weighting_scheme=config.weighting_scheme if family == "sd3" else None,
         logging_dir=str(logging_dir),
         resolution=f"{resolution},{resolution}",
     )
+
+
+def component_paths(inputs: TrainingInputs) -> dict[str, str]:
+    """The files flags for the family's components: Flux.1 needs all three (its transformer
+    file never holds them); SD 3.5 takes those given, the rest come from its checkpoint."""
+    needed = FAMILY_COMPONENTS.get(inputs.family, ())
+    missing = [role for role in needed if role not in inputs.components]
+    if inputs.family == "flux" and missing:
+        raise TrainerError(
+            "model_components_missing",
+            f"Flux.1 training needs {', '.join(needed)} beside the transformer; the job names "
+            f"no {', '.join(missing)} file (model.components)",
+            stage="files",
+        )
+    return {role: str(inputs.components[role]) for role in needed if role in inputs.components}
 
 
 def training_precision(inputs: TrainingInputs) -> MixedPrecision:
@@ -366,6 +446,141 @@ def training_precision(inputs: TrainingInputs) -> MixedPrecision:
     if not inputs.cuda:
         return "no"
     return _required(inputs.config.mixed_precision, "mixed_precision")
+
+
+# --------------------------------------------------------------------------------------------
+# GPU memory and disk
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """fp8 base weights and transformer blocks swapped to the CPU, and the least VRAM (GB, as
+    the GPU offer search counts it: 1 GB = 1000 MB) a run with them needs at batch size 1."""
+
+    fp8_base: bool
+    blocks_to_swap: int
+    vram_gb: int
+    eight_bit_optimizer: bool = False  # the figure assumes AdamW8bit (or a leaner optimizer)
+
+
+# Most memory first; a GPU takes the first plan that fits it. Sources:
+# - Flux.1 (12B transformer, 23.8 GB in bf16): docs/flux_train_network.md 6.1, a table whose
+#   rows all have --fp8_base: "24GB: basic settings", "16GB: batch size 1 and --blocks_to_swap"
+#   (no count given: 8 is ours), "12GB: --blocks_to_swap 16 and 8bit AdamW"; its 10 and 8 GB
+#   rows need an fp8 T5-XXL file, which the job does not choose, so they are not used. Without
+#   fp8: 40 GB is our figure (the bf16 weights alone fill a 24 GB card).
+# - SD 3.5: the docs give no figures (their example swaps 32 blocks); ours scale Flux.1's by
+#   the weights (large 8.1B / 38 blocks, medium 2.5B / 24 blocks). An unknown variant counts
+#   as large.
+# - SD 1.x / 2.x / SDXL: no fp8 or block swap unless asked; the figures are the ones the GPU
+#   search used before (SDXL trains its text encoders in 16 GB).
+_FLUX_PLANS = (
+    MemoryPlan(fp8_base=False, blocks_to_swap=0, vram_gb=40),
+    MemoryPlan(fp8_base=True, blocks_to_swap=0, vram_gb=24),
+    MemoryPlan(fp8_base=True, blocks_to_swap=8, vram_gb=16),
+    MemoryPlan(fp8_base=True, blocks_to_swap=16, vram_gb=12, eight_bit_optimizer=True),
+)
+_SD3_PLANS: dict[str, tuple[MemoryPlan, ...]] = {
+    "large": (
+        MemoryPlan(fp8_base=False, blocks_to_swap=0, vram_gb=32),
+        MemoryPlan(fp8_base=True, blocks_to_swap=0, vram_gb=24),
+        MemoryPlan(fp8_base=True, blocks_to_swap=16, vram_gb=16),
+        MemoryPlan(fp8_base=True, blocks_to_swap=32, vram_gb=12, eight_bit_optimizer=True),
+    ),
+    "medium": (
+        MemoryPlan(fp8_base=False, blocks_to_swap=0, vram_gb=16),
+        MemoryPlan(fp8_base=True, blocks_to_swap=0, vram_gb=12),
+        MemoryPlan(fp8_base=True, blocks_to_swap=16, vram_gb=10, eight_bit_optimizer=True),
+    ),
+}
+_UNET_VRAM_GB = {"sd15": 8, "sd2": 10, "sdxl": 12}
+_TEXT_ENCODER_VRAM_GB = {"sdxl": 4, "sd3": 2}  # more when the text encoders train too
+# The most blocks each model can swap (flux_models.py / sd3_models.py enable_block_swap).
+MAX_BLOCKS_TO_SWAP = {"flux": 35, "large": 36, "medium": 22}
+_EIGHT_BIT_OPTIMIZERS = frozenset({"AdamW8bit", "Lion8bit", "Adafactor"})
+
+
+def _plans(
+    family: BaseModelFamily, variant: str | None, config: TrainingConfig
+) -> list[MemoryPlan]:
+    """The family's plans that these settings allow (fp8 and block swap as set, or any)."""
+    if family == "flux":
+        plans: tuple[MemoryPlan, ...] = _FLUX_PLANS
+    elif family == "sd3":
+        plans = _SD3_PLANS.get((variant or "").lower(), _SD3_PLANS["large"])
+    else:
+        fp8 = bool(config.fp8_base)
+        plans = (MemoryPlan(fp8_base=fp8, blocks_to_swap=0, vram_gb=_UNET_VRAM_GB.get(family, 8)),)
+    allowed = [
+        plan
+        for plan in plans
+        if (config.fp8_base is None or plan.fp8_base == config.fp8_base)
+        and (config.blocks_to_swap is None or plan.blocks_to_swap <= config.blocks_to_swap)
+        and (not plan.eight_bit_optimizer or config.optimizer in _EIGHT_BIT_OPTIMIZERS)
+    ]
+    if not allowed:  # e.g. fp8 forced on for a family whose table has no fp8 row: the first
+        allowed = [replace(plans[0], fp8_base=bool(config.fp8_base))]
+    extra = _TEXT_ENCODER_VRAM_GB.get(family, 0) if (config.text_encoder_lr or 0) > 0 else 0
+    return [replace(plan, vram_gb=plan.vram_gb + extra) for plan in allowed]
+
+
+def vram_needed_gb(family: BaseModelFamily, variant: str | None, config: TrainingConfig) -> int:
+    """The least GPU memory (GB of 1000 MB, as Vast counts) that trains this family with these
+    settings, fp8 and block swap allowed where the config leaves them to the GPU. Pure."""
+    return min(plan.vram_gb for plan in _plans(family, variant, config))
+
+
+def memory_plan(inputs: TrainingInputs) -> MemoryPlan:
+    """fp8 and block swap for this GPU: the config's where set, else the plan with the fewest
+    savings that fits the GPU's memory (the leanest one when none fits). Without a GPU: none
+    (fp8 needs mixed precision, which the CPU does not get)."""
+    config = inputs.config
+    plans = _plans(inputs.family, inputs.variant, config)
+    if not inputs.cuda:
+        return MemoryPlan(fp8_base=False, blocks_to_swap=0, vram_gb=0)
+    if inputs.vram_mb is None:
+        chosen = plans[-1]
+    else:
+        fitting = [plan for plan in plans if plan.vram_gb * 1000 <= inputs.vram_mb]
+        chosen = fitting[0] if fitting else plans[-1]
+    fp8 = chosen.fp8_base if config.fp8_base is None else config.fp8_base
+    swap = chosen.blocks_to_swap if config.blocks_to_swap is None else config.blocks_to_swap
+    if inputs.family in ("flux", "sd3"):
+        model = "flux" if inputs.family == "flux" else (inputs.variant or "medium").lower()
+        most = MAX_BLOCKS_TO_SWAP.get(model, MAX_BLOCKS_TO_SWAP["medium"])
+        if swap > most:
+            raise TrainerError(
+                "invalid_config",
+                f"training.blocks_to_swap is {swap}, but this model has blocks for at most {most}",
+                stage="files",
+            )
+    else:
+        swap = 0
+    return MemoryPlan(fp8_base=fp8, blocks_to_swap=swap, vram_gb=chosen.vram_gb)
+
+
+# Published file sizes (GB) of the components a family loads beside its checkpoint, from the
+# files people use (comfyanonymous/flux_text_encoders, stabilityai/stable-diffusion-3.5-large
+# text_encoders/, black-forest-labs ae): t5xxl_fp16 9.79, clip_l 0.25, clip_g 1.39, ae 0.34.
+_COMPONENT_GB = {"clip_l": 0.25, "clip_g": 1.39, "t5xxl": 9.79, "ae": 0.34}
+# Cached latents and text encoder outputs, on disk for Flux.1 and SD 3.5: at most 1,000 images
+# (the dataset limit) x T5-XXL's 512 x 4096 bf16 outputs (4.2 MB) + a 1024 px latent.
+_CACHE_GB = {"flux": 5.0, "sd3": 5.0}
+# One saved LoRA per epoch: MB per rank (fp16), from LoRAs of each family.
+_LORA_MB_PER_RANK = {"sd15": 1.2, "sd2": 1.3, "sdxl": 7.0, "flux": 10.0, "sd3": 8.0}
+_WORKING_DISK_GB = 10.0  # logs, TensorBoard, the images and their unzipped copy's slack
+
+
+def disk_needed_gb(family: BaseModelFamily, config: TrainingConfig, model_bytes: int) -> int:
+    """Disk (GB) a run needs: the checkpoint, the family's component files (all of them: a
+    checkpoint that holds some only saves their download), caches, every epoch's LoRA. Pure."""
+    components = sum(_COMPONENT_GB[role] for role in FAMILY_COMPONENTS.get(family, ()))
+    epochs = config.epochs if config.max_train_steps is None else max(config.epochs, 1)
+    rank = config.network_dim or 32
+    loras = epochs * rank * _LORA_MB_PER_RANK.get(family, 8.0) / 1000
+    needed = model_bytes / 1e9 + components + _CACHE_GB.get(family, 0.0) + loras
+    return math.ceil(needed + _WORKING_DISK_GB)
 
 
 def planned_total_steps(inputs: TrainingInputs, image_count: int) -> int:
@@ -647,6 +862,13 @@ class SdScriptsTrainer:
             encoding="utf-8",
         )
         arguments = training_arguments(inputs, self.settings, dataset_toml, logging_dir)
+        if inputs.family in T5_FAMILIES or arguments.fp8_base:
+            _trainer_log.info(
+                "GPU memory %s MB: fp8_base %s, blocks_to_swap %s",
+                inputs.vram_mb,
+                bool(arguments.fp8_base),
+                arguments.blocks_to_swap or 0,
+            )
         if arguments.mixed_precision != inputs.config.mixed_precision:
             _trainer_log.info(
                 "no GPU on this machine: sd-scripts trains in fp32 (mixed_precision %s needs one)",
