@@ -290,7 +290,7 @@ def estimate_run(
                 on_offer(
                     offer=str(o.id),
                     gpu_name=o.gpu_name,
-                    vram_gb=o.gpu_ram / 1000,
+                    vram_gb=o.gpu_ram / 1024,  # MiB, as Vast reports it
                     dollars_per_hour=o.dph_total,
                     download_mbps=o.inet_down,
                     dollars_per_gb=o.inet_down_cost or 0.0,
