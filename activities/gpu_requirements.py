@@ -3,56 +3,18 @@
 Pure and deterministic (no I/O, no clock): the workflow calls `effective_requirements` before it
 rents, and `loratrain estimate` calls it to show which GPUs qualify.
 
-The per-family minimums come from the sd-scripts trainer (`vram_needed_gb`, `disk_needed_gb` in
-gpu_runner/trainers/sd_scripts.py), which knows the memory-saving options it turns on. Where that
-trainer module predates them, the table below stands in.
+The per-family minimums are the sd-scripts trainer's (`vram_needed_gb`, `disk_needed_gb` in
+gpu_runner/trainers/sd_scripts.py), which knows the memory-saving options it turns on (fp8 base,
+block swap) and chooses them on the GPU it gets.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
-
 from pydantic import ValidationError
 
 from gpu_runner.protocol import BaseModelFamily, TrainingConfig
-from gpu_runner.trainers import sd_scripts
+from gpu_runner.trainers.sd_scripts import disk_needed_gb, vram_needed_gb
 from workflows.models import GpuRequirements
-
-# Minimal VRAM (GB) per family with sd-scripts' savings (cached latents, gradient checkpointing,
-# fp8 base for Flux and SD 3.5 large); SDXL needs more when it trains the text encoders.
-_VRAM_GB: dict[str, int] = {"sd15": 8, "sd2": 10, "sdxl": 12, "flux": 16}
-_SDXL_TEXT_ENCODER_VRAM_GB = 16
-_SD3_VRAM_GB = {"medium": 12, "large": 24}
-# Files a family loads beside its checkpoint when the checkpoint lacks them (t5xxl fp16 9.8 GB,
-# clip_l 0.25 GB, clip_g 1.4 GB, ae 0.34 GB), and room for latents, checkpoints and logs.
-_COMPONENTS_GB: dict[str, float] = {"flux": 10.4, "sd3": 11.5}
-_WORKING_DISK_GB = 10.0
-
-
-def _table_vram_needed_gb(
-    family: BaseModelFamily, variant: str | None, config: TrainingConfig
-) -> int:
-    if family == "sdxl" and (config.text_encoder_lr or 0) > 0:
-        return _SDXL_TEXT_ENCODER_VRAM_GB
-    if family == "sd3":
-        # An unknown SD 3 variant is taken as the larger one: renting too small a GPU wastes
-        # the run, too large a one only some cents.
-        return _SD3_VRAM_GB.get((variant or "").lower(), _SD3_VRAM_GB["large"])
-    return _VRAM_GB.get(family, 0)
-
-
-def _table_disk_needed_gb(family: BaseModelFamily, config: TrainingConfig, model_bytes: int) -> int:
-    needed = model_bytes / 1e9 + _COMPONENTS_GB.get(family, 0.0) + _WORKING_DISK_GB
-    return math.ceil(needed)
-
-
-vram_needed_gb: Callable[[BaseModelFamily, str | None, TrainingConfig], int] = getattr(
-    sd_scripts, "vram_needed_gb", _table_vram_needed_gb
-)
-disk_needed_gb: Callable[[BaseModelFamily, TrainingConfig, int], int] = getattr(
-    sd_scripts, "disk_needed_gb", _table_disk_needed_gb
-)
 
 
 def filled_config(config: TrainingConfig, family: BaseModelFamily) -> TrainingConfig:
