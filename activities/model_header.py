@@ -276,7 +276,12 @@ class Detected:
     """Components inside the file (text encoders, autoencoder)."""
 
     def missing(self) -> tuple[ComponentRole, ...]:
-        """The components the family's script needs that this file does not hold."""
+        """The components the family's script needs as files of their own. Flux.1's script
+        loads CLIP-L, T5-XXL and the AE only from --clip_l/--t5xxl/--ae (flux_utils, with
+        strict=False and the checkpoint's prefixes kept), so a Flux file that holds them still
+        needs them beside it; SD 3.x's script takes them from the checkpoint."""
+        if self.family == "flux":
+            return FAMILY_COMPONENTS["flux"]
         return tuple(r for r in FAMILY_COMPONENTS.get(self.family, ()) if r not in self.holds)
 
 
