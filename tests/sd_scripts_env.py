@@ -119,8 +119,9 @@ def sd_scripts_python() -> Iterator[Path]:
 
 
 # Run in the sd-scripts env (cwd = sd-scripts): for each (script, argv) read on stdin, parse argv
-# exactly as the script's __main__ does, and build the dataset from the dataset TOML with
-# sd-scripts' own schema. Prints one JSON line per case.
+# exactly as the script's __main__ does, check the arguments as NetworkTrainer.train does first,
+# and build the dataset's blueprint from the dataset TOML with sd-scripts' own schema. Prints
+# one JSON line per case: the arguments as read (before train() converts any).
 _PARSE = """
 import importlib, json, sys
 sys.path.insert(0, ".")
@@ -130,7 +131,12 @@ for script, argv in json.load(sys.stdin):
     parser = module.setup_parser()
     sys.argv = [script + ".py", *argv]  # read_config_from_file parses sys.argv again
     args = parser.parse_args()
+    train_util.verify_command_line_training_args(args)
     args = train_util.read_config_from_file(args, parser)
+    read = dict(vars(args))
+    # What NetworkTrainer.train does first, before it builds the dataset from its config.
+    train_util.verify_training_args(args)
+    train_util.prepare_dataset_args(args, True)
     dataset = None
     if getattr(args, "dataset_config", None):
         sanitizer = config_util.ConfigSanitizer(True, True, False, True)
@@ -144,7 +150,7 @@ for script, argv in json.load(sys.stdin):
             for d in blueprint.dataset_group.datasets
         ]
     dests = sorted({action.dest for action in parser._actions})
-    result = {"args": vars(args), "dests": dests, "dataset": dataset}
+    result = {"args": read, "dests": dests, "dataset": dataset}
     print("@@ARGS " + json.dumps(result, default=repr), flush=True)
 """
 

@@ -187,7 +187,7 @@ class TrainingArguments(_Toml):
     no_half_vae: bool = False
     cache_latents: bool = True
     cache_latents_to_disk: bool | None = None
-    cache_text_encoder_outputs: bool = False
+    cache_text_encoder_outputs: bool | None = None
     cache_text_encoder_outputs_to_disk: bool | None = None
     gradient_checkpointing: bool = True
     sdpa: bool = True
@@ -408,7 +408,8 @@ def training_arguments(
         no_half_vae=sdxl and mixed_precision == "fp16",
         # SDXL: allowed only without text encoder training. Flux.1 and SD 3.5 cache what the
         # trained encoders do not need (T5-XXL alone is ~10 GB): sd-scripts' is_partial caching.
-        cache_text_encoder_outputs=t5 or (sdxl and unet_only),
+        # (train_network.py, for SD 1.x/2.x, has no such option.)
+        cache_text_encoder_outputs=True if t5 or (sdxl and unet_only) else None,
         cache_text_encoder_outputs_to_disk=True if t5 else None,
         cache_latents_to_disk=True if t5 else None,
         gradient_checkpointing=config.gradient_checkpointing is not False,
