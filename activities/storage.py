@@ -24,6 +24,7 @@ from temporalio.exceptions import ApplicationError
 from gpu_runner.protocol import (
     ImagesSource,
     JobSpec,
+    ModelComponent,
     ModelSource,
     RunnerLimits,
     TrainerName,
@@ -267,7 +268,7 @@ class StorageActivities:
         bound_to = input.execution if input.events_name_execution else None
         # The key only travels to boxes that need it to download the model.
         civitai_api_key = None
-        if model.needs_civitai_key:
+        if model.needs_civitai_key_anywhere:
             civitai_api_key = input.civitai_api_key
             if civitai_api_key is None and self.settings.civitai_api_key is not None:
                 civitai_api_key = self.settings.civitai_api_key.get_secret_value()
@@ -290,8 +291,18 @@ class StorageActivities:
                 base_model=model.base_model,
                 family=model.family,
                 needs_civitai_key=model.needs_civitai_key,
+                needs_hf_token=model.needs_hf_token,
+                variant=model.variant,
+                v_parameterization=model.v_parameterization,
+                components=[ModelComponent(**c.model_dump()) for c in model.components],
             ),
             civitai_api_key=civitai_api_key,
+            # The worker's token (never in workflow history) goes only to GPUs that need it.
+            hf_token=(
+                self.settings.hf_token.get_secret_value()
+                if self.settings.hf_token is not None and model.needs_hf_token_anywhere
+                else None
+            ),
             training=training,
             trainer=input.trainer,
             events_url=events_url(self.settings.relay_public_url, input.run_id, bound_to),

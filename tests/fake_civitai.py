@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import json
 import secrets
 import threading
 import zlib
@@ -91,8 +92,148 @@ def model_bytes(label: str, size: int = 200_000) -> bytes:
     return bytes(out[:size])
 
 
+# -- tiny checkpoints in the real layouts ----------------------------------------------------------
+# Real tensor names (the single-file layouts sd-scripts loads) with small shapes: a header reader
+# tells the families apart by names and the one dimension it reads (cross-attention width, a text
+# encoder's hidden size, the AE's 16 latent channels), so every other dimension is 1.
+
+_DTYPE_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "U8": 1, "F8_E4M3": 1}
+_UNET = "model.diffusion_model."
+# The components a full checkpoint may hold, in ComfyUI's saved layout.
+_HELD: dict[str, dict[str, tuple[int, ...]]] = {
+    "clip_l": {"text_encoders.clip_l.transformer.text_model.final_layer_norm.weight": (768,)},
+    "clip_g": {"text_encoders.clip_g.transformer.text_model.final_layer_norm.weight": (1280,)},
+    "t5xxl": {"text_encoders.t5xxl.transformer.encoder.final_layer_norm.weight": (4096,)},
+    "ae": {"vae.decoder.conv_in.weight": (1, 16, 3, 3)},
+}
+
+
+def _layout(kind: str) -> dict[str, tuple[int, ...]]:
+    clip_l_te = {"cond_stage_model.transformer.text_model.final_layer_norm.weight": (768,)}
+    sd_vae = {"first_stage_model.decoder.conv_in.weight": (1, 4, 3, 3)}
+    unet_in = {_UNET + "input_blocks.0.0.weight": (1, 4, 3, 3)}
+    if kind == "sd15":
+        attn = {_UNET + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (1, 768)}
+        return {**unet_in, **attn, **clip_l_te, **sd_vae}
+    if kind == "sd2":
+        attn = {_UNET + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (1, 1024)}
+        return {**unet_in, **attn, "cond_stage_model.model.ln_final.weight": (1024,), **sd_vae}
+    if kind == "sdxl":
+        return {
+            **unet_in,
+            _UNET + "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": (1, 2048),
+            _UNET + "label_emb.0.0.weight": (1, 2816),
+            "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": (768,),
+            "conditioner.embedders.1.model.ln_final.weight": (1280,),
+            "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight": (3, 1280),
+            **sd_vae,
+        }
+    if kind in ("flux-dev", "flux-schnell"):
+        layout = {
+            "img_in.weight": (1, 64),
+            "double_blocks.0.img_attn.qkv.weight": (1, 3072),
+            "single_blocks.0.linear1.weight": (1, 3072),
+        }
+        if kind == "flux-dev":
+            layout["guidance_in.in_layer.weight"] = (1, 256)
+        return layout
+    if kind in ("sd3-medium", "sd3-large"):
+        depth = 24 if kind == "sd3-medium" else 38
+        layout = {f"{_UNET}joint_blocks.{i}.x_block.attn.qkv.weight": (1, 1) for i in range(depth)}
+        if kind == "sd3-medium":
+            layout[f"{_UNET}joint_blocks.0.x_block.attn2.qkv.weight"] = (1, 1)
+        return layout
+    if kind in ("clip_l", "clip_g"):
+        width, depth = (768, 12) if kind == "clip_l" else (1280, 32)
+        return {
+            "text_model.embeddings.token_embedding.weight": (1, width),
+            **{
+                f"text_model.encoder.layers.{i}.self_attn.k_proj.weight": (1, width)
+                for i in range(depth)
+            },
+            "text_model.final_layer_norm.weight": (width,),
+        }
+    if kind == "t5xxl":
+        return {
+            "shared.weight": (1, 4096),
+            **{f"encoder.block.{i}.layer.0.SelfAttention.k.weight": (1, 1) for i in range(24)},
+            "encoder.final_layer_norm.weight": (4096,),
+        }
+    if kind == "ae":
+        return {
+            "encoder.conv_in.weight": (1, 3, 3, 3),
+            "encoder.conv_out.weight": (32, 1, 3, 3),
+            "decoder.conv_in.weight": (1, 16, 3, 3),
+            "decoder.mid.block_1.conv1.weight": (1, 1, 3, 3),
+        }
+    if kind == "auraflow":  # Pony V7's architecture
+        return {
+            "model.double_layers.0.attn.w1q.weight": (1, 3072),
+            "model.single_layers.0.attn.w1q.weight": (1, 3072),
+        }
+    raise ValueError(f"no layout {kind!r}")
+
+
+def checkpoint_bytes(
+    kind: str,
+    *,
+    label: str | None = None,
+    size: int | None = None,
+    holds: Iterable[str] = (),
+    metadata: dict[str, str] | None = None,
+) -> bytes:
+    """A valid safetensors file in `kind`'s real layout (sd15, sd2, sdxl, flux-dev, flux-schnell,
+    sd3-medium, sd3-large, clip_l, clip_g, t5xxl, ae, auraflow), `holds` adding the named
+    components in ComfyUI's layout, padded to about `size` bytes with one more tensor; its
+    weights are deterministic bytes from `label`."""
+    shapes = dict(_layout(kind))
+    for role in holds:
+        shapes.update(_HELD[role])
+    dtype = "F16"
+
+    def header_for(extra: int) -> bytes:
+        entries: dict[str, Any] = {}
+        offset = 0
+        all_shapes = dict(shapes)
+        if extra:
+            all_shapes["padding.weight"] = (extra,)
+        for name, shape in all_shapes.items():
+            count = 1
+            for dim in shape:
+                count *= dim
+            dt = "U8" if name == "padding.weight" else dtype
+            length = count * _DTYPE_BYTES[dt]
+            entries[name] = {
+                "dtype": dt,
+                "shape": list(shape),
+                "data_offsets": [offset, offset + length],
+            }
+            offset += length
+        if metadata:
+            entries["__metadata__"] = metadata
+        raw = json.dumps(entries, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        return len(raw).to_bytes(8, "little") + raw
+
+    def data_length(extra: int) -> int:
+        total = extra
+        for shape in shapes.values():
+            count = 1
+            for dim in shape:
+                count *= dim
+            total += count * _DTYPE_BYTES[dtype]
+        return total
+
+    head = header_for(0)
+    extra = 0
+    if size is not None and size > len(head) + data_length(0) + 64:
+        extra = size - len(header_for(1)) - data_length(0)
+        head = header_for(extra)
+    return head + model_bytes(label or kind, data_length(extra))
+
+
 def sd15_version(version_id: int = 1001, size: int = 200_000, **kw: Any) -> FakeVersion:
-    content = model_bytes(f"sd15-{version_id}", size)
+    content = checkpoint_bytes("sd15", label=f"sd15-{version_id}", size=size)
     files = [FakeFile(name="fakeRealistic_v10.safetensors", content=content, primary=True)]
     return FakeVersion(id=version_id, base_model="SD 1.5", files=files, **kw)
 
@@ -109,7 +250,7 @@ def sdxl_version(version_id: int = 2002, size: int = 300_000, **kw: Any) -> Fake
         ),
         FakeFile(
             name="fakeXL_v10.safetensors",
-            content=model_bytes(f"sdxl-{version_id}", size),
+            content=checkpoint_bytes("sdxl", label=f"sdxl-{version_id}", size=size),
             primary=True,
         ),
         FakeFile(
@@ -123,8 +264,30 @@ def sdxl_version(version_id: int = 2002, size: int = 300_000, **kw: Any) -> Fake
 
 
 def flux_version(version_id: int = 3003, **kw: Any) -> FakeVersion:
-    files = [FakeFile(name="fakeFlux_dev.safetensors", content=model_bytes("flux", 1000))]
+    """A Flux.1 dev version as people upload them: the transformer, plus the AE and the text
+    encoders as the version's VAE and Text Encoder files."""
+    files = [
+        FakeFile(
+            name="fakeFlux_dev.safetensors",
+            content=checkpoint_bytes("flux-dev", label=f"flux-{version_id}", size=4000),
+        ),
+        FakeFile(name="ae.safetensors", content=checkpoint_bytes("ae"), type="VAE"),
+        FakeFile(
+            name="clip_l.safetensors", content=checkpoint_bytes("clip_l"), type="Text Encoder"
+        ),
+        FakeFile(
+            name="t5xxl_fp8.safetensors",
+            content=checkpoint_bytes("t5xxl"),
+            type="Text Encoder",
+            fp="fp8",
+        ),
+    ]
     return FakeVersion(id=version_id, base_model="Flux.1 D", files=files, **kw)
+
+
+def pony_v7_version(version_id: int = 9009, **kw: Any) -> FakeVersion:
+    files = [FakeFile(name="ponyV7.safetensors", content=checkpoint_bytes("auraflow"))]
+    return FakeVersion(id=version_id, base_model="Pony V7", files=files, **kw)
 
 
 def default_versions() -> list[FakeVersion]:
@@ -221,14 +384,16 @@ class FakeCivitai:
         return base64.urlsafe_b64encode(hmac.digest(self._sign_key, msg, "sha256")).decode()
 
     def _find_file(self, version: FakeVersion, request: Request) -> FakeFile | None:
-        wanted_type = request.query_params.get("type")
-        wanted_format = request.query_params.get("format")
-        if wanted_type is None and wanted_format is None:
+        # Civitai picks the file by type, format, size and fp, as its download URLs name them.
+        wanted = {
+            attr: request.query_params.get(attr)
+            for attr in ("type", "format", "size", "fp")
+            if request.query_params.get(attr) is not None
+        }
+        if not wanted:
             return next((f for f in version.files if f.primary), None)
         for f in version.files:
-            if (wanted_type is None or f.type == wanted_type) and (
-                wanted_format is None or f.format == wanted_format
-            ):
+            if all(getattr(f, attr) == value for attr, value in wanted.items()):
                 return f
         return None
 

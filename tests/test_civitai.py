@@ -14,7 +14,7 @@ from pydantic import SecretStr
 from temporalio.exceptions import ApplicationError
 
 from activities.civitai import ModelActivities, ResolvedModel, ResolveModelInput
-from tests.fake_civitai import FakeCivitai, FakeFile, FakeVersion, model_bytes
+from tests.fake_civitai import FakeCivitai, FakeFile, FakeVersion, checkpoint_bytes, model_bytes
 from tests.http_support import serve_asgi
 from worker.settings import Settings
 
@@ -109,7 +109,7 @@ async def test_civitai_without_a_primary_model_file_prefers_safetensor(
         files=[
             FakeFile(name="notes.zip", content=b"zip", type="Training Data", primary=True),
             FakeFile(name="pony.ckpt", content=model_bytes("ckpt", 500), format="PickleTensor"),
-            FakeFile(name="pony.safetensors", content=model_bytes("st", 600)),
+            FakeFile(name="pony.safetensors", content=checkpoint_bytes("sdxl", label="st")),
         ],
     )
     fake.add_version(version)
@@ -161,12 +161,51 @@ async def test_early_access_version_is_unauthorized_with_a_clear_message(
     assert "early access" in error.message
 
 
-async def test_flux_is_unsupported(models: ModelActivities) -> None:
-    error = await resolve_error(models, "civitai:3003")
+async def test_flux_is_supported_with_its_components(models: ModelActivities) -> None:
+    resolved = await resolve(models, "civitai:3003")
+
+    assert (resolved.family, resolved.variant) == ("flux", "dev")
+    assert [c.role for c in resolved.components] == ["clip_l", "t5xxl", "ae"]
+
+
+async def test_base_model_built_on_an_untrained_architecture_is_refused(
+    models: ModelActivities, civitai: Civitai
+) -> None:
+    fake, _ = civitai
+    fake.add_version(
+        FakeVersion(
+            id=3113,
+            base_model="AuraFlow",
+            files=[FakeFile(name="aura.safetensors", content=checkpoint_bytes("auraflow"))],
+        )
+    )
+
+    error = await resolve_error(models, "civitai:3113")
 
     assert error.type == "UnsupportedModel"
     assert error.non_retryable
-    assert error.message.startswith("Flux models are not supported yet")
+    assert error.message.startswith(
+        "civitai:3113 is an AuraFlow model, which loratrain does not train; supported: SD 1.x"
+    )
+    # Refused from Civitai's answer alone: no download was asked for.
+    assert not [r for r in fake.requests if r[1].startswith("/api/download/")]
+
+
+async def test_civitai_other_base_model_takes_the_family_from_the_header(
+    models: ModelActivities, civitai: Civitai
+) -> None:
+    fake, _ = civitai
+    fake.add_version(
+        FakeVersion(
+            id=3223,
+            base_model="Other",
+            files=[FakeFile(name="merge.safetensors", content=checkpoint_bytes("sdxl"))],
+        )
+    )
+
+    resolved = await resolve(models, "civitai:3223")
+
+    assert (resolved.family, resolved.base_model) == ("sdxl", "SDXL 1.0")
 
 
 async def test_lora_version_is_not_a_base_model(models: ModelActivities, civitai: Civitai) -> None:
@@ -303,7 +342,7 @@ async def test_download_url_from_civitai_is_pinned_to_the_configured_host(
 async def test_s3_model_resolves_to_a_presigned_url(
     models: ModelActivities, s3: S3Client, settings: Settings
 ) -> None:
-    content = model_bytes("s3-model", 4096)
+    content = checkpoint_bytes("sdxl", label="s3-model", size=4096)
     s3.put_object(Bucket=settings.bucket, Key="models/myModelXL.safetensors", Body=content)
 
     resolved = await resolve(models, f"s3://{settings.bucket}/models/myModelXL.safetensors")
@@ -355,7 +394,7 @@ async def test_file_url_fragment_names_the_base_model(
     models: ModelActivities, tmp_path: Path
 ) -> None:
     path = tmp_path / "base.safetensors"
-    path.write_bytes(b"w")
+    path.write_bytes(checkpoint_bytes("sdxl"))
 
     resolved = await resolve(models, f"{path.as_uri()}#base_model=SDXL%201.0")
 

@@ -126,6 +126,12 @@ class Settings(BaseSettings):
     civitai_base_url: str = "https://civitai.com"
     civitai_api_key: SecretStr | None = None
 
+    # Hugging Face (hf:<repo>[@rev]/<file> models and the families' default text encoders/AE);
+    # the token is for gated or private repos (Flux.1-dev, SD 3.5) and travels only to GPUs
+    # whose job downloads such a file.
+    hf_base_url: str = "https://huggingface.co"
+    hf_token: SecretStr | None = None
+
     # GPU providers
     gpu_provider: Literal["local", "vast"] = "local"
     local_runner_command: list[str] = Field(
