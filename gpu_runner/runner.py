@@ -27,12 +27,14 @@ from gpu_runner.archive import ArchiveError, pack_folder, safe_extract
 from gpu_runner.downloads import DownloadError, DownloadResult, DownloadSpec, download, redact_url
 from gpu_runner.events import EventSender
 from gpu_runner.protocol import (
+    ComponentRole,
     EventType,
     FilesReadyData,
     GpuReadyData,
     HeartbeatData,
     ImagesReadyData,
     JobSpec,
+    ModelComponent,
     ModelReadyData,
     ModelUploadedData,
     RunFailedData,
@@ -253,6 +255,7 @@ class Runner:
         self._redact.add(spec.secrets())
         self._nvidia_smi = nvidia_smi
         self._gpu_found = False  # set by the machine check; without a GPU, trainers use fp32
+        self._vram_mb: int | None = None  # the GPU's memory: trainers size fp8/block swap by it
         self.run_dir = settings.runner_workdir / spec.run_id
         self._stage: Stage = "runner"
         self._bytes_done: dict[str, int] = {}
@@ -533,7 +536,9 @@ class Runner:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         await self._check_machine()
         self._stage = "images"
-        dataset_dir, model = await _all_or_none(self._fetch_images(), self._fetch_model())
+        dataset_dir, (model, components) = await _all_or_none(
+            self._fetch_images(), self._fetch_model()
+        )
         self._stage = "files"
         inputs = TrainingInputs(
             run_dir=self.run_dir,
@@ -544,6 +549,10 @@ class Runner:
             output_dir=self.run_dir / "output",
             secrets=self.spec.secrets(),
             cuda=self._gpu_found,
+            components=components,
+            variant=self.spec.model.variant,
+            v_parameterization=self.spec.model.v_parameterization,
+            vram_mb=self._vram_mb,
         )
         inputs.output_dir.mkdir(parents=True, exist_ok=True)
         prepared = self._prepared = await asyncio.to_thread(trainer.prepare, inputs)
@@ -567,6 +576,7 @@ class Runner:
         self._stage = "gpu"
         gpu = await probe_gpu(self._nvidia_smi)
         self._gpu_found = gpu is not None
+        self._vram_mb = gpu.vram_mb if gpu else None
         free = free_disk_bytes(self.run_dir)
         if gpu is None and self.settings.runner_require_gpu:
             raise StepFailed(
@@ -574,8 +584,11 @@ class Runner:
                 "no_gpu",
                 "no NVIDIA GPU found: nvidia-smi is missing or failed on this machine",
             )
+        model_files = [self.spec.model.bytes, *(c.bytes for c in self.spec.model.components)]
         needed = required_disk_bytes(
-            self.spec.model.bytes, self.spec.images.bytes, self.settings.runner_disk_margin_bytes
+            sum(size or 0 for size in model_files),
+            self.spec.images.bytes,
+            self.settings.runner_disk_margin_bytes,
         )
         if free < needed:
             raise StepFailed(
@@ -603,10 +616,11 @@ class Runner:
         self._bytes_total[name] = None
         return on_progress
 
-    def _model_budget(self) -> int:
-        """The most bytes the model download may write: declared size, else what the disk allows."""
-        if self.spec.model.bytes is not None:
-            return self.spec.model.bytes
+    def _model_budget(self, declared: int | None = None) -> int:
+        """The most bytes a model file's download may write: declared size, else what the disk
+        allows."""
+        if declared is not None:
+            return declared
         free = free_disk_bytes(self.run_dir)
         reserved = self.spec.images.bytes * 2 + self.settings.runner_disk_margin_bytes
         return max(free - reserved, 0)
@@ -650,34 +664,28 @@ class Runner:
             self._stage = "model"
         return dataset_dir
 
-    async def _fetch_model(self) -> DownloadResult:
+    async def _fetch_model(self) -> tuple[DownloadResult, dict[ComponentRole, Path]]:
+        """The checkpoint and the family's component files, all at once; model.ready when all
+        of them are on disk."""
         spec = self.spec.model
-        bearer = self.spec.civitai_api_key if spec.needs_civitai_key else None
-        if spec.needs_civitai_key and not bearer:
-            raise StepFailed(
+        downloads = [
+            self._download_model_file(
+                spec.url,
+                spec.filename,
                 "model",
-                "civitai_unauthorized",
-                "Civitai needs an API key to download this model, and the job has none",
-            )
-        try:
-            result = await download(
-                self._http,
-                DownloadSpec(
-                    url=spec.url,
-                    dest=self.run_dir / "model" / spec.filename,
-                    what="model",
-                    sha256=spec.sha256,
-                    expected_bytes=spec.bytes,
-                    max_bytes=self._model_budget(),
-                    bearer=bearer,
-                    civitai=spec.needs_civitai_key,
-                ),
-                retry_initial_s=self.settings.runner_retry_initial_s,
-                retry_max_s=self.settings.runner_retry_max_s,
-                on_progress=self._progress("model"),
-            )
-        except DownloadError as e:
-            raise StepFailed("model", e.code, e.message) from None
+                spec.sha256,
+                spec.bytes,
+                needs_civitai_key=spec.needs_civitai_key,
+                needs_hf_token=spec.needs_hf_token,
+            ),
+            *(self._fetch_component(component) for component in spec.components),
+        ]
+        results = await _all_or_none_of(downloads)
+        result = results[0]
+        components = {
+            component.role: file.path
+            for component, file in zip(spec.components, results[1:], strict=True)
+        }
         # model.ready follows images.ready, so the events keep the seed's order.
         await self._images_ready.wait()
         self._emit(
@@ -686,7 +694,79 @@ class Runner:
                 filename=spec.filename, bytes=result.bytes, sha256_verified=result.sha256_verified
             ),
         )
-        return result
+        return result, components
+
+    async def _fetch_component(self, component: ModelComponent) -> DownloadResult:
+        return await self._download_model_file(
+            component.url,
+            # Its own folder: a component may share the checkpoint's file name.
+            f"{component.role}/{component.filename}",
+            f"{component.role} file",
+            component.sha256,
+            component.bytes,
+            needs_civitai_key=component.needs_civitai_key,
+            needs_hf_token=component.needs_hf_token,
+        )
+
+    async def _download_model_file(
+        self,
+        url: str,
+        filename: str,
+        what: str,
+        sha256: str | None,
+        size: int | None,
+        *,
+        needs_civitai_key: bool,
+        needs_hf_token: bool,
+    ) -> DownloadResult:
+        """One file of the model (resumable, sha256-checked), with the key its host needs."""
+        if needs_civitai_key and not self.spec.civitai_api_key:
+            raise StepFailed(
+                "model",
+                "civitai_unauthorized",
+                f"Civitai needs an API key to download the {what}, and the job has none",
+            )
+        if needs_hf_token and not self.spec.hf_token:
+            raise StepFailed(
+                "model",
+                "hf_unauthorized",
+                f"Hugging Face needs a token to download the {what} (a gated repository), and "
+                "the job has none: set hf_token",
+            )
+        bearer = (
+            self.spec.civitai_api_key
+            if needs_civitai_key
+            else self.spec.hf_token
+            if needs_hf_token
+            else None
+        )
+        try:
+            return await download(
+                self._http,
+                DownloadSpec(
+                    url=url,
+                    dest=self.run_dir / "model" / filename,
+                    what=what,
+                    sha256=sha256,
+                    expected_bytes=size,
+                    max_bytes=self._model_budget(size),
+                    bearer=bearer,
+                    civitai=needs_civitai_key,
+                ),
+                retry_initial_s=self.settings.runner_retry_initial_s,
+                retry_max_s=self.settings.runner_retry_max_s,
+                on_progress=self._progress(what),
+            )
+        except DownloadError as e:
+            if needs_hf_token and e.code == "download_forbidden":
+                raise StepFailed(
+                    "model",
+                    "hf_forbidden",
+                    f"Hugging Face refused the {what} download ({e.message.split(';')[0]}): the "
+                    "token must be valid, with read access, and its account must have accepted "
+                    "the repository's license",
+                ) from None
+            raise StepFailed("model", e.code, e.message) from None
 
     async def _train(self, trainer: Trainer, prepared: PreparedTraining) -> TrainingResult:
         self._stage = "training"
@@ -770,21 +850,27 @@ def _log_end(path: Path, limit: int) -> Path:
     return end
 
 
-async def _all_or_none(
-    first: Coroutine[Any, Any, T], second: Coroutine[Any, Any, Any]
-) -> tuple[T, Any]:
-    """Run both at once; when one fails (or we are cancelled) the other is cancelled too."""
-    tasks = [asyncio.ensure_future(first), asyncio.ensure_future(second)]
+async def _all_or_none_of(coroutines: list[Coroutine[Any, Any, T]]) -> list[T]:
+    """Run all at once; when one fails (or we are cancelled) the others are cancelled too."""
+    tasks = [asyncio.ensure_future(coroutine) for coroutine in coroutines]
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         for task in tasks:
             if task in done and task.exception() is not None:
                 raise task.exception()  # type: ignore[misc]
-        return tasks[0].result(), tasks[1].result()
+        return [task.result() for task in tasks]
     finally:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _all_or_none(
+    first: Coroutine[Any, Any, T], second: Coroutine[Any, Any, Any]
+) -> tuple[T, Any]:
+    """Run both at once; when one fails (or we are cancelled) the other is cancelled too."""
+    results = await _all_or_none_of([first, cast(Coroutine[Any, Any, T], second)])
+    return results[0], results[1]
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
@@ -407,6 +407,9 @@ def test_stop_ends_training_at_the_next_step(
         ("ckpt", "unsupported_model", "loads .safetensors files and diffusers folders"),
         ("folder", "invalid_model", "is not a diffusers Stable Diffusion folder"),
         ("sdxl", "unsupported_model", "trains SD 1.x and SD 2.x models, not sdxl"),
+        ("flux", "unsupported_model", "not flux: start the run with `--trainer sd-scripts`"),
+        ("sd3", "unsupported_model", "not sd3: start the run with `--trainer sd-scripts`"),
+        ("other", "unsupported_model", "not other: start the run with `--trainer sd-scripts`"),
         ("prodigy", "invalid_config", "has no Prodigy optimizer"),
         ("no_images", "no_training_data", "no images in the dataset"),
     ],
@@ -434,8 +437,8 @@ def test_what_it_cannot_train_is_refused_before_training(
     elif case == "folder":
         model = tmp_path / "folder"
         (model / "unet").mkdir(parents=True)
-    elif case == "sdxl":
-        family = "sdxl"
+    elif case in ("sdxl", "flux", "sd3", "other"):
+        family = cast(BaseModelFamily, case)
     elif case == "prodigy":
         config = small_config(optimizer="Prodigy")
     elif case == "no_images":

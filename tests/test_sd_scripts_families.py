@@ -9,18 +9,25 @@ file silently, so every key written must be one of the parser's dests.
 
 from __future__ import annotations
 
+import hashlib
 import tomllib
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from gpu_runner.protocol import BaseModelFamily, ComponentRole, TrainingConfig
+from gpu_runner.protocol import BaseModelFamily, ComponentRole, ModelComponent, TrainingConfig
+from gpu_runner.runner import Runner
 from gpu_runner.settings import RunnerSettings
 from gpu_runner.trainers import sd_scripts
-from gpu_runner.trainers.base import TrainerError, TrainingInputs
+from gpu_runner.trainers.base import PreparedTraining, TrainerError, TrainingInputs
 from gpu_runner.trainers.sd_scripts import SdScriptsTrainer, disk_needed_gb, vram_needed_gb
+from tests.http_support import serve_asgi
+from tests.runner.fake_trainer import FakeTrainer
+from tests.runner.relay_recorder import RecordingRelay
+from tests.runner.support import MASTER_SECRET, FileServer, Job, make_job, pseudo_random
 from tests.sd_scripts_env import SD_SCRIPTS_DIR, parse_sd_scripts_args, sd_scripts_python
 
 __all__ = ["sd_scripts_python"]  # the session fixture, used by name
@@ -337,3 +344,92 @@ def test_disk_counts_the_checkpoint_components_caches_and_every_epochs_lora() ->
     sd15 = TrainingConfig().for_family("sd15")
     # 2.1 GB + 10 epochs x rank 32 x 1.2 MB + 10
     assert disk_needed_gb("sd15", sd15, 2_100_000_000) == 13
+
+
+# ---- the runner downloads the family's files and hands them to the trainer -----------------
+
+HF_TOKEN = "hf_token_0123456789abcdef"
+
+
+class RecordingTrainer(FakeTrainer):
+    seen: list[TrainingInputs] = []
+
+    def prepare(self, inputs: TrainingInputs) -> PreparedTraining:
+        RecordingTrainer.seen.append(inputs)
+        return super().prepare(inputs)
+
+
+@pytest.fixture
+def relay() -> Iterator[tuple[RecordingRelay, str]]:
+    recorder = RecordingRelay(MASTER_SECRET)
+    with serve_asgi(recorder.app) as base:
+        yield recorder, base
+
+
+async def run_flux_job(
+    s3: Any, bucket: str, relay: tuple[RecordingRelay, str], tmp_path: Path, hf_token: str
+) -> tuple[int, Job, FileServer, dict[str, bytes]]:
+    recorder, relay_base = relay
+    contents = {role: pseudo_random(role, 70_000 + i) for i, role in enumerate(FLUX_FILES)}
+    files = FileServer()
+    for role, content in contents.items():
+        # The gated repository (FLUX.1-dev) holds the AE; the text encoders are public.
+        files.add(f"{role}.safetensors", content, bearer=HF_TOKEN if role == "ae" else None)
+    with serve_asgi(files) as files_base:
+        job = make_job(s3, bucket, lambda run_id: recorder.events_url(relay_base, run_id))
+        model = job.spec.model.model_copy(
+            update={
+                "family": "flux",
+                "base_model": "Flux.1 D",
+                "variant": "dev",
+                "components": [
+                    ModelComponent(
+                        role=role,
+                        url=f"{files_base}/files/{role}.safetensors",
+                        # Same file name for all: each role gets its own folder.
+                        filename="model.safetensors",
+                        sha256=hashlib.sha256(content).hexdigest(),
+                        bytes=len(content),
+                        needs_hf_token=role == "ae",
+                    )
+                    for role, content in contents.items()
+                ],
+            }
+        )
+        spec = job.spec.model_copy(update={"model": model, "hf_token": hf_token})
+        settings = RunnerSettings(
+            runner_workdir=tmp_path / "work", runner_require_gpu=False, runner_disk_margin_bytes=0
+        )
+        RecordingTrainer.seen = []
+        code = await Runner(spec, settings, trainer=RecordingTrainer(settings)).run()
+    return code, job, files, contents
+
+
+async def test_the_runner_downloads_the_familys_files_with_the_hf_token_where_needed(
+    s3: Any, settings: Any, relay: tuple[RecordingRelay, str], tmp_path: Path
+) -> None:
+    code, _, files, contents = await run_flux_job(s3, settings.bucket, relay, tmp_path, HF_TOKEN)
+
+    assert code == 0
+    [inputs] = RecordingTrainer.seen
+    assert inputs.family == "flux"
+    assert inputs.variant == "dev"
+    assert inputs.config.timestep_sampling == "shift"  # filled with Flux.1's defaults
+    assert {role: path.read_bytes() for role, path in inputs.components.items()} == contents
+    assert files.seen("ae.safetensors")[0].headers["authorization"] == f"Bearer {HF_TOKEN}"
+    assert "authorization" not in files.seen("t5xxl.safetensors")[0].headers
+    recorder, _ = relay
+    assert recorder.types().index("model.ready") > recorder.types().index("images.ready")
+
+
+async def test_a_refused_hf_token_fails_the_run_saying_what_to_do(
+    s3: Any, settings: Any, relay: tuple[RecordingRelay, str], tmp_path: Path
+) -> None:
+    code, _, _, _ = await run_flux_job(s3, settings.bucket, relay, tmp_path, "hf_wrong_token")
+
+    assert code != 0
+    recorder, _ = relay
+    [failed] = [e.data for e in recorder.of_type("run.failed")]
+    assert (failed["stage"], failed["code"]) == ("model", "hf_forbidden")
+    assert "accepted the repository's license" in failed["message"]
+    assert RecordingTrainer.seen == []

@@ -303,7 +303,8 @@ def plan_training(inputs: TrainingInputs, cuda: bool) -> TrainingPlan:
         raise TrainerError(
             "unsupported_model",
             f"the builtin trainer trains SD 1.x and SD 2.x models, not {inputs.family}: start "
-            "the run with trainer 'sd-scripts'",
+            "the run with `--trainer sd-scripts` (trainer 'sd-scripts' in the request), which "
+            "trains SDXL, Flux.1 and SD 3.5 too",
             stage="files",
         )
     if config.optimizer not in _OPTIMIZERS:
