@@ -329,12 +329,35 @@ def detect(header: Header) -> Detected:
     holds = frozenset(role for prefix, role in _HELD_PREFIXES if _any_prefix(keys, prefix))
     dit = {k.removeprefix(_UNET) for k in keys}
     return (
-        _detect_flux_like(dit, holds)
+        _detect_builtin_file(header)
+        or _detect_flux_like(dit, holds)
         or _detect_sd3(dit, holds)
         or _detect_unsupported(dit, holds)
         or _detect_unet(header, holds)
         or _detect_component(header)
     )
+
+
+def _detect_builtin_file(header: Header) -> Detected | None:
+    """The builtin trainer's own single file (diffusers components under `unet.`, `vae.`,
+    `text_encoder.`, their configs in the metadata, `format: loratrain.diffusers/1`): the
+    family is in the UNet's config, whatever its widths (the demo's toy model is SD 1.x-shaped
+    at widths no real checkpoint has)."""
+    if not header.metadata.get("format", "").startswith("loratrain.diffusers/"):
+        return None
+    try:
+        unet = json.loads(header.metadata.get("unet_config", "{}"))
+        scheduler = json.loads(header.metadata.get("scheduler_config", "{}"))
+    except json.JSONDecodeError:
+        return _other("unknown")
+    v_pred = isinstance(scheduler, dict) and scheduler.get("prediction_type") == "v_prediction"
+    if not isinstance(unet, dict):
+        return _other("unknown")
+    if unet.get("addition_embed_type") == "text_time":
+        return Detected("sdxl", "SDXL", None, v_pred, frozenset())
+    if unet.get("cross_attention_dim") == 1024:
+        return Detected("sd2", "SD 2.x", None, v_pred, frozenset())
+    return Detected("sd15", "SD 1.x", None, v_pred, frozenset())
 
 
 def _detect_flux_like(dit: set[str], holds: frozenset[ComponentRole]) -> Detected | None:

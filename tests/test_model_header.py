@@ -783,3 +783,16 @@ def test_read_header_http_errors(served: _Served) -> None:
         assert "secret" not in str(raised.value)
         with pytest.raises(httpx.HTTPStatusError):
             read_header_http(f"{base}/missing", timeout_s=10)
+
+
+def test_the_builtin_trainers_own_file_is_read_from_its_unet_config(tmp_path: Path) -> None:
+    """The demo's toy model is SD 1.x-shaped at widths no real checkpoint has: its metadata
+    (`format: loratrain.diffusers/1`, the UNet's config) names the family."""
+    from gpu_runner.demo_assets import build_tiny_model
+
+    found = detect(read_header_local(build_tiny_model(tmp_path / "tiny.safetensors")))
+    assert (found.family, found.architecture, found.v_parameterization) == (
+        "sd15",
+        "SD 1.x",
+        False,
+    )

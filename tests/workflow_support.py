@@ -47,6 +47,7 @@ from workflows.models import (
 )
 from workflows.training import TrainingWorkflow
 
+from .fake_civitai import checkpoint_bytes
 from .images import PNG
 
 # The seed's order of statuses, which every completed run's history walks.
@@ -69,8 +70,9 @@ def put_dataset(s3: Any, bucket: str, prefix: str, count: int = 3) -> S3Prefix:
 
 
 def local_model(tmp_path: Path) -> Path:
+    """An SD 1.x checkpoint in the real layout (tiny): the run's intake reads its header."""
     path = tmp_path / "base-sd15.safetensors"
-    path.write_bytes(b"{}" + bytes(1024))
+    path.write_bytes(checkpoint_bytes("sd15"))
     return path
 
 
