@@ -33,6 +33,7 @@ from gpu_runner.protocol import (
     derive_run_secret,
     describe_invalid,
 )
+from gpu_runner.trainers.builtin import family_refusal
 from worker.settings import Settings
 from workflows.models import OutputLocation, S3Location, S3Prefix
 
@@ -257,6 +258,8 @@ class StorageActivities:
     def _write_job_spec(self, input: JobSpecInput) -> JobSpecRef:
         prefix = run_prefix(input.run_id, input.execution)
         model = input.model
+        if input.trainer == "builtin" and (refusal := family_refusal(model.family)):
+            raise ApplicationError(refusal, type=INVALID_TRAINING_CONFIG, non_retryable=True)
         training = _training_for(input.training, model)
         output = S3Location(
             bucket=input.output.bucket or self.settings.bucket,

@@ -36,6 +36,7 @@ from worker.settings import Settings
 from workflows.models import RunStatus, RunStatusName
 from workflows.training import TrainingWorkflow
 
+from .fake_civitai import checkpoint_bytes
 from .images import encoded
 from .processes import Captured
 from .test_cli import dev_pids, group_members, stack_env, wait_until
@@ -157,7 +158,7 @@ def start_run(tmp_path: Path, elsewhere: Path, state: Path, run_id: str) -> None
         (images / f"cat{i}.png").write_bytes(encoded("PNG", seed=i))
         (images / f"cat{i}.txt").write_text("a photo of sks cat")
     model = tmp_path / "base-sd15.safetensors"
-    model.write_bytes(b"{}" + bytes(1024))
+    model.write_bytes(checkpoint_bytes("sd15"))
     train = ["train", "cats", "--model", str(model), "--epochs", "2", "--run-id", run_id]
     started = loratrain(train, elsewhere, state)
     assert started.returncode == 0, started.stdout + started.stderr

@@ -580,6 +580,25 @@ def test_job_spec_rejects_an_unsafe_run_id(settings: Settings, s3: Any) -> None:
     assert s3.list_objects_v2(Bucket=settings.bucket)["KeyCount"] == 0
 
 
+def test_the_builtin_trainer_refuses_a_family_it_cannot_train_before_any_gpu(
+    settings: Settings, s3: Any
+) -> None:
+    images_zip = ImagesZip(
+        location=S3Location(bucket=settings.bucket, key="runs/x/images.zip"),
+        sha256="b" * 64,
+        bytes=10,
+        image_count=1,
+    )
+    builtin_sdxl = job_input(images_zip).model_copy(update={"trainer": "builtin"})
+
+    with pytest.raises(ApplicationError) as caught:
+        StorageActivities(s3, settings).write_job_spec(builtin_sdxl)
+
+    assert caught.value.non_retryable and caught.value.type == "InvalidTrainingConfig"
+    assert "not sdxl: start the run with `--trainer sd-scripts`" in caught.value.message
+    assert s3.list_objects_v2(Bucket=settings.bucket)["KeyCount"] == 0
+
+
 # ---------------------------------------------------------------------------------------------
 # verify_upload
 # ---------------------------------------------------------------------------------------------

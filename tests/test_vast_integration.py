@@ -28,6 +28,7 @@ from worker.settings import Settings
 from workflows.models import Deadlines, RunStatus, RunStatusName, TrainingRequest
 from workflows.training import TrainingWorkflow
 
+from .fake_civitai import checkpoint_bytes
 from .fakes.vast_api import FakeVast, make_offer
 from .http_support import serve_asgi
 from .vast_support import fake_vast
@@ -80,7 +81,7 @@ async def parts(
 ) -> AsyncIterator[VastStack]:
     """Everything but the worker: the relay, the fake Vast API, a model in S3."""
     s3.put_object(
-        Bucket=settings.bucket, Key="models/base-sd15.safetensors", Body=b"{}" + bytes(1024)
+        Bucket=settings.bucket, Key="models/base-sd15.safetensors", Body=checkpoint_bytes("sd15")
     )
     assert settings.s3_endpoint_url is not None
     with (

@@ -16,10 +16,12 @@ from temporalio.testing import WorkflowEnvironment
 
 from activities.providers.base import Instance
 from gpu_runner.protocol import RunFailedData, RunnerEvent
+from gpu_runner.trainers.sd_scripts import disk_needed_gb, vram_needed_gb
 from worker.settings import Settings
-from workflows.models import RunStatus, RunStatusName, S3Prefix
+from workflows.models import GpuRequirements, RunStatus, RunStatusName, S3Prefix
 from workflows.training import TrainingWorkflow
 
+from .fake_civitai import checkpoint_bytes
 from .workflow_support import (
     CODE_VERSION,
     PNG,
@@ -306,6 +308,33 @@ async def test_events_that_wake_the_run_cancel_no_timer(
     # One timer per wake-up that was not an event's, not one per event.
     after_rental = [t for t, at in started.items() if at > rented_at]
     assert len(after_rental) <= 2, after_rental
+
+
+async def test_the_gpu_is_sized_for_the_models_family(
+    time_skipping_env: WorkflowEnvironment,
+    run_settings: Settings,
+    request_factory: Any,
+    tmp_path: Path,
+) -> None:
+    """An SDXL checkpoint (named like any file: its header says SDXL) with the request asking
+    for 4 GB: the offer search is asked for what SDXL's defaults need, not 4 GB."""
+    model = tmp_path / "random-base.safetensors"
+    model.write_bytes(checkpoint_bytes("sdxl"))
+    request = request_factory(gpu=GpuRequirements(min_vram_gb=4, disk_gb=10)).model_copy(
+        update={"model": str(model)}
+    )
+    env, provider = time_skipping_env, RecordingProvider(run_settings)
+    async with running_worker(env.client, run_settings, provider):
+        handle = await start_run(env.client, run_settings, request)
+        await wait_for_status(handle, RunStatusName.PENDING_GPU)
+        await handle.cancel()
+        status, _ = await finish(handle)
+
+    assert status.status == RunStatusName.CANCELLED
+    (asked,) = provider.requirements
+    config = request.training.for_family("sdxl")
+    assert asked.min_vram_gb == vram_needed_gb("sdxl", None, config) > 4
+    assert asked.disk_gb == disk_needed_gb("sdxl", config, model.stat().st_size) > 10
 
 
 def event_status(event: RunnerEvent) -> RunStatusName:

@@ -100,8 +100,10 @@ class RecordingProvider(LocalProvider):
         self.created: list[str] = []
         self.destroyed: list[str] = []
         self.job_urls: list[str] = []
+        self.requirements: list[Any] = []
 
     def create(self, label: str, job_url: str, requirements: Any, **options: Any) -> Instance:
+        self.requirements.append(requirements)
         instance = super().create(label, job_url, requirements, **options)
         self.created.append(instance.instance_id)
         self.job_urls.append(job_url)

@@ -23,6 +23,7 @@ from temporalio.workflow import ActivityCancellationType
 with workflow.unsafe.imports_passed_through():
     from activities.civitai import ModelActivities, ResolveModelInput
     from activities.gpu import AllocateGpuInput, GpuActivities, InstanceRef, RunRef
+    from activities.gpu_requirements import effective_requirements
     from activities.providers.base import Instance
     from activities.relay import RelayActivities
     from activities.storage import (
@@ -90,6 +91,9 @@ COST_EDGES = "cost-edges"
 # workflow task instead of a cancelled timer and a new one, and no timer is ever cancelled in
 # the instant it fires (the time-skipping test server rejects that cancel and stops the run).
 STANDING_ALARM = "standing-alarm"
+# The model's family sizes the GPU: its VRAM and disk needs (with the family's settings and the
+# files beside the checkpoint) raise the request's minimums before any offer is searched.
+FAMILY_SIZED_GPU = "family-sized-gpu"
 
 # Named retry policies: side effects retry until the status deadline calls a stall; giving a
 # GPU back never gives up.
@@ -294,6 +298,7 @@ class TrainingWorkflow:
                 run_id=self._run_id,
                 model=self._request.model,
                 civitai_api_key=self._request.civitai_api_key,
+                model_files=self._request.model_files,
             ),
             start_to_close_timeout=timedelta(minutes=2),
             retry_policy=RETRY_UNTIL_DEADLINE,
@@ -354,6 +359,14 @@ class TrainingWorkflow:
             summary=f"write the job for GPU attempt {attempt}",
         )
         state.output = job.output
+        model = prepared.model
+        requirements, download_bytes = request.gpu, prepared.images_zip.bytes + (model.bytes or 0)
+        if workflow.patched(FAMILY_SIZED_GPU):
+            # The disk counts the family's component files by their known sizes on its own.
+            requirements = effective_requirements(
+                request.gpu, model.family, model.variant, request.training, model.bytes
+            )
+            download_bytes += sum(c.bytes or 0 for c in model.components)
         renting_since = workflow.now()
         instance = await workflow.execute_activity_method(
             GpuActivities.allocate_gpu,
@@ -362,9 +375,9 @@ class TrainingWorkflow:
                 attempt=attempt,
                 execution=state.execution if state.execution_bound else None,
                 job_url=job.job_url,
-                requirements=request.gpu,
+                requirements=requirements,
                 exclude_machine_ids=state.excluded_machines,
-                download_bytes=prepared.images_zip.bytes + (prepared.model.bytes or 0),
+                download_bytes=download_bytes,
             ),
             start_to_close_timeout=timedelta(minutes=3),
             heartbeat_timeout=timedelta(minutes=1),

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gpu_runner.protocol import MixedPrecision, TrainingProgressData
+from gpu_runner.protocol import BaseModelFamily, MixedPrecision, TrainingProgressData
 from gpu_runner.settings import RunnerSettings
 from gpu_runner.trainers.base import (
     PreparedTraining,
@@ -296,17 +296,23 @@ class TrainingPlan:
     train_text_encoder: bool
 
 
+def family_refusal(family: BaseModelFamily) -> str | None:
+    """Why this trainer cannot train `family` (None when it can); the run's intake asks too,
+    so the refusal comes before any GPU is rented."""
+    if family in _SUPPORTED_FAMILIES:
+        return None
+    return (
+        f"the builtin trainer trains SD 1.x and SD 2.x models, not {family}: start the run "
+        "with `--trainer sd-scripts` (trainer 'sd-scripts' in the request), which trains "
+        "SDXL, Flux.1 and SD 3.5 too"
+    )
+
+
 def plan_training(inputs: TrainingInputs, cuda: bool) -> TrainingPlan:
     """Check the request against what this trainer can do, and lay out the run."""
     config = inputs.config
-    if inputs.family not in _SUPPORTED_FAMILIES:
-        raise TrainerError(
-            "unsupported_model",
-            f"the builtin trainer trains SD 1.x and SD 2.x models, not {inputs.family}: start "
-            "the run with `--trainer sd-scripts` (trainer 'sd-scripts' in the request), which "
-            "trains SDXL, Flux.1 and SD 3.5 too",
-            stage="files",
-        )
+    if problem := family_refusal(inputs.family):
+        raise TrainerError("unsupported_model", problem, stage="files")
     if config.optimizer not in _OPTIMIZERS:
         raise TrainerError(
             "invalid_config",
