@@ -68,6 +68,11 @@ def kill_instance(provider: RecordingProvider, instance_id: str) -> None:
     os.killpg(record.pid, signal.SIGKILL)
 
 
+def provider_sees_dead(provider: RecordingProvider, instance_id: str) -> bool:
+    current = provider.get(instance_id)
+    return current is None or current.state in ("exited", "gone")
+
+
 async def reach_training(handle: WorkflowHandle[Any, Any], attempt: int = 1) -> ScriptedEvents:
     script = ScriptedEvents(handle.id, attempt=attempt)
     await send_all(handle, script.happy_path("unused", MODEL_BYTES)[:5])
@@ -98,8 +103,10 @@ async def test_instance_dying_in_training_is_replaced_and_the_run_completes(
         handle = await start_run(env.client, run_settings, request_factory())
         await wait_for_status(handle, RunStatusName.PENDING_GPU)
         await reach_training(handle)
-        died_at = await env.get_current_time()
         kill_instance(provider, provider.created[0])
+        # Dead as the provider sees it (a killed group takes a moment to go on a busy machine).
+        await wait_until(lambda: provider_sees_dead(provider, provider.created[0]))
+        died_at = await env.get_current_time()
         # The instance is checked every INSTANCE_CHECK_INTERVAL in every status.
         await env.sleep(2 * INSTANCE_CHECK_INTERVAL.total_seconds() + 5)
         await wait_until(lambda: len(provider.created) == 2)
