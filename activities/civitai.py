@@ -247,6 +247,8 @@ class ModelReference:
     family: BaseModelFamily | None = None
     # What named the family: a `#base_model=` hint, the file's name; None: nothing (fallback).
     claimed_by: ClaimedBy | None = None
+    # Known before the network only for a local file, from its header.
+    variant: str | None = None
 
     @property
     def shown(self) -> str:

@@ -17,6 +17,7 @@ from worker.converter import new_codec_key
 from worker.settings import DEV_ENV_NAME, Settings
 
 from .conftest import free_port
+from .fake_civitai import checkpoint_bytes
 from .images import PNG
 from .test_cli import cli_env, dev_address, image_folder, loratrain
 from .test_cli_runs import errors, quiet_worker, started_request, workdir
@@ -97,9 +98,20 @@ def test_settings_that_the_family_defaults_make_invalid_are_refused_here(workdir
             ".safetensors or .ckpt (got 'cat.png')",
         ),
         (
-            "s3://bucket/models/flux1-dev.safetensors",
-            "--model: Flux models are not supported yet (flux1-dev.safetensors is based on "
-            "Flux.1 D); use an SD 1.5 or SDXL checkpoint",
+            "aura.safetensors",
+            "--model: aura.safetensors is an AuraFlow model, which loratrain does not train; "
+            "supported: SD 1.x, SD 2.x, SDXL (Pony, Illustrious, NoobAI), Flux.1, SD 3.5",
+        ),
+        (
+            "real-xl.safetensors",
+            "--model: real-xl.safetensors is an SD 1.x checkpoint, not SDXL: set the request's "
+            "base model to SD 1.x or give an SDXL checkpoint",
+        ),
+        (
+            "random-base.safetensors",
+            "--trainer: the builtin trainer trains SD 1.x and SD 2.x models, not sdxl: start "
+            "the run with `--trainer sd-scripts` (trainer 'sd-scripts' in the request), which "
+            "trains SDXL, Flux.1 and SD 3.5 too",
         ),
         ("empty.safetensors", "--model: empty.safetensors is empty (0 bytes): not a model"),
     ],
@@ -109,6 +121,11 @@ def test_a_model_that_is_not_a_model_is_refused_here(
 ) -> None:
     image_folder(workdir / "images")
     (workdir / "empty.safetensors").write_bytes(b"")
+    # Read from their headers here, before anything is uploaded.
+    (workdir / "aura.safetensors").write_bytes(checkpoint_bytes("auraflow"))
+    (workdir / "real-xl.safetensors").write_bytes(checkpoint_bytes("sd15"))
+    # SDXL by its header, whatever its name: the builtin trainer (no sd-scripts here) refuses.
+    (workdir / "random-base.safetensors").write_bytes(checkpoint_bytes("sdxl"))
 
     result = loratrain(["train", "images", "--model", model], workdir, dead_temporal())
 
@@ -213,3 +230,19 @@ async def test_the_trainer_chosen_here_is_the_one_the_run_gets(
         handle = dev_env.client.get_workflow_handle(run_id)
         assert (await started_request(dev_env, handle)).trainer == expected
         await handle.terminate("test over")
+
+
+def test_a_caption_the_text_encoder_cuts_is_named_before_the_upload(workdir: Path) -> None:
+    images = image_folder(workdir / "images")
+    (images / "cat2.txt").write_text(" ".join(["fluffy"] * 90))
+    model = workdir / "base.safetensors"
+    model.write_bytes(checkpoint_bytes("sd15"))
+
+    result = loratrain(["train", "images", "--model", str(model)], workdir, dead_temporal())
+
+    assert "Traceback" not in result.stderr
+    assert (
+        "warning: cat2.txt: at least 90 CLIP tokens; SD 1.x reads the first 75, the rest of "
+        "the caption is not trained on" in result.stderr
+    )
+    assert "cat1.txt" not in result.stderr

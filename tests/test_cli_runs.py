@@ -23,6 +23,7 @@ from worker.settings import Settings
 from workflows.models import RunStatus, RunStatusName, TrainingRequest
 
 from .conftest import free_port
+from .fake_civitai import checkpoint_bytes
 from .images import PNG, encoded
 from .test_cli import cli, cli_env, dev_address, image_folder, loratrain, workdir
 from .workflow_support import (
@@ -127,7 +128,7 @@ def test_a_bad_model_reference_is_refused_here(model: str, expected: str, workdi
 
 def test_a_local_model_path_is_sent_absolute(workdir: Path) -> None:
     (workdir / "models").mkdir()
-    (workdir / "models" / "base.safetensors").write_bytes(b"{}")
+    (workdir / "models" / "base.safetensors").write_bytes(checkpoint_bytes("sd15"))
     settings = Settings(_env_file=None)
     checked = check_model("models/base.safetensors", settings)
     assert checked[:2] == (str(workdir / "models" / "base.safetensors"), None)

@@ -467,7 +467,9 @@ def _checked_request(
 ) -> _CheckedRequest:
     """The request `train` would start, every input checked here; lists every problem and
     exits 2 when there is any."""
-    from .preflight import check_model, choose_trainer, dataset_problems
+    from gpu_runner.trainers.builtin import family_refusal
+
+    from .preflight import caption_notes, check_model, choose_trainer, dataset_problems
 
     settings = load_settings()
     run_id = run_id or new_run_id()
@@ -510,6 +512,12 @@ def _checked_request(
     else:
         found, notes = _request_problems(settings, request, checked_model.parsed, folder)
         problems.extend(found)
+        parsed = checked_model.parsed
+        if parsed is not None and parsed.family is not None:
+            if request.trainer == "builtin" and (refusal := family_refusal(parsed.family)):
+                problems.append(f"--trainer: {refusal}")
+            if folder is not None:
+                notes.extend(caption_notes(folder, uploads, parsed.family, parsed.variant))
     if problems:
         for line in problems:
             err.print(f"error: {line}", style="red", markup=False, highlight=False)

@@ -8,6 +8,7 @@ nothing uploaded.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 from urllib.parse import unquote, urlsplit
@@ -15,8 +16,9 @@ from urllib.parse import unquote, urlsplit
 from botocore.exceptions import BotoCoreError, ClientError
 from temporalio.exceptions import ApplicationError
 
-from activities.civitai import ModelReference, parse_model_reference
+from activities.civitai import ModelReference, check_local_model, parse_model_reference
 from activities.storage import MAX_CAPTION_BYTES, image_problem
+from gpu_runner.captions import caption_warnings
 from gpu_runner.protocol import BaseModelFamily, TrainerName, TrainingConfig
 from gpu_runner.settings import RunnerSettings
 
@@ -27,7 +29,10 @@ if TYPE_CHECKING:
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp"})
 CAPTION_SUFFIX = ".txt"
-_MODEL_FORMS = "use civitai:<versionId>, an https URL, s3://bucket/key or a local path"
+_MODEL_FORMS = (
+    "use civitai:<versionId>, hf:<owner>/<repo>[@revision]/<file>, an https URL, "
+    "s3://bucket/key or a local path"
+)
 # A Civitai model's family is known only once Civitai answers: its settings must hold for one.
 _CIVITAI_FAMILIES: tuple[BaseModelFamily, ...] = ("sd15", "sd2", "sdxl")
 _NOT_FOUND = frozenset({"404", "NoSuchKey", "NotFound", "NoSuchBucket"})
@@ -48,12 +53,12 @@ def check_model(reference: str, settings: Settings) -> CheckedModel:
     given, local = ref, None
     if scheme == "file":
         local = Path(unquote(parts.path))
-    elif len(scheme) > 1 and scheme not in ("http", "https", "s3", "civitai"):
+    elif len(scheme) > 1 and scheme not in ("http", "https", "s3", "civitai", "hf"):
         # One letter is a Windows drive, not a scheme.
         return CheckedModel(
             ref, f"--model: {ref!r}: unknown scheme {scheme!r}; {_MODEL_FORMS}", None
         )
-    elif not scheme and not ref.startswith("civitai:"):
+    elif not scheme and not ref.startswith(("civitai:", "hf:")):
         local = Path(ref).expanduser()
     if local is not None:
         problem = _local_file_problem(local, ref)
@@ -63,10 +68,27 @@ def check_model(reference: str, settings: Settings) -> CheckedModel:
             ref = str(local.resolve())
     try:
         parsed = parse_model_reference(ref, settings)
+        if parsed.kind == "local" and parsed.path is not None:
+            # The file is here: its header says what it is, as the worker's intake reads it.
+            detected = check_local_model(parsed.path, None)
+            if detected is not None:
+                parsed = replace(parsed, family=detected.family, variant=detected.variant)
     except ApplicationError as e:
         # Named as the user typed it, not as the absolute path it was made.
         return CheckedModel(ref, f"--model: {e.message.replace(ref, given)}", None)
     return CheckedModel(ref, None, parsed)
+
+
+def caption_notes(
+    folder: Path, files: list[Path], family: BaseModelFamily, variant: str | None
+) -> list[str]:
+    """Warnings for captions the family's text encoder certainly cuts (they still train)."""
+    captions = {
+        str(f.relative_to(folder)): f.read_text(encoding="utf-8", errors="replace")
+        for f in files
+        if f.suffix.lower() == CAPTION_SUFFIX
+    }
+    return [f"warning: {line}" for line in caption_warnings(captions, family, variant)]
 
 
 def _local_file_problem(path: Path, ref: str) -> str | None:
