@@ -79,6 +79,7 @@ TOKENIZER_IDS = (
     "openai/clip-vit-large-patch14",  # SD 1.x and SDXL's first text encoder
     "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k",  # SDXL's second text encoder
     "stabilityai/stable-diffusion-2",  # SD 2.x (its "tokenizer" subfolder)
+    "google/t5-v1_1-xxl",  # Flux.1 and SD 3.x's T5-XXL
 )
 
 _T = TypeVar("_T")
