@@ -49,7 +49,7 @@ _CANCEL_ANYWHERE = [
 ]
 # The v7 patches' own paths: tests/test_faults.py (faults-end-right), tests/test_cost_edges.py
 # (cost-edges) and tests/test_webhook_delivery.py (webhook-bounded-schedule). v8 (the standing
-# alarm) records every set again.
+# alarm) and v9 (the family-sized GPU) record every set again.
 _FAULTS = [
     "stuck-trainer-replaced",
     "waited-for-the-relay",
@@ -61,10 +61,14 @@ _FAULTS = [
 ]
 REQUIRED = (
     {"completed-run-1", "baddata-run-1", "reaper-pass-1"}
-    | {f"{v}-{name}" for v in ("v2", "v3", "v4", "v6", "v7", CODE_VERSION) for name in _PER_VERSION}
-    | {f"{version}-bad-dataset" for version in ("v4", "v6", "v7", CODE_VERSION)}
-    | {f"{v}-{name}" for v in ("v5", "v6", "v7", CODE_VERSION) for name in _CANCEL_ANYWHERE}
-    | {f"{v}-{name}" for v in ("v7", CODE_VERSION) for name in _FAULTS}
+    | {
+        f"{v}-{name}"
+        for v in ("v2", "v3", "v4", "v6", "v7", "v8", CODE_VERSION)
+        for name in _PER_VERSION
+    }
+    | {f"{version}-bad-dataset" for version in ("v4", "v6", "v7", "v8", CODE_VERSION)}
+    | {f"{v}-{name}" for v in ("v5", "v6", "v7", "v8", CODE_VERSION) for name in _CANCEL_ANYWHERE}
+    | {f"{v}-{name}" for v in ("v7", "v8", CODE_VERSION) for name in _FAULTS}
 )
 
 
