@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, Field
 
-from gpu_runner.protocol import BaseModelFamily, TrainingConfig
+from gpu_runner.protocol import BaseModelFamily, ComponentRole, TrainingConfig
 from workflows.models import GpuRequirements
 
 from .gpu_requirements import effective_requirements, family_minimums, filled_config
@@ -80,8 +80,6 @@ UNKNOWN_CLASS = ("unknown (taken as the reference)", 1.0)
 # Container start once the image is there (Vast); the local runner starts in seconds.
 MODEL_LOAD_S = 60.0  # estimate: load the checkpoint and its components, build the network
 CACHE_S_PER_IMAGE = 0.5  # estimate: VAE-encode one image (and its captions) once
-# Files a family loads beside its checkpoint (default sources: t5xxl fp16, clip_l, clip_g, ae).
-COMPONENT_BYTES: dict[str, int] = {"flux": 10_400_000_000, "sd3": 11_500_000_000}
 
 
 class DatasetSummary(BaseModel):
@@ -400,25 +398,26 @@ def s3_dataset(s3: S3Client, bucket: str, prefix: str) -> DatasetSummary:
     )
 
 
-async def resolve_model(settings: Settings, s3: S3Client, reference: str) -> ModelSummary:
+async def resolve_model(
+    settings: Settings,
+    s3: S3Client,
+    reference: str,
+    model_files: dict[ComponentRole, str] | None = None,
+) -> ModelSummary:
     """The model as the run's `resolve_model` activity resolves it (the same code, in-process:
     Civitai's API, an HTTP HEAD, an S3 HEAD or the local file). Raises its ApplicationError."""
     from .civitai import ModelActivities, ResolveModelInput
 
     resolved = await ModelActivities(s3, settings).resolve_model(
-        ResolveModelInput(run_id="estimate", model=reference)
+        ResolveModelInput(run_id="estimate", model=reference, model_files=model_files or {})
     )
-    components = getattr(resolved, "components", None)
-    if components:
-        component_bytes = sum(getattr(c, "bytes", None) or 0 for c in components)
-    else:
-        component_bytes = COMPONENT_BYTES.get(resolved.family, 0)
+    component_bytes = sum(c.bytes or 0 for c in resolved.components)
     return ModelSummary(
         reference=reference,
         filename=resolved.filename,
         base_model=resolved.base_model,
         family=resolved.family,
-        variant=getattr(resolved, "variant", None),
+        variant=resolved.variant,
         bytes=resolved.bytes,
         component_bytes=component_bytes,
     )

@@ -22,9 +22,11 @@ from activities.estimate import (
 )
 from gpu_runner.demo_assets import write_demo_dataset
 from gpu_runner.protocol import TrainingConfig
+from gpu_runner.trainers.sd_scripts import vram_needed_gb
 from worker.settings import Settings
 
 from .conftest import free_port
+from .fake_civitai import checkpoint_bytes
 from .fakes.vast_api import FakeVast, make_offer
 from .test_cli import cli_env, loratrain, workdir
 from .test_cli_runs import errors
@@ -258,3 +260,59 @@ def test_steps_and_seconds_per_step() -> None:
         > seconds_per_step("sd3", "medium", "RTX 3090", config)[0]
     )
     assert gpu_class("Some Future GPU")[1] == 1.0
+
+
+def test_a_flux_estimate_takes_its_files_from_model_file_and_sizes_the_gpu(
+    stack: Stack, workdir: Path
+) -> None:
+    """A Flux.1 dev transformer in S3 with its CLIP-L, T5-XXL and AE given as --model-file:
+    the estimate names the family, counts the files' bytes, and asks for the VRAM Flux needs,
+    whatever the request's minimum."""
+    images = demo_images(workdir)
+    sizes: dict[str, int] = {}
+    for name, kind in {
+        "model": "flux-dev",
+        "clip_l": "clip_l",
+        "t5xxl": "t5xxl",
+        "ae": "ae",
+    }.items():
+        body = checkpoint_bytes(kind)
+        sizes[name] = len(body)
+        stack.s3.put_object(Bucket=stack.settings.bucket, Key=f"flux/{name}.safetensors", Body=body)
+    where = f"s3://{stack.settings.bucket}/flux"
+    roles = [
+        ("--model-file", f"{role}={where}/{role}.safetensors") for role in ("clip_l", "t5xxl", "ae")
+    ]
+
+    result = loratrain(
+        ["estimate", str(images), "--model", f"{where}/model.safetensors", "--json"]
+        + [arg for pair in roles for arg in pair],
+        workdir,
+        stack.env(),
+    )
+
+    assert result.returncode == 0, result.stderr
+    estimate = Estimate.model_validate_json(result.stdout)
+    assert (estimate.model.family, estimate.model.variant) == ("flux", "dev")
+    assert estimate.model.component_bytes == sizes["clip_l"] + sizes["t5xxl"] + sizes["ae"]
+    needed = vram_needed_gb("flux", "dev", TrainingConfig().for_family("flux"))
+    assert estimate.requirements.min_vram_gb == max(16, needed)
+    least = estimate.requirements.min_vram_gb
+    assert estimate.offers and all(o.vram_gb and o.vram_gb >= least for o in estimate.offers)
+
+
+def test_a_model_file_that_is_not_a_role_is_refused_before_anything(workdir: Path) -> None:
+    images = demo_images(workdir)
+    model = workdir / "base-sd15.safetensors"
+    model.write_bytes(safetensors_bytes(1024))
+
+    result = loratrain(
+        ["estimate", str(images), "--model", str(model), "--model-file", "vae=x.safetensors"],
+        workdir,
+        {"LORA_GPU_PROVIDER": "local"},
+    )
+
+    assert result.returncode == 2
+    assert errors(result.stderr) == [
+        "--model-file: 'vae' is not a role; use one of clip_l, clip_g, t5xxl, ae"
+    ]

@@ -15,7 +15,7 @@ from collections.abc import Callable, Coroutine, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NamedTuple, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NamedTuple, NoReturn, get_args
 from urllib.parse import quote
 
 import httpx
@@ -41,7 +41,7 @@ from temporalio.converter import DataConverter
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from gpu_runner.protocol import RunId, TrainingConfig
+from gpu_runner.protocol import ComponentRole, RunId, TrainingConfig
 from workflows.models import RunStatus, RunStatusName, TrainingRequest, WaitingOn
 
 from .converter import CodecKeyError
@@ -412,6 +412,15 @@ def train(
             "--set mixed_precision=bf16 (repeat it).",
         ),
     ] = None,
+    model_file: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--model-file",
+            metavar="ROLE=REF",
+            help="A file the model's family loads beside it (clip_l, clip_g, t5xxl, ae), in any "
+            "scheme --model takes; default: the family's public files (repeat it).",
+        ),
+    ] = None,
     dry_run: Annotated[
         bool,
         typer.Option(
@@ -436,6 +445,7 @@ def train(
         trainer,
         webhook_url,
         webhook_secret,
+        model_files=model_file or [],
     )
     if dry_run:
         _show_estimate(checked, as_json=False, top=DEFAULT_OFFERS_SHOWN)
@@ -464,6 +474,7 @@ def _checked_request(
     trainer: Trainer | None,
     webhook_url: str | None = None,
     webhook_secret: str | None = None,
+    model_files: list[str] | None = None,
 ) -> _CheckedRequest:
     """The request `train` would start, every input checked here; lists every problem and
     exits 2 when there is any."""
@@ -503,6 +514,10 @@ def _checked_request(
         "training": {**training, **extra},
         "trainer": chosen.trainer,
     }
+    files, file_problems = _model_files(model_files or [])
+    problems.extend(file_problems)
+    if files:
+        fields["model_files"] = files
     if webhook_url is not None:
         fields["webhook"] = {"url": webhook_url, "secret": webhook_secret}
     try:
@@ -559,6 +574,25 @@ def _request_problems(
             if problem is not None:
                 problems.append(problem)
     return problems, notes
+
+
+def _model_files(pairs: list[str]) -> tuple[dict[str, str], list[str]]:
+    """`--model-file ROLE=REF` pairs, and the problems with them (a role no family loads, a
+    pair without '='). Local paths are sent absolute."""
+    roles = get_args(ComponentRole)
+    files: dict[str, str] = {}
+    problems: list[str] = []
+    for pair in pairs:
+        role, sep, reference = pair.partition("=")
+        role, reference = role.strip(), reference.strip()
+        if not sep or not reference:
+            problems.append(f"--model-file: {pair!r} is not ROLE=REF (e.g. clip_l=hf:…)")
+        elif role not in roles:
+            problems.append(f"--model-file: {role!r} is not a role; use one of {', '.join(roles)}")
+        else:
+            local = Path(reference).expanduser()
+            files[role] = str(local.resolve()) if local.exists() else reference
+    return files, problems
 
 
 def _training_settings(pairs: list[str], given: set[str]) -> tuple[dict[str, str], list[str]]:
@@ -722,6 +756,15 @@ def estimate(
         list[str] | None,
         typer.Option("--set", metavar="KEY=VALUE", help="Any training setting, as for train."),
     ] = None,
+    model_file: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--model-file",
+            metavar="ROLE=REF",
+            help="A file the model's family loads beside it (clip_l, clip_g, t5xxl, ae), in any "
+            "scheme --model takes; default: the family's public files (repeat it).",
+        ),
+    ] = None,
     offers: Annotated[int, typer.Option(min=1, max=50, help="How many offers to show.")] = (
         DEFAULT_OFFERS_SHOWN
     ),
@@ -730,7 +773,13 @@ def estimate(
     """What a run would need, rent and cost: the GPUs that qualify, the best offers by expected
     cost, and the expected time and cost, with the assumptions. Uploads and rents nothing."""
     checked = _checked_request(
-        images, model, None, {"epochs": epochs, "resolution": resolution}, set_ or [], trainer
+        images,
+        model,
+        None,
+        {"epochs": epochs, "resolution": resolution},
+        set_ or [],
+        trainer,
+        model_files=model_file or [],
     )
     _show_estimate(checked, as_json=as_json, top=offers)
 
@@ -763,7 +812,7 @@ def _show_estimate(checked: _CheckedRequest, *, as_json: bool, top: int) -> None
         if not dataset.images:
             fail(f"IMAGES: {where} holds no .png, .jpg, .jpeg or .webp images")
     try:
-        model = asyncio.run(resolve_model(settings, s3, request.model))
+        model = asyncio.run(resolve_model(settings, s3, request.model, request.model_files))
     except ApplicationError as e:
         fail(f"--model: {e.message}")
     if model.family == "other":
