@@ -298,7 +298,7 @@ def estimate_run(
             )
         if not offers:
             raise NoQualifyingOffer(
-                f"no Vast offer qualifies: {describe_requirements(requirements)}; raise "
+                f"no Vast offer qualifies: {requirements.describe()}; raise "
                 "gpu.max_dollars_per_hour, lower gpu.min_reliability or widen gpu.gpu_names"
             )
     reference = DEFAULT_RESOLUTION.get(family, _OTHER_RESOLUTION)
@@ -420,16 +420,6 @@ async def resolve_model(
         variant=resolved.variant,
         bytes=resolved.bytes,
         component_bytes=component_bytes,
-    )
-
-
-def describe_requirements(requirements: GpuRequirements) -> str:
-    names = ", ".join(requirements.gpu_names) or "any GPU"
-    return (
-        f"{names} with at least {requirements.min_vram_gb} GB VRAM, at most "
-        f"${requirements.max_dollars_per_hour:g}/h, reliability >= "
-        f"{requirements.min_reliability:g}, {requirements.disk_gb} GB disk, download >= "
-        f"{requirements.min_download_mbps:g} Mbps"
     )
 
 

@@ -68,15 +68,6 @@ class RunRef(BaseModel):
     execution: str | None = None
 
 
-def _describe_requirements(requirements: GpuRequirements) -> str:
-    names = ", ".join(requirements.gpu_names) or "any"
-    return (
-        f"at least {requirements.min_vram_gb} GB VRAM, at most "
-        f"${requirements.max_dollars_per_hour:.2f}/h, GPUs: {names}, reliability >= "
-        f"{requirements.min_reliability:g}, disk {requirements.disk_gb} GB"
-    )
-
-
 class GpuActivities:
     """Activities over one GPU provider (sync: provider SDKs block; they run on a thread pool)."""
 
@@ -116,7 +107,7 @@ class GpuActivities:
             # Retryable: offers come and go, and the run's pending deadline bounds the wait.
             raise ApplicationError(
                 f"No {self.provider.name} GPU offer matches the run's requirements "
-                f"({_describe_requirements(input.requirements)}): {e}. Retrying until one "
+                f"({input.requirements.describe()}): {e}. Retrying until one "
                 "appears; raise gpu.max_dollars_per_hour or widen gpu.gpu_names to find one "
                 "sooner.",
                 type=NO_GPU_OFFER,

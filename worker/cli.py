@@ -865,7 +865,7 @@ def _print_estimate(result: Any) -> None:
             f"{config.network_alpha:g}, {config.mixed_precision}",
         ),
         ("steps", result.steps_formula),
-        ("GPUs that qualify", _qualifying(result.requirements)),
+        ("GPUs that qualify", result.requirements.describe()),
     ]
     for name, value in rows:
         out.print(f"{name:<18} {value}", markup=False, highlight=False)
@@ -908,15 +908,6 @@ def _print_estimate(result: Any) -> None:
     out.print("assumptions:", markup=False)
     for line in result.assumptions:
         out.print(f"  {line}", markup=False, highlight=False)
-
-
-def _qualifying(requirements: Any) -> str:
-    names = ", ".join(requirements.gpu_names) or "any GPU"
-    return (
-        f"{names} with >= {requirements.min_vram_gb} GB VRAM, <= "
-        f"${requirements.max_dollars_per_hour:g}/h, reliability >= "
-        f"{requirements.min_reliability:g}, >= {requirements.disk_gb} GB disk"
-    )
 
 
 @app.command()

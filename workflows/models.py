@@ -79,6 +79,15 @@ class GpuRequirements(_Model):
         description="ISO codes never rented in (Civitai geofences some regions).",
     )
 
+    def describe(self) -> str:
+        """One line for messages: the GPUs these requirements let the offer search take."""
+        names = ", ".join(self.gpu_names) or "any GPU"
+        return (
+            f"{names} with at least {self.min_vram_gb} GB VRAM, at most "
+            f"${self.max_dollars_per_hour:g}/h, reliability >= {self.min_reliability:g}, "
+            f"{self.disk_gb} GB disk, download >= {self.min_download_mbps:g} Mbps"
+        )
+
 
 UserEventType = Literal[
     "training.status",
