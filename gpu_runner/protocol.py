@@ -219,6 +219,8 @@ class TrainingConfig(_Model):
     mixed_precision: MixedPrecision | None = None
     output_name: str = Field(default="lora", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
     trigger_word: str | None = Field(default=None, min_length=1, max_length=64)
+    # What an image without a caption is: its caption becomes "<trigger_word>, <class_word>".
+    class_word: str | None = Field(default=None, min_length=1, max_length=64)
     keep_tokens: int = Field(default=1, ge=0, le=10)
     max_train_steps: int | None = Field(default=None, ge=1, le=100_000)
     gradient_checkpointing: bool | None = None

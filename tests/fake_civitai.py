@@ -567,19 +567,10 @@ class FakeCivitai:
             "content-disposition": f'attachment; filename="{file.name}"',
             "etag": f'"{file.sha256[:32]}"',
         }
-        start, end, status = 0, total - 1, 200
-        range_header = request.headers.get("range")
-        if range_header:
-            parsed = _parse_range(range_header, total)
-            if parsed is None:
-                return Response(
-                    status_code=416, headers={**headers, "content-range": f"bytes */{total}"}
-                )
-            if parsed != "ignore":
-                start, end = parsed
-                status = 206
-                headers["content-range"] = f"bytes {start}-{end}/{total}"
-        headers["content-length"] = str(end - start + 1)
+        served = byte_range(request, total, headers)
+        if isinstance(served, Response):
+            return served
+        start, end, status = served
         if request.method == "HEAD":
             return Response(status_code=status, headers=headers)
 
@@ -601,6 +592,28 @@ class FakeCivitai:
         return StreamingResponse(
             stream(), status_code=status, headers=headers, media_type="application/octet-stream"
         )
+
+
+def byte_range(
+    request: Request, total: int, headers: dict[str, str]
+) -> tuple[int, int, int] | Response:
+    """(start, end inclusive, status) of what a GET with its Range header gets, as a server
+    that supports one `bytes=` range answers; `headers` gains content-range and -length. A
+    range that cannot be satisfied is the 416 response itself."""
+    start, end, status = 0, total - 1, 200
+    range_header = request.headers.get("range")
+    if range_header:
+        parsed = _parse_range(range_header, total)
+        if parsed is None:
+            return Response(
+                status_code=416, headers={**headers, "content-range": f"bytes */{total}"}
+            )
+        if parsed != "ignore":
+            start, end = parsed
+            status = 206
+            headers["content-range"] = f"bytes {start}-{end}/{total}"
+    headers["content-length"] = str(end - start + 1)
+    return start, end, status
 
 
 def _parse_range(value: str, total: int) -> tuple[int, int] | Literal["ignore"] | None:

@@ -34,7 +34,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from tests.fake_civitai import _parse_range
+from tests.fake_civitai import byte_range
 
 # Files at least this big are stored in LFS (the Hub's threshold is 10 MB; tests' files are tiny,
 # so the fake treats every .safetensors as LFS, like the Hub's .gitattributes does).
@@ -242,21 +242,11 @@ class FakeHub:
 
 
 def _ranged(request: Request, content: bytes, extra: dict[str, str]) -> Response:
-    total = len(content)
     headers = {"accept-ranges": "bytes", **extra}
-    start, end, status = 0, total - 1, 200
-    range_header = request.headers.get("range")
-    if range_header:
-        parsed = _parse_range(range_header, total)
-        if parsed is None:
-            return Response(
-                status_code=416, headers={**headers, "content-range": f"bytes */{total}"}
-            )
-        if parsed != "ignore":
-            start, end = parsed
-            status = 206
-            headers["content-range"] = f"bytes {start}-{end}/{total}"
-    headers["content-length"] = str(end - start + 1)
+    served = byte_range(request, len(content), headers)
+    if isinstance(served, Response):
+        return served
+    start, end, status = served
     body = b"" if request.method == "HEAD" else content[start : end + 1]
     return Response(
         body, status_code=status, headers=headers, media_type="application/octet-stream"

@@ -171,6 +171,22 @@ def test_the_trigger_word_starts_every_caption(tmp_path: Path) -> None:
     }
 
 
+@pytest.mark.parametrize(
+    ("trigger_word", "class_word", "uncaptioned"),
+    [("sks", "dog", "sks, dog"), (None, "dog", "dog"), ("sks", None, "sks")],
+)
+def test_an_image_without_a_caption_gets_the_trigger_and_class_words(
+    tmp_path: Path, trigger_word: str | None, class_word: str | None, uncaptioned: str
+) -> None:
+    inputs = make_inputs(tmp_path, trigger_word=trigger_word, class_word=class_word)
+
+    SdScriptsTrainer(standin_settings(tmp_path)).prepare(inputs)
+
+    assert (inputs.dataset_dir / "nested" / "more.txt").read_text() == uncaptioned
+    captioned = (inputs.dataset_dir / "img0.txt").read_text()
+    assert captioned == (f"{trigger_word}, " if trigger_word else "") + "a photo of thing 0"
+
+
 def test_training_toml_is_the_typed_model_mapped_from_the_config(tmp_path: Path) -> None:
     settings = standin_settings(tmp_path)
     inputs = make_inputs(tmp_path, epochs=4, network_dim=8, network_alpha=4, seed=7)

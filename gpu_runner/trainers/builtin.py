@@ -56,7 +56,7 @@ from gpu_runner.trainers.sd_scripts import (
     checkpoint_name,
     image_dirs,
     planned_total_steps,
-    put_trigger_word_first,
+    write_captions,
 )
 
 # The same logger the sd-scripts trainer writes its output to (it goes into the run's log).
@@ -390,8 +390,9 @@ class BuiltinTrainer:
             ) from None
         plan = plan_training(inputs, cuda=torch.cuda.is_available())
         check_model(inputs.model_path)
-        if inputs.config.trigger_word:
-            put_trigger_word_first(plan.folders, inputs.config.trigger_word)
+        config = inputs.config
+        if config.trigger_word or config.class_word:
+            write_captions(plan.folders, config.trigger_word, config.class_word)
         inputs.output_dir.mkdir(parents=True, exist_ok=True)
         if plan.device == "cpu" and inputs.config.mixed_precision != "no":
             self._note(

@@ -295,13 +295,17 @@ def script_for(family: str) -> str:
     return script
 
 
-def put_trigger_word_first(folders: list[tuple[Path, int]], trigger_word: str) -> None:
-    """Make the trigger word the first token of every image's caption (written where missing).
+def write_captions(
+    folders: list[tuple[Path, int]], trigger_word: str | None, class_word: str | None
+) -> None:
+    """Make the trigger word the first token of every image's caption, and give an image
+    without a caption "<trigger_word>, <class_word>" (either alone when the other is unset).
 
     sd-scripts uses class_tokens only for images without a caption file, and its caption_prefix
     would double the word on those; so the captions themselves are rewritten (keep_tokens keeps
     the first token in place for CLIP families; T5 families read it as the caption's start).
     """
+    missing = ", ".join(word for word in (trigger_word, class_word) if word)
     for folder, _ in folders:
         for image in sorted(folder.iterdir()):
             if not image.is_file() or image.suffix.lower() not in IMAGE_EXTENSIONS:
@@ -310,9 +314,10 @@ def put_trigger_word_first(folders: list[tuple[Path, int]], trigger_word: str) -
             caption = (
                 caption_file.read_text(encoding="utf-8").strip() if caption_file.exists() else ""
             )
-            first = caption.split(",", 1)[0].strip()
-            if first != trigger_word:
-                caption = f"{trigger_word}, {caption}" if caption else trigger_word
+            if not caption:
+                caption = missing
+            elif trigger_word and caption.split(",", 1)[0].strip() != trigger_word:
+                caption = f"{trigger_word}, {caption}"
             caption_file.write_text(caption, encoding="utf-8")
 
 
@@ -849,8 +854,9 @@ class SdScriptsTrainer:
                 f"no images in the dataset ({', '.join(sorted(IMAGE_EXTENSIONS))} expected)",
                 stage="files",
             )
-        if inputs.config.trigger_word:
-            put_trigger_word_first(folders, inputs.config.trigger_word)
+        config = inputs.config
+        if config.trigger_word or config.class_word:
+            write_captions(folders, config.trigger_word, config.class_word)
         device = "cuda" if inputs.cuda else "cpu"
         config_dir = inputs.run_dir / "sd-scripts"
         config_dir.mkdir(parents=True, exist_ok=True)
