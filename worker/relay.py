@@ -9,6 +9,10 @@ is derived from the master secret and the run's first execution id, and Temporal
 run exists. `POST /v1/runs/{run_id}/events` serves runners of runs started before executions
 were named.
 
+Milestones are signalled in the request that posts them. Progress and heartbeats are coalesced
+per run (ProgressCoalescer): at most one signal per run and `relay_progress_interval_s`, carrying
+the newest; the runner is answered 202 at once for the ones held back.
+
 `POST /codec/decode` and `/codec/encode` are a Temporal codec server (proto3-JSON `Payloads`),
 so operators can read encrypted payloads in the Temporal UI.
 """
@@ -25,6 +29,7 @@ import math
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -65,6 +70,10 @@ TEMPORAL_RPC_TIMEOUT = timedelta(seconds=10)
 RECONNECT_INTERVAL_S = 1.0
 # History payloads can be large (Temporal's default blob limit is 2 MB); this bounds memory only.
 MAX_CODEC_BYTES = 16 * 1024 * 1024
+# Only the newest of these matters to a run: the relay coalesces them (ProgressCoalescer).
+COALESCED_TYPES: frozenset[str] = frozenset({"training.progress", "heartbeat"})
+# Runs whose coalescing state is kept before idle ones are forgotten.
+MAX_TRACKED_RUNS = 10_000
 CODEC_CORS_HEADERS = ["content-type", "x-namespace", "authorization"]
 
 _RUN_ID = TypeAdapter(protocol.RunId)
@@ -330,11 +339,209 @@ class RunEventRate:
         return None
 
 
+# Signals one event to its run (raising a Rejection when it cannot): the event, the execution it
+# was signed for, and when the relay received it (monotonic).
+Deliver = Callable[[protocol.RunnerEvent, str | None, float], Awaitable[None]]
+
+
+def _delivery(connection: TemporalConnection) -> Deliver:
+    first_executions = FirstExecutions()
+
+    async def deliver(event: protocol.RunnerEvent, execution: str | None, received: float) -> None:
+        await _signal_run(await connection.get(), event, execution, first_executions)
+        # latency: receipt to Temporal's acknowledgement here; age: since the runner sent it.
+        log.info(
+            "delivered run=%s attempt=%d seq=%d type=%s latency_ms=%d age_ms=%d",
+            event.run_id,
+            event.attempt,
+            event.seq,
+            event.type,
+            (time.monotonic() - received) * 1000,
+            _age_ms(event.at),
+        )
+
+    return deliver
+
+
+@dataclass
+class _Held:
+    event: protocol.RunnerEvent
+    received: float
+
+
+def _adds_nothing(heartbeat: protocol.RunnerEvent, progress: protocol.RunnerEvent) -> bool:
+    """Whether the workflow learns nothing from `heartbeat` once it has `progress`: it reads a
+    heartbeat's step (liveness) and its stage (an upload retrying), not its byte counts."""
+    beat, step = heartbeat.parsed(), progress.parsed()
+    return (
+        isinstance(beat, protocol.HeartbeatData)
+        and isinstance(step, protocol.TrainingProgressData)
+        and heartbeat.attempt == progress.attempt
+        and beat.stage == "training"
+        and (beat.step is None or beat.step <= step.step)
+    )
+
+
+class _RunLane:
+    """One run's coalesced events in this relay process. `lock` is held around every signal of
+    the run that goes through the lane, so the run receives them in the order they were sent."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        self.lock = asyncio.Lock()
+        # The newest progress and the newest heartbeat not yet signalled.
+        self.held: dict[str, _Held] = {}
+        self.last_signal = float("-inf")
+        self.timer: asyncio.Task[None] | None = None
+        # A signal sent in the background failed: the run's next event is signalled in its own
+        # request, so the runner hears why (410: stop; 503: retry) instead of another 202.
+        self.answer_next = False
+
+    def take(self) -> _Held | None:
+        """What the next signal carries: the newest progress (a heartbeat it makes redundant
+        goes with it), else the newest heartbeat; a heartbeat that still matters waits one
+        interval more rather than make a second signal."""
+        progress = self.held.pop("training.progress", None)
+        if progress is None:
+            return self.held.pop("heartbeat", None)
+        heartbeat = self.held.get("heartbeat")
+        if heartbeat is not None and _adds_nothing(heartbeat.event, progress.event):
+            del self.held["heartbeat"]
+        return progress
+
+    def restore(self, held: _Held) -> None:
+        """Hold a signal that failed for another try, unless a newer event replaced it."""
+        self.held.setdefault(held.event.type, held)
+
+    def idle(self, now: float, interval_s: float) -> bool:
+        return (
+            not self.held
+            and self.timer is None
+            and not self.lock.locked()
+            and now - self.last_signal >= interval_s
+        )
+
+
+class ProgressCoalescer:
+    """Delivers runner events to runs, with progress and heartbeats coalesced per run.
+
+    Milestones (every other type) are signalled at once, after whatever the run has held, so a
+    milestone never overtakes the progress sent before it. A progress or heartbeat event is
+    signalled at once when the run had no such signal for `interval_s`; otherwise it is held
+    (the newest of each type wins) and signalled when the interval is up. So a run gets at most
+    one progress or heartbeat signal per interval, and its status is never staler than that.
+    State is per process and per run (id and execution); N relays send at most N times as many.
+    With `interval_s` 0 every event is signalled as it comes.
+    """
+
+    def __init__(self, interval_s: float, deliver: Deliver) -> None:
+        self.interval_s = interval_s
+        self._deliver = deliver
+        self._lanes: dict[tuple[str, str | None], _RunLane] = {}
+
+    async def take(
+        self, event: protocol.RunnerEvent, execution: str | None, received: float
+    ) -> None:
+        """Signal `event` now or hold it for the run's next signal. Raises a Rejection when a
+        signal sent now fails (including one the run held, sent before a milestone)."""
+        key = (event.run_id, execution)
+        if self.interval_s <= 0:
+            await self._deliver(event, execution, received)
+            return
+        if event.type not in COALESCED_TYPES:
+            lane = self._lanes.get(key)
+            if lane is None:
+                await self._deliver(event, execution, received)
+                return
+            async with lane.lock:
+                await self._send_held(lane, execution)
+                await self._deliver(event, execution, received)
+            return
+        now = time.monotonic()
+        lane = self._lane(key, now)
+        lane.held[event.type] = _Held(event, received)
+        if lane.answer_next or now - lane.last_signal >= self.interval_s:
+            async with lane.lock:
+                await self._send_held(lane, execution)
+        elif lane.timer is None:
+            lane.timer = asyncio.create_task(
+                self._send_when_due(lane, execution), name=f"coalesced-{event.run_id}"
+            )
+
+    async def close(self) -> None:
+        """Signal everything held (a relay shutting down), then stop the timers."""
+        lanes = list(self._lanes.items())
+        await asyncio.gather(
+            *(self._flush(lane, key[1], when_due=False) for key, lane in lanes if lane.held)
+        )
+        timers = [lane.timer for _, lane in lanes if lane.timer is not None]
+        for timer in timers:
+            timer.cancel()
+        await asyncio.gather(*timers, return_exceptions=True)
+        self._lanes.clear()
+
+    def _lane(self, key: tuple[str, str | None], now: float) -> _RunLane:
+        lane = self._lanes.get(key)
+        if lane is None:
+            if len(self._lanes) >= MAX_TRACKED_RUNS:  # forget runs that went quiet
+                self._lanes = {
+                    k: v for k, v in self._lanes.items() if not v.idle(now, self.interval_s)
+                }
+            lane = self._lanes[key] = _RunLane(key[0])
+        return lane
+
+    async def _send_held(self, lane: _RunLane, execution: str | None) -> None:
+        """Signal what the lane holds, if anything; the caller holds `lane.lock`."""
+        held = lane.take()
+        if held is None:
+            return
+        lane.last_signal = time.monotonic()
+        try:
+            await self._deliver(held.event, execution, held.received)
+        except Rejection as rejection:
+            lane.answer_next = True
+            if rejection.status_code >= 500:
+                lane.restore(held)
+            raise
+        lane.answer_next = False
+
+    async def _flush(self, lane: _RunLane, execution: str | None, *, when_due: bool) -> None:
+        """Signal what the lane holds in the background: when due, the next signal if the
+        interval is still up once the lock is ours; else (shutting down) all of it. A failure is
+        logged, and the runner hears it when it next posts (answer_next)."""
+        async with lane.lock:
+            if when_due and time.monotonic() - lane.last_signal < self.interval_s:
+                return  # a signal went out while this waited for the lock
+            try:
+                await self._send_held(lane, execution)
+                while lane.held and not when_due:
+                    await self._send_held(lane, execution)
+            except Rejection as rejection:
+                log.warning(
+                    "held event for run %s not delivered (%d): %s",
+                    lane.run_id,
+                    rejection.status_code,
+                    rejection.message,
+                )
+            except Exception:
+                log.exception("held event for run %s not delivered", lane.run_id)
+
+    async def _send_when_due(self, lane: _RunLane, execution: str | None) -> None:
+        try:
+            while lane.held:
+                wait_s = lane.last_signal + self.interval_s - time.monotonic()
+                if wait_s > 0:
+                    await asyncio.sleep(wait_s)
+                    continue
+                await self._flush(lane, execution, when_due=True)
+        finally:
+            lane.timer = None
+
+
 def _events_endpoint(
-    settings: Settings, connection: TemporalConnection
+    settings: Settings, coalescer: ProgressCoalescer
 ) -> Callable[[Request], Awaitable[Response]]:
     rate = RunEventRate(settings.relay_max_events_per_minute)
-    first_executions = FirstExecutions()
 
     async def post_event(request: Request) -> Response:
         received = time.monotonic()
@@ -352,7 +559,7 @@ def _events_endpoint(
                     headers={"Retry-After": str(max(1, math.ceil(wait_s)))},
                 )
             event = _parse_event(run_id, request, body)
-            await _signal_run(await connection.get(), event, execution, first_executions)
+            await coalescer.take(event, execution, received)
         except Rejection as rejection:
             if rejection.status_code >= 500:
                 log.warning("event for run %s not delivered: %s", run_id, rejection.message)
@@ -363,16 +570,6 @@ def _events_endpoint(
             return Rejection(408, "request body not received in time").response()
         except ClientDisconnect:
             return Rejection(400, "client disconnected before sending the body").response()
-        # latency: receipt to Temporal's acknowledgement here; age: since the runner sent it.
-        log.info(
-            "delivered run=%s attempt=%d seq=%d type=%s latency_ms=%d age_ms=%d",
-            event.run_id,
-            event.attempt,
-            event.seq,
-            event.type,
-            (time.monotonic() - received) * 1000,
-            _age_ms(event.at),
-        )
         return JSONResponse({"accepted": True, "id": event.webhook_id}, 202)
 
     return post_event
@@ -449,19 +646,23 @@ def create_app(settings: Settings, client: Client | None = None) -> Starlette:
     settings.require_master_secret()
     codec = codec_from_settings(settings)
     connection = TemporalConnection(settings, client)
+    coalescer = ProgressCoalescer(settings.relay_progress_interval_s, _delivery(connection))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if not connection.connected:
             with contextlib.suppress(Rejection):  # logged; requests retry
                 await connection.get()
-        yield
+        try:
+            yield
+        finally:
+            await coalescer.close()  # what runs hold back reaches them before the relay stops
 
     async def healthz(request: Request) -> Response:
         # Liveness only: a relay without Temporal still answers (503s) and reconnects itself.
         return JSONResponse({"ok": True, "temporal_connected": connection.connected})
 
-    events = _events_endpoint(settings, connection)
+    events = _events_endpoint(settings, coalescer)
     return Starlette(
         routes=[
             Route("/healthz", healthz, methods=["GET"]),

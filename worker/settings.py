@@ -117,6 +117,9 @@ class Settings(BaseSettings):
     # Signed runner events one relay process accepts per run and minute. A runner sends about
     # 7 (progress every 10 s, a heartbeat a minute); a flood would only grow the run's history.
     relay_max_events_per_minute: int = 30
+    # Progress and heartbeats of a run reach its workflow at most once per this many seconds
+    # (the newest of them; milestones at once); 0 signals every event as it comes.
+    relay_progress_interval_s: float = Field(default=10.0, ge=0)
     # When set, the codec routes answer only requests with `Authorization: Bearer <token>`;
     # set it wherever GPU boxes (the public internet) can reach the relay.
     codec_auth_token: SecretStr | None = None
