@@ -181,8 +181,9 @@ def test_a_lost_create_response_still_rents_exactly_one_instance(
 
     instance = provider.create(label(settings), JOB_URL, GpuRequirements())
 
-    # The SDK retried the 504, the offer was then taken (by us): the label found it.
+    # The 504 was not sent again: the label found the instance it had made.
     assert len(fake.created()) == 1
+    assert len(fake.calls_to("create")) == 1
     assert instance.instance_id == str(fake.created()[0].id)
     assert instance.label == label(settings)
 

@@ -157,8 +157,27 @@ class Settings(BaseSettings):
     # How many ranked offers one allocation tries before it gives up (and retries later).
     vast_offers_per_allocation: int = Field(default=5, ge=1, le=50)
     vast_offer_search_limit: int = Field(default=64, ge=1, le=1000)
-    # The SDK's own retries of 429/502/503/504 and connection errors, per call.
+    # Tries per call on 502/503/504 and connection errors (never for a create, which is looked
+    # up by its label instead of being sent again).
     vast_sdk_retries: int = Field(default=4, ge=1, le=10)
+    # Vast's limits per endpoint and API key (its OpenAPI `x-rate-limit`): the least seconds
+    # between two calls, the create's penalty when one comes sooner, and the offer searches
+    # allowed per window. One process keeps within them for its key; 429s are waited out.
+    vast_show_interval_s: float = Field(default=2.0, ge=0)
+    vast_destroy_interval_s: float = Field(default=3.0, ge=0)
+    vast_create_interval_s: float = Field(default=4.5, ge=0)
+    vast_create_penalty_s: float = Field(default=12.0, ge=0)
+    vast_list_interval_s: float = Field(default=1.0, ge=0)
+    vast_searches_per_window: int = Field(default=10, ge=1)
+    vast_search_window_s: float = Field(default=60.0, ge=0)
+    # 429s one call waits out (Vast sends no Retry-After) before it fails and the activity retries.
+    vast_rate_limit_retries: int = Field(default=5, ge=0, le=50)
+    # A create can be slow (the SDK's own default); one whose answer is lost is looked up by its
+    # label for this long before the allocation fails and retries.
+    vast_create_timeout_s: float = Field(default=120.0, gt=0)
+    vast_create_settle_s: float = Field(default=45.0, ge=0)
+    # How long destroy checks (at the show endpoint's pace, backing off) that Vast unlisted it.
+    vast_destroy_confirm_s: float = Field(default=30.0, ge=0)
 
     # Where the embedded stack keeps its state (SQLite, dev.env, logs, instances, S3 data);
     # one per user, so every command finds the running stack from any directory.

@@ -1,9 +1,18 @@
 """The Vast.ai GPU provider, on the `vastai` SDK's sync API (`vastai.api.offers` / `.instances`).
 
 Why the sync API: the provider protocol is sync and the GPU activities already run on the
-worker's thread pool, so the async client (aiohttp) would buy nothing; the sync client also
-retries 429/502/503/504 and connection errors itself, honouring Retry-After. Nothing here
-speaks HTTP to Vast by hand.
+worker's thread pool, so the async client (aiohttp) would buy nothing. Nothing here speaks HTTP
+to Vast by hand: the SDK's functions build every request, and `PacedVastClient` (the SDK's
+client with its one request method replaced) decides when each is sent.
+
+Rate limits: Vast limits each endpoint by a minimum interval per API key (show instance 2 s,
+destroy 3 s, create 4.5 s with a 12 s penalty when one comes sooner, list instances 1 s, offer
+search 10 a minute) and answers 429 without Retry-After. One `PacedVastClient` per key and
+Vast address per process (`paced_client`) waits out each endpoint's interval since that key's
+last answer there, and on a 429 (another process on the key) waits the interval, the create's
+penalty, before trying again. A create is never sent twice: an answer lost to a timeout, a 5xx
+or a dropped connection is settled by looking the instance up by its label, and any lookup of
+a label waits for this process's create of that label to finish first.
 
 Offer search: one GPU, `gpu_ram >= min_vram_gb x 1000` (MB, the SDK's own multiplier), `dph_total
 <= max $/h`, reliability, disk, download bandwidth, a CUDA version the runner image supports,
@@ -33,20 +42,24 @@ instance -> gone / None.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
+import threading
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 from vastai.api import instances as vast_instances
 from vastai.api import offers as vast_offers
-from vastai.api.client import VastClient
+from vastai.api.client import VastClient, VastSession, is_search_quota_exceeded
 
 from worker.settings import Settings
 from workflows.models import GpuRequirements
@@ -56,9 +69,6 @@ from .base import Instance, InstanceState, NoOfferError
 log = logging.getLogger("loratrain.vast")
 
 PROVIDER_NAME = "vast"
-# How long destroy waits for Vast to stop listing the instance.
-DESTROY_CONFIRM_S = 10.0
-_DESTROY_POLL_S = 0.25
 _STARTING = frozenset({None, "", "loading", "created", "rebooting", "scheduling"})
 _HOST_GAVE_UP = frozenset({"exited", "offline", "unknown", "stopped", "frozen"})
 # status_msg words that mean the container will never start (pull/daemon errors).
@@ -277,27 +287,267 @@ def _vast_message(error: requests.RequestException) -> str:
     return f"HTTP {response.status_code}"
 
 
+# -- pacing ---------------------------------------------------------------------------------
+
+Endpoint = str  # "search" | "create" | "list" | "show" | "destroy"
+_ENDPOINTS: tuple[tuple[str, re.Pattern[str], Endpoint], ...] = (
+    ("POST", re.compile(r"/api/v0/bundles/$"), "search"),
+    ("PUT", re.compile(r"/api/v0/asks/\d+/$"), "create"),
+    ("GET", re.compile(r"/api/v1/instances/$"), "list"),
+    ("GET", re.compile(r"/api/v0/instances/\d+/$"), "show"),
+    ("DELETE", re.compile(r"/api/v0/instances/\d+/$"), "destroy"),
+)
+_TRANSIENT_STATUS = frozenset({502, 503, 504})
+
+
+def endpoint_of(method: str, url: str) -> Endpoint | None:
+    """Which rate-limited Vast endpoint a request goes to, or None for one we do not pace."""
+    path = urlsplit(url).path
+    return next(
+        (name for verb, pattern, name in _ENDPOINTS if verb == method and pattern.search(path)),
+        None,
+    )
+
+
+@dataclass(frozen=True)
+class VastLimits:
+    """Vast's documented limits for one API key, as settings (tests shrink them)."""
+
+    show_s: float
+    destroy_s: float
+    create_s: float
+    create_penalty_s: float
+    list_s: float
+    searches_per_window: int
+    search_window_s: float
+    rate_limit_retries: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> VastLimits:
+        return cls(
+            show_s=settings.vast_show_interval_s,
+            destroy_s=settings.vast_destroy_interval_s,
+            create_s=settings.vast_create_interval_s,
+            create_penalty_s=settings.vast_create_penalty_s,
+            list_s=settings.vast_list_interval_s,
+            searches_per_window=settings.vast_searches_per_window,
+            search_window_s=settings.vast_search_window_s,
+            rate_limit_retries=settings.vast_rate_limit_retries,
+        )
+
+    def window(self, endpoint: Endpoint) -> tuple[int, float]:
+        """(calls, seconds): at most that many calls in any window of that many seconds."""
+        if endpoint == "search":
+            return self.searches_per_window, self.search_window_s
+        interval = {"show": self.show_s, "destroy": self.destroy_s, "create": self.create_s}
+        return 1, interval.get(endpoint, self.list_s)
+
+    def after_429(self, endpoint: Endpoint) -> float:
+        """How long a 429 blocks the endpoint: its interval, or the create's penalty."""
+        if endpoint == "create":
+            return self.create_penalty_s
+        calls, window_s = self.window(endpoint)
+        return window_s / calls
+
+
+class _EndpointPace:
+    """One endpoint's calls for one key: at most `calls` answers per window, one at a time.
+
+    The lock is held through the request and the window counts from each answer, so the next
+    request reaches Vast at least a full interval after the last one did (Vast measures from
+    its arrival, which lies before our answer).
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.answers: deque[float] = deque()
+        self.blocked_until = 0.0
+
+    @contextlib.contextmanager
+    def turn(self, calls: int, window_s: float) -> Iterator[None]:
+        with self.lock:
+            while True:
+                now = time.monotonic()
+                while self.answers and self.answers[0] <= now - window_s:
+                    self.answers.popleft()
+                wait = self.blocked_until - now
+                if len(self.answers) >= calls:
+                    wait = max(wait, self.answers[-calls] + window_s - now)
+                if wait <= 0:
+                    break
+                time.sleep(wait)
+            try:
+                yield
+            finally:
+                self.answers.append(time.monotonic())
+
+
+class _CreatesInFlight:
+    """The labels this process is creating an instance for right now."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._labels: set[str] = set()
+
+    @contextlib.contextmanager
+    def creating(self, label: str) -> Iterator[bool]:
+        """Hold the label for one create; yields whether another create of it was waited out."""
+        waited = self.wait_out(label, claim=True)
+        try:
+            yield waited
+        finally:
+            with self._changed:
+                self._labels.discard(label)
+                self._changed.notify_all()
+
+    def wait_out(self, label: str, *, claim: bool = False) -> bool:
+        """Wait until no create of this label is in flight here; whether there was one."""
+        with self._changed:
+            waited = label in self._labels
+            while label in self._labels:
+                self._changed.wait()
+            if claim:
+                self._labels.add(label)
+            return waited
+
+
+class PacedVastClient(VastClient):  # type: ignore[misc]  # the SDK has no type hints
+    """The SDK's client, keeping every call within Vast's per-endpoint limits for its key.
+
+    Replaces `VastClient._request` (the one place the SDK sends): the SDK's own loop backs off
+    0.15 s x 1.5^n on a 429, far inside Vast's intervals, and re-sends a create whose answer
+    timed out, which can rent a second instance.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        if settings.vast_api_key is None:
+            raise ValueError("LORA_VAST_API_KEY is not set (the Vast provider needs it)")
+        super().__init__(
+            api_key=settings.vast_api_key.get_secret_value(),
+            server_url=settings.vast_base_url.rstrip("/"),
+        )
+        self.configure(settings)
+        self._paces = {name: _EndpointPace() for _, _, name in _ENDPOINTS}
+        self.creates = _CreatesInFlight()
+
+    def configure(self, settings: Settings) -> None:
+        """The limits, tries and timeouts of these settings (the last provider built wins)."""
+        self.limits = VastLimits.from_settings(settings)
+        self.retry = settings.vast_sdk_retries
+        self.timeout = settings.http_timeout_s
+        self.create_timeout_s = settings.vast_create_timeout_s
+
+    def _request(
+        self,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        json_data: Any = None,
+        timeout: float | None = None,
+    ) -> requests.Response:
+        endpoint = endpoint_of(method, url)
+        pace = self._paces.get(endpoint) if endpoint else None
+        if timeout is None:
+            timeout = self.create_timeout_s if endpoint == "create" else self.timeout
+        rate_limited = transient = 0
+        backoff = 0.15
+        while True:
+            limits = self.limits
+            turn = pace.turn(*limits.window(endpoint)) if pace and endpoint else None
+            with turn or contextlib.nullcontext():
+                try:
+                    response = self._send(method, url, headers, json_data, timeout)
+                except (requests.ConnectionError, requests.Timeout):
+                    # A create may have reached Vast: the provider settles it by its label.
+                    if endpoint == "create" or transient >= self.retry - 1:
+                        raise
+                    response = None
+                throttled = (
+                    response is not None
+                    and response.status_code == 429
+                    and endpoint is not None
+                    and not is_search_quota_exceeded(response)
+                    and rate_limited < limits.rate_limit_retries
+                )
+                if throttled and endpoint is not None and pace is not None:
+                    # Another process on this key spent the interval (Vast sends no
+                    # Retry-After): the endpoint waits it out here, for every thread.
+                    wait_s = max(limits.after_429(endpoint), _retry_after_s(response))
+                    pace.blocked_until = time.monotonic() + wait_s
+            if throttled:
+                rate_limited += 1
+                log.warning("Vast answered 429 to %s %s; waiting its interval", method, endpoint)
+                continue
+            retryable = response is None or response.status_code in _TRANSIENT_STATUS
+            if retryable and endpoint != "create" and transient < self.retry - 1:
+                transient += 1
+                time.sleep(backoff)
+                backoff *= 1.5
+                continue
+            assert response is not None
+            return response
+
+    def _send(
+        self, method: str, url: str, headers: dict[str, str], json_data: Any, timeout: float
+    ) -> requests.Response:
+        request = requests.Request(method=method, url=url, headers=headers, json=json_data)
+        session = VastSession(self.server_url)
+        with session:
+            response: requests.Response = session.send(
+                session.prepare_request(request), timeout=timeout
+            )
+        return response
+
+
+def _retry_after_s(response: requests.Response | None) -> float:
+    """A Retry-After the answer carries (Vast's do not, today), up to a minute; else 0."""
+    try:
+        seconds = float((response.headers if response is not None else {})["Retry-After"])
+    except (KeyError, ValueError):
+        return 0.0
+    return min(max(seconds, 0.0), 60.0)
+
+
+_PACED: dict[tuple[str, str], PacedVastClient] = {}
+_PACED_LOCK = threading.Lock()
+
+
+def paced_client(settings: Settings) -> PacedVastClient:
+    """This process's one client for the settings' API key and Vast address."""
+    if settings.vast_api_key is None:
+        raise ValueError("LORA_VAST_API_KEY is not set (the Vast provider needs it)")
+    key = (settings.vast_api_key.get_secret_value(), settings.vast_base_url.rstrip("/"))
+    with _PACED_LOCK:
+        client = _PACED.get(key)
+        if client is None:
+            client = _PACED[key] = PacedVastClient(settings)
+        else:
+            client.configure(settings)
+        return client
+
+
 class VastProvider:
     """Rents Vast.ai instances that run the GPU image's entrypoint (`python -m gpu_runner`)."""
 
     name = PROVIDER_NAME
 
     def __init__(self, settings: Settings, client: VastClient | None = None) -> None:
-        if client is None:
-            if settings.vast_api_key is None:
-                raise ValueError("LORA_VAST_API_KEY is not set (the Vast provider needs it)")
-            client = VastClient(
-                api_key=settings.vast_api_key.get_secret_value(),
-                server_url=settings.vast_base_url.rstrip("/"),
-                retry=settings.vast_sdk_retries,
-                timeout=settings.http_timeout_s,
-            )
+        """On this process's paced client for the key (`paced_client`) unless given one."""
         self.settings = settings
-        self.client = client
+        self.client = paced_client(settings) if client is None else client
+        self._creates = (
+            self.client.creates if isinstance(self.client, PacedVastClient) else _CreatesInFlight()
+        )
 
     # -- GpuProvider -------------------------------------------------------------------------
 
     def find(self, label: str) -> Instance | None:
+        """The live instance with this label, once this process's create of it has finished."""
+        self._creates.wait_out(label)
+        return self._lookup(label)
+
+    def _lookup(self, label: str) -> Instance | None:
+        # Vast filters on the exact label (a column it stores), so this is one small page.
         rows = [
             row
             for row in self._rows(select_filters={"label": {"in": [label]}})
@@ -317,7 +567,34 @@ class VastProvider:
         exclude_machine_ids: Sequence[str] = (),
         download_bytes: int = 0,
     ) -> Instance:
-        """Rent the best-ranked offer that is still free; never a second instance per label."""
+        """Rent the best-ranked offer that is still free; never a second instance per label.
+
+        Offers are tried at the create endpoint's pace; a create whose answer is lost is never
+        sent again, but settled by looking its label up.
+        """
+        with self._creates.creating(label) as waited:
+            if waited:
+                # Another thread here was creating this label (a retried activity): look first.
+                found = self._lookup(label)
+                if found is not None:
+                    return found
+            return self._create(
+                label,
+                job_url,
+                requirements,
+                exclude_machine_ids=exclude_machine_ids,
+                download_bytes=download_bytes,
+            )
+
+    def _create(
+        self,
+        label: str,
+        job_url: str,
+        requirements: GpuRequirements,
+        *,
+        exclude_machine_ids: Sequence[str],
+        download_bytes: int,
+    ) -> Instance:
         disk_gb = disk_gb_for(self.settings, requirements, download_bytes)
         ranked = self.ranked_offers(
             requirements,
@@ -343,21 +620,27 @@ class VastProvider:
                 )
             except requests.HTTPError as e:
                 status = _http_status(e)
-                if status is not None and 400 <= status < 500 and status not in (401, 403, 429):
-                    # Taken, but maybe by us: the SDK retries a create whose answer was lost,
-                    # and the retry finds the offer rented. Only the label can tell.
-                    found = self.find(label)
+                if status in (401, 403, 429):
+                    # Refused outright (429: after the pacer waited out every retry it allows).
+                    raise VastApiError(
+                        f"creating an instance for {label}: {_vast_message(e)}"
+                    ) from e
+                if status is not None and 400 <= status < 500:
+                    # Taken, but maybe by us: an earlier try of this allocation in another
+                    # worker may have rented the same best offer. Only the label can tell.
+                    found = self._lookup(label)
                     if found is not None:
                         return found
                     refused.append(f"offer {offer.id}: {_vast_message(e)}")
                     continue
                 return self._created_anyway(label, e)
             except requests.RequestException as e:
+                # Timed out, dropped or a 5xx: Vast may be making it still. Never sent again.
                 return self._created_anyway(label, e)
             new_id = answer.get("new_contract") if isinstance(answer, dict) else None
             if not isinstance(new_id, int) or not answer.get("success", True):
                 # Created or not, the label tells: look before anyone rents again.
-                found = self.find(label)
+                found = self._lookup(label)
                 if found is not None:
                     return found
                 raise VastApiError(f"Vast answered offer {offer.id} without an instance id")
@@ -391,28 +674,38 @@ class VastProvider:
         return self._describe(self._row(row))
 
     def destroy(self, instance_id: str) -> bool:
-        """Destroy the instance and wait until Vast stops listing it; False if already gone."""
-        current = self.get(instance_id)
-        if current is None or current.state == "gone":
+        """Destroy the instance and check, at the show endpoint's pace, that Vast unlisted it.
+
+        False when Vast no longer knows it (already destroyed). Checks back off from one show
+        interval and double, so a confirmation costs a few calls, not a poll.
+        """
+        if not instance_id.isdigit():
             return False
         try:
             vast_instances.destroy_instance(self.client, int(instance_id))
         except requests.HTTPError as e:
-            if _http_status(e) != 404:
-                raise VastApiError(f"destroying instance {instance_id}: {_vast_message(e)}") from e
-        deadline = time.monotonic() + DESTROY_CONFIRM_S
+            if _http_status(e) == 404:
+                return False
+            raise VastApiError(f"destroying instance {instance_id}: {_vast_message(e)}") from e
+        except requests.RequestException as e:
+            raise VastApiError(f"destroying instance {instance_id}: {_vast_message(e)}") from e
+        deadline = time.monotonic() + self.settings.vast_destroy_confirm_s
+        wait_s = self.settings.vast_show_interval_s
         while True:
             current = self.get(instance_id)
             if current is None or current.state == "gone":
                 return True
-            if time.monotonic() > deadline:
+            if time.monotonic() + wait_s > deadline:
                 raise VastApiError(
-                    f"instance {instance_id} still listed {DESTROY_CONFIRM_S:.0f} s after destroy"
+                    f"instance {instance_id} still listed "
+                    f"{self.settings.vast_destroy_confirm_s:.0f} s after destroy"
                 )
-            time.sleep(_DESTROY_POLL_S)
+            time.sleep(wait_s)
+            wait_s *= 2
 
     def list_instances(self, label_prefix: str = "") -> list[Instance]:
-        # One listing call whatever the prefix: Vast's filters do not match label prefixes.
+        # Vast's label filter matches whole labels only (eq/in, no prefix), so the prefix is
+        # applied here; the listing's pages come at the list endpoint's pace.
         described = (
             self._describe(row) for row in self._rows() if instance_state(row)[0] != "gone"
         )
@@ -462,12 +755,22 @@ class VastProvider:
     # -- internals ---------------------------------------------------------------------------
 
     def _created_anyway(self, label: str, error: requests.RequestException) -> Instance:
-        """After a create whose answer was lost or failed: the instance may exist all the same."""
-        found = self.find(label)
-        if found is not None:
-            log.warning("create for %s failed (%s) but made %s", label, error, found.instance_id)
-            return found
-        raise VastApiError(f"creating an instance for {label}: {_vast_message(error)}") from error
+        """After a create whose answer was lost: look its label up until it shows or the
+        settle time passes, at the list endpoint's pace; never a second PUT."""
+        deadline = time.monotonic() + self.settings.vast_create_settle_s
+        while True:
+            found = self._lookup(label)
+            if found is not None:
+                log.warning(
+                    "create for %s failed (%s) but made %s", label, error, found.instance_id
+                )
+                return found
+            if time.monotonic() >= deadline:
+                raise VastApiError(
+                    f"creating an instance for {label}: {_vast_message(error)}; no instance "
+                    f"with its label {self.settings.vast_create_settle_s:.0f} s later"
+                ) from error
+            time.sleep(max(self.settings.vast_list_interval_s, 0.05))
 
     def _rows(self, select_filters: dict[str, Any] | None = None) -> list[_InstanceRow]:
         try:

@@ -26,12 +26,21 @@ process group with the create's `env` (LORA_JOB_URL) plus CONTAINER_ID, CONTAINE
 LORA_RUNNER_VAST_API_URL (this server) and the test's `runner_env`. The runner's exit makes the
 instance `exited`; destroy kills its process group.
 
+Rate limits (`limits=True`): Vast's documented limits per endpoint and API key (`VAST_LIMITS`,
+from its OpenAPI `x-rate-limit`, times `limit_scale` so tests stay fast): a minimum interval
+since the key's last accepted call (show 2 s, destroy 3 s, create 4.5 s, list 1 s) and 10 offer
+searches a minute. Too soon is a plain-text 429 "API requests too frequent" WITHOUT Retry-After;
+a create too soon also blocks the key's creates for a 12 s penalty from then. Every such 429 is
+in `limit_429s`; `calls` holds (endpoint, key kind, arrival, status) of every call.
+
 Faults: `machine_faults[machine_id]` = "exits" (the container exits at boot, the runner never
 starts), "stuck_loading", "pull_error" (an image pull error in status_msg), "taken" (someone
 else rents the offer at create); `rate_limit(n, retry_after_s)` (429 bursts), `server_errors(n,
 status)` (5xx), `lose_create_responses(n)` (the instance is made, the answer is a 504),
 `instance_keys_may_destroy = False` (an instance key may only stop its instance),
-`create_answer_delay_s` (the create is slow to answer after the instance was made).
+`create_answer_delay_s` (the create is slow to answer after the instance was made),
+`create_delay_s` (Vast takes that long to make the instance, then answers),
+`destroy_unlist_delay_s` (a destroyed instance is still shown, running, for that long).
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +71,16 @@ PULL_ERROR = (
     "manifest unknown"
 )
 PAGE_LIMIT = 25
+# Vast's limits per endpoint and API key (api-reference/openapi/yaml/*.yaml, x-rate-limit):
+# seconds between calls, except search (calls per minute).
+VAST_LIMITS = {
+    "show": 2.0,
+    "destroy": 3.0,
+    "create": 4.5,
+    "create_penalty": 12.0,
+    "list": 1.0,
+    "searches_per_minute": 10,
+}
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -190,6 +210,8 @@ class FakeVast:
         workdir: Path,
         boot_delay_s: float = 0.1,
         runner_command: list[str] | None = None,
+        limits: bool = False,
+        limit_scale: float = 1.0,
     ) -> None:
         self.api_key = api_key
         self.offers: dict[int, dict[str, Any]] = {o["id"]: dict(o) for o in offers}
@@ -200,6 +222,18 @@ class FakeVast:
         self.machine_faults: dict[int, MachineFault] = {}
         # Seconds between making an instance and answering the create.
         self.create_answer_delay_s = 0.0
+        # Seconds between a create's arrival and the instance being made.
+        self.create_delay_s = 0.0
+        # Seconds a destroyed instance is still shown (running) by show and list.
+        self.destroy_unlist_delay_s = 0.0
+        self.limits = limits
+        self.limit_scale = limit_scale
+        # (endpoint, key kind, monotonic arrival, status) of every call; the limits' 429s.
+        self.calls: list[tuple[str, str, float, int]] = []
+        self.limit_429s: list[tuple[str, str, float]] = []
+        self._last_accepted: dict[tuple[str, str], float] = {}
+        self._create_penalty_until: dict[str, float] = {}
+        self._searches: dict[str, deque[float]] = {}
         # False: an instance's own key may stop it but not destroy it (403).
         self.instance_keys_may_destroy = True
         self.instances: dict[int, FakeInstance] = {}
@@ -212,7 +246,7 @@ class FakeVast:
         self.base_url = ""  # set by the test once served, so instances can call back
         self._next_id = 4_000_001
         self._rate_limited = 0
-        self._retry_after_s = 0.0
+        self._retry_after_s: float | None = 0.0
         self._server_errors: list[int] = []
         self._lost_creates = 0
         self._lock = threading.RLock()
@@ -231,7 +265,8 @@ class FakeVast:
 
     # -- knobs -------------------------------------------------------------------------------
 
-    def rate_limit(self, requests: int, retry_after_s: float = 0.1) -> None:
+    def rate_limit(self, requests: int, retry_after_s: float | None = 0.1) -> None:
+        """The next `requests` calls answer 429 (with Retry-After unless it is None)."""
         with self._lock:
             self._rate_limited = requests
             self._retry_after_s = retry_after_s
@@ -253,6 +288,10 @@ class FakeVast:
     def live(self) -> list[FakeInstance]:
         return [i for i in self.created() if i.destroyed_at is None]
 
+    def calls_to(self, endpoint: str) -> list[tuple[str, str, float, int]]:
+        with self._lock:
+            return [call for call in self.calls if call[0] == endpoint]
+
     def destroyed_ids(self) -> list[int]:
         return [instance_id for instance_id, _, _ in self.destroy_calls]
 
@@ -263,7 +302,46 @@ class FakeVast:
 
     # -- HTTP --------------------------------------------------------------------------------
 
-    def _authorize(self, request: Request, instance_id: int | None = None) -> Response | str:
+    def _shown(self, instance: FakeInstance | None) -> bool:
+        if instance is None:
+            return False
+        destroyed = instance.destroyed_at
+        return destroyed is None or time.time() < destroyed + self.destroy_unlist_delay_s
+
+    @staticmethod
+    def _row(instance: FakeInstance) -> dict[str, Any]:
+        row = instance.row()
+        if instance.destroyed_at is not None:
+            # Destroyed but not yet unlisted: Vast still shows it, on its way down.
+            row.update(cur_state="running", intended_status="stopped")
+        return row
+
+    def _over_limit(self, endpoint: str, key: str, now: float) -> bool:
+        """Whether this call breaks Vast's limit for the endpoint and key (and count it)."""
+        scale = self.limit_scale
+        if endpoint == "search":
+            window = 60.0 * scale
+            recent = self._searches.setdefault(key, deque())
+            while recent and recent[0] <= now - window:
+                recent.popleft()
+            if len(recent) >= VAST_LIMITS["searches_per_minute"]:
+                return True
+            recent.append(now)
+            return False
+        last = self._last_accepted.get((endpoint, key))
+        too_soon = last is not None and now - last < VAST_LIMITS[endpoint] * scale
+        if endpoint == "create":
+            if too_soon or now < self._create_penalty_until.get(key, 0.0):
+                self._create_penalty_until[key] = now + VAST_LIMITS["create_penalty"] * scale
+                return True
+        elif too_soon:
+            return True
+        self._last_accepted[(endpoint, key)] = now
+        return False
+
+    def _authorize(
+        self, request: Request, endpoint: str, instance_id: int | None = None
+    ) -> Response | str:
         header = request.headers.get("authorization", "")
         key = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
         who = "none"
@@ -274,27 +352,46 @@ class FakeVast:
             if instance is not None and secrets.compare_digest(key, instance.api_key):
                 who = f"instance:{instance_id}"
         self.requests.append((request.method, request.url.path, who))
+        kind = who.split(":")[0]
+        now = time.monotonic()
+        answer = self._refusal(endpoint, who, key, now)
+        self.calls.append((endpoint, kind, now, 200 if answer is None else answer.status_code))
+        return who if answer is None else answer
+
+    def _refusal(self, endpoint: str, who: str, key: str, now: float) -> Response | None:
         if who == "none":
             return JSONResponse(
                 {"success": False, "error": "invalid_user_key", "msg": "Invalid user key"},
                 status_code=401,
             )
+        if self.limits and self._over_limit(endpoint, key, now):
+            self.limit_429s.append((endpoint, who.split(":")[0], now))
+            threshold = VAST_LIMITS.get(endpoint, 0.0)
+            # Like Vast: plain text, no Retry-After.
+            return Response(
+                f"API requests too frequent: endpoint threshold={threshold}",
+                status_code=429,
+                media_type="text/plain",
+            )
         if self._rate_limited > 0:
             self._rate_limited -= 1
+            headers = {}
+            if self._retry_after_s is not None:
+                headers["Retry-After"] = f"{self._retry_after_s:g}"
             return JSONResponse(
                 {"success": False, "error": "rate_limited", "msg": "API requests too frequent"},
                 status_code=429,
-                headers={"Retry-After": f"{self._retry_after_s:g}"},
+                headers=headers,
             )
         if self._server_errors:
             status = self._server_errors.pop(0)
             return JSONResponse({"success": False, "error": "server_error"}, status_code=status)
-        return who
+        return None
 
     async def _search(self, request: Request) -> Response:
         body = await request.json()
         with self._lock:
-            who = self._authorize(request)
+            who = self._authorize(request, "search")
             if isinstance(who, Response):
                 return who
             if who != "account":
@@ -324,10 +421,13 @@ class FakeVast:
         offer_id = int(request.path_params["offer_id"])
         body = await request.json()
         with self._lock:
-            who = self._authorize(request)
+            who = self._authorize(request, "create")
             if isinstance(who, Response):
                 return who
             self.create_bodies.append(body)
+        # Vast takes its time; the instance is made whether or not the caller still waits.
+        await asyncio.sleep(self.create_delay_s)
+        with self._lock:
             offer = self.offers.get(offer_id)
             taken = any(
                 i.offer["id"] == offer_id and i.destroyed_at is None
@@ -378,7 +478,7 @@ class FakeVast:
 
     async def _list(self, request: Request) -> Response:
         with self._lock:
-            who = self._authorize(request)
+            who = self._authorize(request, "list")
             if isinstance(who, Response):
                 return who
             if who != "account":
@@ -388,9 +488,9 @@ class FakeVast:
             limit = min(int(json.loads(params.get("limit") or "25")), PAGE_LIMIT)
             after = int(params["after_token"]) if params.get("after_token") else 0
             rows = [
-                i.row()
+                self._row(i)
                 for i in sorted(self.instances.values(), key=lambda i: i.id)
-                if i.destroyed_at is None
+                if self._shown(i)
                 and i.id > after
                 and all(
                     _matches(i.row().get(name), op, wanted)
@@ -414,10 +514,13 @@ class FakeVast:
         instance_id = int(request.path_params["instance_id"])
         body = await request.json() if request.method != "GET" else {}
         with self._lock:
-            who = self._authorize(request, instance_id)
+            endpoint = {"GET": "show", "DELETE": "destroy"}.get(request.method, "manage")
+            who = self._authorize(request, endpoint, instance_id)
             if isinstance(who, Response):
                 return who
             instance = self.instances.get(instance_id)
+            if request.method == "GET" and instance is not None and self._shown(instance):
+                return JSONResponse({"instances": self._row(instance)})
             if instance is None or instance.destroyed_at is not None:
                 if request.method == "GET":
                     return JSONResponse({"instances": None})
