@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextvars
+import functools
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import timedelta
+from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 from temporalio import activity
@@ -27,6 +33,10 @@ from .providers.base import (
 NO_GPU_OFFER = "NoGpuOffer"
 GPU_PROVIDER_MISMATCH = "GpuProviderMismatch"
 RUN_LOOKUP_TIMEOUT = timedelta(seconds=10)
+# A create may take minutes (Vast's slow creates, its rate limits' waits): the allocation says
+# it lives this often meanwhile, well inside the workflow's one-minute heartbeat timeout, so a
+# slow create is never mistaken for a dead worker and sent again elsewhere.
+CREATE_HEARTBEAT_S = 15.0
 _CLOSED_STATUSES = frozenset(
     {
         WorkflowExecutionStatus.COMPLETED,
@@ -96,12 +106,15 @@ class GpuActivities:
         # and the activity completes, so the workflow's release finds it by its label.
         activity.heartbeat()
         try:
-            instance = self.provider.create(
-                label,
-                input.job_url,
-                input.requirements,
-                exclude_machine_ids=input.exclude_machine_ids,
-                download_bytes=input.download_bytes,
+            instance = _heartbeating(
+                functools.partial(
+                    self.provider.create,
+                    label,
+                    input.job_url,
+                    input.requirements,
+                    exclude_machine_ids=input.exclude_machine_ids,
+                    download_bytes=input.download_bytes,
+                )
             )
         except NoOfferError as e:
             # Retryable: offers come and go, and the run's pending deadline bounds the wait.
@@ -244,3 +257,19 @@ class RunLookupActivities:
         # The id now names another run: the instance's own run closed long ago.
         first = description.raw_description.workflow_execution_info.first_run_id
         return not first or _same_run(input.execution, first)
+
+
+_T = TypeVar("_T")
+
+
+def _heartbeating(call: Callable[[], _T], every_s: float | None = None) -> _T:
+    """`call()` on a thread of its own while this activity heartbeats every `every_s`. A cancel
+    does not stop it: past the heartbeat before it, the work completes and its result counts."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="provider-call") as pool:
+        # In this activity's context: what the call logs or asks of it stays the activity's.
+        future = pool.submit(contextvars.copy_context().run, call)
+        while True:
+            try:
+                return future.result(timeout=every_s or CREATE_HEARTBEAT_S)
+            except FutureTimeout:
+                activity.heartbeat()

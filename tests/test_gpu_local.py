@@ -18,6 +18,7 @@ import pytest
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
+from activities import gpu
 from activities.gpu import AllocateGpuInput, GpuActivities, InstanceRef, RunRef
 from activities.providers.base import Instance, NoOfferError, instance_label
 from activities.providers.local import STOP_TIMEOUT_S, LocalProvider, local_instance_id
@@ -635,3 +636,33 @@ def test_an_instance_of_another_provider_is_refused(runners: Runners) -> None:
 
     assert raised.value.type == "GpuProviderMismatch"
     assert not raised.value.non_retryable
+
+
+def test_a_slow_create_heartbeats_while_it_runs(
+    runners: Runners, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A create that takes longer than the allocation's heartbeat timeout (Vast's slow creates
+    and rate-limit waits) keeps the allocation alive: it is never mistaken for a dead worker
+    and sent again elsewhere."""
+    monkeypatch.setattr(gpu, "CREATE_HEARTBEAT_S", 0.05)
+    provider = runners.provider()
+    created = provider.create
+
+    def slow_create(*args: Any, **kwargs: Any) -> Instance:
+        time.sleep(0.5)
+        return created(*args, **kwargs)
+
+    monkeypatch.setattr(provider, "create", slow_create)
+    beats: list[Any] = []
+    env = ActivityEnvironment()
+    env.on_heartbeat = lambda *details: beats.append(details)
+
+    instance = env.run(
+        GpuActivities(provider, provider.settings).allocate_gpu,
+        AllocateGpuInput(
+            run_id="run-slow", attempt=1, job_url=JOB_URL, requirements=GpuRequirements()
+        ),
+    )
+
+    assert instance.state != "gone"
+    assert len(beats) >= 5, beats
