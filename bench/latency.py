@@ -301,7 +301,13 @@ async def _relay_rate(handles: list[Any], relay_url: str) -> float:
 
 async def _p3(work: Path, endpoint: str) -> tuple[float, float, float, str]:
     # The per-run cap guards production from a runaway runner; here each run takes 50 events.
-    settings = bench_settings(endpoint, work / "state", relay_max_events_per_minute=10**6)
+    # Every event signalled (no coalescing of progress): P3 measures the relay's signal path.
+    settings = bench_settings(
+        endpoint,
+        work / "state",
+        relay_max_events_per_minute=10**6,
+        relay_progress_interval_s=0,
+    )
     async with dev_server(settings) as env:
         client = env.client
         async with Worker(client, task_queue=settings.task_queue, workflows=[SignalSink]):
