@@ -133,12 +133,16 @@ _CIVITAI_DOWNLOAD_PATH = re.compile(r"^/api/download/models/(\d{1,12})/?$")
 
 
 def _fail(message: str, error_type: str) -> NoReturn:
-    raise ApplicationError(message, type=error_type, non_retryable=True)
+    # Never chained: the error being handled may name a signed URL (an httpx status error
+    # does), and the worker logs a failed activity's traceback.
+    raise ApplicationError(message, type=error_type, non_retryable=True) from None
 
 
 def _retry(message: str, error_type: str, retry_after_s: float | None = None) -> NoReturn:
     delay = timedelta(seconds=retry_after_s) if retry_after_s else None
-    raise ApplicationError(message, type=error_type, non_retryable=False, next_retry_delay=delay)
+    raise ApplicationError(
+        message, type=error_type, non_retryable=False, next_retry_delay=delay
+    ) from None
 
 
 def _retry_after_s(response: httpx.Response) -> float | None:

@@ -264,8 +264,13 @@ _T = TypeVar("_T")
 
 def _heartbeating(call: Callable[[], _T], every_s: float | None = None) -> _T:
     """`call()` on a thread of its own while this activity heartbeats every `every_s`. A cancel
-    does not stop it: past the heartbeat before it, the work completes and its result counts."""
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="provider-call") as pool:
+    waits for it, heartbeating (a create that lands after the activity ended would be found
+    only by the reaper): the cancel is raised once the call is done, and the run's release
+    then finds what it created by its label."""
+    with (
+        activity.shield_thread_cancel_exception(),
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="provider-call") as pool,
+    ):
         # In this activity's context: what the call logs or asks of it stays the activity's.
         future = pool.submit(contextvars.copy_context().run, call)
         while True:

@@ -34,6 +34,7 @@ from gpu_runner.protocol import (
     describe_invalid,
 )
 from gpu_runner.trainers.builtin import family_refusal
+from gpu_runner.trainers.sd_scripts import blocks_to_swap_problem
 from worker.settings import Settings
 from workflows.models import OutputLocation, S3Location, S3Prefix
 
@@ -798,6 +799,8 @@ def _training_for(training: TrainingConfig, model: ResolvedModel) -> TrainingCon
     """The run's settings with the model family's defaults filled in; a combination that does
     not hold (network_alpha above network_dim, say) is named field by field."""
     problems = training.family_problems(model.family)
+    if swap := blocks_to_swap_problem(model.family, model.variant, training.blocks_to_swap):
+        problems.append(swap)
     if problems:
         raise ApplicationError(
             f"the training settings do not work with {model.filename} ({model.base_model}): "

@@ -259,6 +259,24 @@ async def test_a_redundant_heartbeat_goes_with_the_progress_that_covers_it(
     assert await runner.received() == [1, 3, 4]
 
 
+async def test_a_heartbeat_that_still_says_something_goes_before_the_milestone_too(
+    dev_env: WorkflowEnvironment, relay_settings: Settings, runner: Runner
+) -> None:
+    """A held heartbeat ahead of the held progress (its step is later) is not covered by it:
+    both are signalled before the milestone, none after it."""
+    with relay_with(relay_settings, dev_env.client, 600) as relay:
+        await runner.progress(relay, 1)
+        assert (await runner.progress(relay, 2)).status_code == 202
+        beat = runner.event("heartbeat", HeartbeatData(stage="training", step=40))
+        assert (await runner.post(relay, beat)).status_code == 202
+        done = runner.event(
+            "training.completed", TrainingCompletedData(epoch_losses=[0.1], best_epoch=1)
+        )
+        assert (await runner.post(relay, done)).status_code == 202
+        await eventually(lambda: has_seq(runner, 4), SLACK_S)
+    assert await runner.received() == [1, 2, 3, 4]
+
+
 async def test_a_relay_shutting_down_delivers_what_it_held(
     dev_env: WorkflowEnvironment, relay_settings: Settings, runner: Runner
 ) -> None:

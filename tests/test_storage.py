@@ -599,6 +599,31 @@ def test_the_builtin_trainer_refuses_a_family_it_cannot_train_before_any_gpu(
     assert s3.list_objects_v2(Bucket=settings.bucket)["KeyCount"] == 0
 
 
+def test_a_block_swap_the_model_cannot_take_is_refused_before_any_gpu(
+    settings: Settings, s3: Any
+) -> None:
+    images_zip = ImagesZip(
+        location=S3Location(bucket=settings.bucket, key="runs/x/images.zip"),
+        sha256="b" * 64,
+        bytes=10,
+        image_count=1,
+    )
+    sd35_medium = SDXL_MODEL.model_copy(
+        update={"family": "sd3", "variant": "medium", "base_model": "SD 3.5 Medium"}
+    )
+    job = job_input(images_zip).model_copy(
+        update={"model": sd35_medium, "training": TrainingConfig(blocks_to_swap=30)}
+    )
+
+    with pytest.raises(ApplicationError) as caught:
+        StorageActivities(s3, settings).write_job_spec(job)
+
+    assert caught.value.non_retryable and caught.value.type == "InvalidTrainingConfig"
+    assert "training.blocks_to_swap is 30, but this model has blocks for at most 22" in (
+        caught.value.message
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # verify_upload
 # ---------------------------------------------------------------------------------------------

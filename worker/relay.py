@@ -454,7 +454,8 @@ class ProgressCoalescer:
                 await self._deliver(event, execution, received)
                 return
             async with lane.lock:
-                await self._send_held(lane, execution)
+                while lane.held:  # a heartbeat left after the progress goes first too
+                    await self._send_held(lane, execution)
                 await self._deliver(event, execution, received)
             return
         now = time.monotonic()
@@ -463,7 +464,7 @@ class ProgressCoalescer:
         if lane.answer_next or now - lane.last_signal >= self.interval_s:
             async with lane.lock:
                 await self._send_held(lane, execution)
-        elif lane.timer is None:
+        if lane.held and lane.timer is None:  # held, or a heartbeat left for the next interval
             lane.timer = asyncio.create_task(
                 self._send_when_due(lane, execution), name=f"coalesced-{event.run_id}"
             )

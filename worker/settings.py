@@ -178,6 +178,10 @@ class Settings(BaseSettings):
     vast_create_settle_s: float = Field(default=45.0, ge=0)
     # How long destroy checks (at the show endpoint's pace, backing off) that Vast unlisted it.
     vast_destroy_confirm_s: float = Field(default=30.0, ge=0)
+    # The longest a call other than create waits for its turn at the pace before it fails as
+    # unanswered (an instance check then counts as not asked; the next one tries again), so
+    # queued checks never hold the worker's activity threads. Creates wait their turn.
+    vast_pace_max_wait_s: float = Field(default=20.0, gt=0)
 
     # Where the embedded stack keeps its state (SQLite, dev.env, logs, instances, S3 data);
     # one per user, so every command finds the running stack from any directory.

@@ -379,7 +379,9 @@ class TrainingWorkflow:
                 exclude_machine_ids=state.excluded_machines,
                 download_bytes=download_bytes,
             ),
-            start_to_close_timeout=timedelta(minutes=3),
+            # Long enough for offers tried at Vast's create pace behind other runs' calls: the
+            # heartbeat (every 15 s while the provider creates) tells a dead worker sooner.
+            start_to_close_timeout=timedelta(minutes=15),
             heartbeat_timeout=timedelta(minutes=1),
             retry_policy=RETRY_UNTIL_DEADLINE,
             # A cancelled allocation is waited for, so the release after it sees what it rented.

@@ -82,6 +82,10 @@ class VastApiError(Exception):
     """Vast answered something unusable; retryable (the activity tries again)."""
 
 
+class PaceTimeout(VastApiError):
+    """A call's turn at Vast's rate limit would come too late: not asked (retryable)."""
+
+
 class _Offer(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -364,8 +368,13 @@ class _EndpointPace:
         self.blocked_until = 0.0
 
     @contextlib.contextmanager
-    def turn(self, calls: int, window_s: float) -> Iterator[None]:
-        with self.lock:
+    def turn(self, calls: int, window_s: float, max_wait_s: float | None = None) -> Iterator[None]:
+        """This thread's turn at the endpoint; `PaceTimeout` when it would come later than
+        `max_wait_s` from now (None: wait as long as it takes)."""
+        deadline = None if max_wait_s is None else time.monotonic() + max_wait_s
+        if not self.lock.acquire(timeout=-1 if max_wait_s is None else max_wait_s):
+            raise PaceTimeout(f"no turn at Vast's rate limit within {max_wait_s:g} s")
+        try:
             while True:
                 now = time.monotonic()
                 while self.answers and self.answers[0] <= now - window_s:
@@ -375,11 +384,15 @@ class _EndpointPace:
                     wait = max(wait, self.answers[-calls] + window_s - now)
                 if wait <= 0:
                     break
+                if deadline is not None and now + wait > deadline:
+                    raise PaceTimeout(f"no turn at Vast's rate limit within {max_wait_s:g} s")
                 time.sleep(wait)
             try:
                 yield
             finally:
                 self.answers.append(time.monotonic())
+        finally:
+            self.lock.release()
 
 
 class _CreatesInFlight:
@@ -436,6 +449,7 @@ class PacedVastClient(VastClient):  # type: ignore[misc]  # the SDK has no type 
         self.retry = settings.vast_sdk_retries
         self.timeout = settings.http_timeout_s
         self.create_timeout_s = settings.vast_create_timeout_s
+        self.pace_max_wait_s = settings.vast_pace_max_wait_s
 
     def _request(
         self,
@@ -453,7 +467,8 @@ class PacedVastClient(VastClient):  # type: ignore[misc]  # the SDK has no type 
         backoff = 0.15
         while True:
             limits = self.limits
-            turn = pace.turn(*limits.window(endpoint)) if pace and endpoint else None
+            max_wait = None if endpoint == "create" else self.pace_max_wait_s
+            turn = pace.turn(*limits.window(endpoint), max_wait) if pace and endpoint else None
             with turn or contextlib.nullcontext():
                 try:
                     response = self._send(method, url, headers, json_data, timeout)

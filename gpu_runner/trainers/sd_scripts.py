@@ -554,17 +554,28 @@ def memory_plan(inputs: TrainingInputs) -> MemoryPlan:
     fp8 = chosen.fp8_base if config.fp8_base is None else config.fp8_base
     swap = chosen.blocks_to_swap if config.blocks_to_swap is None else config.blocks_to_swap
     if inputs.family in ("flux", "sd3"):
-        model = "flux" if inputs.family == "flux" else (inputs.variant or "medium").lower()
-        most = MAX_BLOCKS_TO_SWAP.get(model, MAX_BLOCKS_TO_SWAP["medium"])
-        if swap > most:
-            raise TrainerError(
-                "invalid_config",
-                f"training.blocks_to_swap is {swap}, but this model has blocks for at most {most}",
-                stage="files",
-            )
+        if problem := blocks_to_swap_problem(inputs.family, inputs.variant, swap):
+            raise TrainerError("invalid_config", problem, stage="files")
     else:
         swap = 0
     return MemoryPlan(fp8_base=fp8, blocks_to_swap=swap, vram_gb=chosen.vram_gb)
+
+
+def blocks_to_swap_problem(
+    family: BaseModelFamily, variant: str | None, blocks_to_swap: int | None
+) -> str | None:
+    """Why a block swap count does not fit the model (None when it does); the run's intake
+    asks too, so a count the model cannot take is refused before any GPU is rented."""
+    if blocks_to_swap is None or family not in ("flux", "sd3"):
+        return None
+    # An SD 3 file of unknown depth is planned as large (_plans): its bound is large's.
+    model = "flux" if family == "flux" else (variant or "large").lower()
+    most = MAX_BLOCKS_TO_SWAP.get(model, MAX_BLOCKS_TO_SWAP["medium"])
+    if blocks_to_swap <= most:
+        return None
+    return (
+        f"training.blocks_to_swap is {blocks_to_swap}, but this model has blocks for at most {most}"
+    )
 
 
 # Published file sizes (GB) of the components a family loads beside its checkpoint, from the

@@ -233,6 +233,9 @@ class FakeVast:
         self.limit_429s: list[tuple[str, str, float]] = []
         self._last_accepted: dict[tuple[str, str], float] = {}
         self._create_penalty_until: dict[str, float] = {}
+        # Endpoints whose next call gets a limit 429 whatever its timing: another process on the
+        # key just spent the interval (a test's way to meet that without racing a clock).
+        self.spent_by_another: set[str] = set()
         self._searches: dict[str, deque[float]] = {}
         # False: an instance's own key may stop it but not destroy it (403).
         self.instance_keys_may_destroy = True
@@ -319,6 +322,11 @@ class FakeVast:
     def _over_limit(self, endpoint: str, key: str, now: float) -> bool:
         """Whether this call breaks Vast's limit for the endpoint and key (and count it)."""
         scale = self.limit_scale
+        if endpoint in self.spent_by_another:
+            self.spent_by_another.discard(endpoint)
+            if endpoint == "create":
+                self._create_penalty_until[key] = now + VAST_LIMITS["create_penalty"] * scale
+            return True
         if endpoint == "search":
             window = 60.0 * scale
             recent = self._searches.setdefault(key, deque())
