@@ -564,13 +564,18 @@ def test_job_spec_carries_no_civitai_key_when_the_model_needs_none(
     assert CIVITAI_KEY not in raw and "civitai-worker-key-1" not in raw
 
 
-def test_job_spec_rejects_an_unsafe_run_id(settings: Settings, s3: Any) -> None:
-    images_zip = ImagesZip(
+def unused_zip(settings: Settings) -> ImagesZip:
+    """An images zip that a job names but no test downloads."""
+    return ImagesZip(
         location=S3Location(bucket=settings.bucket, key="runs/x/images.zip"),
         sha256="b" * 64,
         bytes=10,
         image_count=1,
     )
+
+
+def test_job_spec_rejects_an_unsafe_run_id(settings: Settings, s3: Any) -> None:
+    images_zip = unused_zip(settings)
     bad = job_input(images_zip).model_copy(update={"run_id": "../other-run"})
 
     with pytest.raises(ApplicationError) as caught:
@@ -583,12 +588,7 @@ def test_job_spec_rejects_an_unsafe_run_id(settings: Settings, s3: Any) -> None:
 def test_the_builtin_trainer_refuses_a_family_it_cannot_train_before_any_gpu(
     settings: Settings, s3: Any
 ) -> None:
-    images_zip = ImagesZip(
-        location=S3Location(bucket=settings.bucket, key="runs/x/images.zip"),
-        sha256="b" * 64,
-        bytes=10,
-        image_count=1,
-    )
+    images_zip = unused_zip(settings)
     builtin_sdxl = job_input(images_zip).model_copy(update={"trainer": "builtin"})
 
     with pytest.raises(ApplicationError) as caught:
@@ -602,12 +602,7 @@ def test_the_builtin_trainer_refuses_a_family_it_cannot_train_before_any_gpu(
 def test_a_block_swap_the_model_cannot_take_is_refused_before_any_gpu(
     settings: Settings, s3: Any
 ) -> None:
-    images_zip = ImagesZip(
-        location=S3Location(bucket=settings.bucket, key="runs/x/images.zip"),
-        sha256="b" * 64,
-        bytes=10,
-        image_count=1,
-    )
+    images_zip = unused_zip(settings)
     sd35_medium = SDXL_MODEL.model_copy(
         update={"family": "sd3", "variant": "medium", "base_model": "SD 3.5 Medium"}
     )
