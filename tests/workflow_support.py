@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -15,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
-from temporalio.client import Client, WorkflowHandle
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 from temporalio.common import SearchAttributeKey
+from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer, Worker
 
@@ -141,8 +143,6 @@ async def wait_for_status(
     handle: WorkflowHandle[Any, Any], status: RunStatusName, timeout_s: float = 20.0
 ) -> RunStatus:
     """Poll the status query in real time (no time skipping happens while polling)."""
-    import asyncio
-
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     while True:
@@ -161,9 +161,21 @@ async def relay_event(handle: WorkflowHandle[Any, Any], event: RunnerEvent) -> N
     if execution is None:
         described = await handle.describe()
         execution = described.raw_description.workflow_execution_info.first_run_id
-    await handle.signal(
-        TrainingWorkflow.relayed_event, RelayedEvent(event=event, execution=execution)
-    )
+    relayed = RelayedEvent(event=event, execution=execution)
+    for _ in range(100):
+        try:
+            await handle.signal(TrainingWorkflow.relayed_event, relayed)
+            return
+        except RPCError as e:
+            # As the relay does (503, the runner retries): the execution the signal found had
+            # just handed over to the next (the time-skipping server answers "Completed
+            # workflow" in that instant); a run that is still running takes it again.
+            if e.status != RPCStatusCode.NOT_FOUND or handle.run_id is not None:
+                raise
+            if (await handle.describe()).status != WorkflowExecutionStatus.RUNNING:
+                raise
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"run {handle.id} kept changing while its event was delivered")
 
 
 class ScriptedEvents:
