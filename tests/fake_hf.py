@@ -8,9 +8,6 @@ What it imitates (huggingface.co as huggingface_hub talks to it):
   not granted access; an unknown or private repo answers 401 `RepoNotFound` to anonymous callers
   (the Hub does not tell them apart) and 404 to a valid token; a bad token is 401; unknown
   revisions are 404 `RevisionNotFound`, unknown files 404 `EntryNotFound`.
-- `POST /api/models/{repo}/paths-info/{revision}` (form `paths`, repeated): a JSON list of
-  `{"type": "file", "oid", "size", "path", "lfs": {"oid", "size", "pointerSize"}}`; paths that do
-  not exist are left out. Gated repos answer it without a token (their file list is public).
 - The CDN URL (`/cdn/{sha256}?expires=&sig=`) serves the bytes with Range support (206,
   `Content-Range`, 416), 403 for a forged or expired signature.
 
@@ -27,7 +24,6 @@ import hmac
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -64,11 +60,6 @@ class FakeHub:
         self._blobs: dict[str, bytes] = {}
         self.app = Starlette(
             routes=[
-                Route(
-                    "/api/models/{owner}/{name}/paths-info/{revision}",
-                    self._paths_info,
-                    methods=["POST"],
-                ),
                 Route("/cdn/{sha256}", self._cdn, methods=["GET", "HEAD"]),
                 Route(
                     "/{owner}/{name}/resolve/{revision}/{path:path}",
@@ -116,7 +107,7 @@ class FakeHub:
             headers["x-error-code"] = code
         return JSONResponse({"error": message}, status, headers=headers)
 
-    def _access(self, request: Request, repo_id: str, *, listing: bool) -> FakeRepo | Response:
+    def _access(self, request: Request, repo_id: str) -> FakeRepo | Response:
         """The repo, or the error the Hub answers for it to this caller."""
         token = self._token_of(request)
         if token is not None and not hmac.compare_digest(token, self.token):
@@ -131,7 +122,7 @@ class FakeHub:
                 "Repository not found",
             )
         assert repo is not None
-        if repo.gated and not listing:
+        if repo.gated:
             if token is None:
                 return self._error(
                     401,
@@ -162,7 +153,7 @@ class FakeHub:
         self._record(request)
         params = request.path_params
         repo_id = f"{params['owner']}/{params['name']}"
-        found = self._access(request, repo_id, listing=False)
+        found = self._access(request, repo_id)
         if isinstance(found, Response):
             return found
         files = found.revisions.get(params["revision"])
@@ -190,38 +181,6 @@ class FakeHub:
             )
         blob = hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()
         return _ranged(request, content, {"x-repo-commit": commit, "etag": f'"{blob}"'})
-
-    async def _paths_info(self, request: Request) -> Response:
-        self._record(request)
-        params = request.path_params
-        repo_id = f"{params['owner']}/{params['name']}"
-        found = self._access(request, repo_id, listing=True)
-        if isinstance(found, Response):
-            return found
-        files = found.revisions.get(params["revision"])
-        if files is None:
-            return self._error(404, "RevisionNotFound", f"Invalid rev id: {params['revision']}")
-        form = await request.form()
-        answer: list[dict[str, Any]] = []
-        for path in form.getlist("paths"):
-            content = files.get(str(path))
-            if content is None:
-                continue
-            blob = hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()
-            entry: dict[str, Any] = {
-                "type": "file",
-                "oid": blob,
-                "size": len(content),
-                "path": path,
-            }
-            if str(path).endswith(_LFS_SUFFIXES):
-                entry["lfs"] = {
-                    "oid": hashlib.sha256(content).hexdigest(),
-                    "size": len(content),
-                    "pointerSize": 134,
-                }
-            answer.append(entry)
-        return JSONResponse(answer)
 
     async def _cdn(self, request: Request) -> Response:
         self._record(request)
