@@ -4,7 +4,6 @@ fake Vast API; offers, time and cost in seconds, and nothing uploaded or rented.
 from __future__ import annotations
 
 import json
-import struct
 import sys
 import time
 from collections.abc import Iterator
@@ -44,22 +43,6 @@ OFFERS = [
 TINY_MODEL_BYTES = 2_000_000
 
 
-def safetensors_bytes(size: int) -> bytes:
-    """A valid .safetensors file of about `size` bytes that reads as SD 1.x: a UNet
-    cross-attention weight over CLIP-L's 768 wide context."""
-    attn2 = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
-    weight = 768 * 2
-    pad = max(size - weight - 300, 0)
-    header = json.dumps(
-        {
-            attn2: {"dtype": "F16", "shape": [1, 768], "data_offsets": [0, weight]},
-            "padding": {"dtype": "U8", "shape": [pad], "data_offsets": [weight, weight + pad]},
-        }
-    ).encode()
-    header += b" " * (-len(header) % 8)
-    return struct.pack("<Q", len(header)) + header + bytes(weight + pad)
-
-
 class Stack:
     def __init__(self, settings: Settings, fake: FakeVast, vast_settings: Settings, s3: Any):
         self.settings, self.fake, self.vast_settings, self.s3 = settings, fake, vast_settings, s3
@@ -84,7 +67,7 @@ def stack(settings: Settings, s3: Any, tmp_path: Path) -> Iterator[Stack]:
     s3.put_object(
         Bucket=settings.bucket,
         Key="models/tiny-sd15.safetensors",
-        Body=safetensors_bytes(TINY_MODEL_BYTES),
+        Body=checkpoint_bytes("sd15", size=TINY_MODEL_BYTES),
     )
     with fake_vast(settings, tmp_path / "hosts", OFFERS, runner_command=SLEEPER) as (fake, vs):
         yield Stack(settings, fake, vs, s3)
@@ -137,7 +120,7 @@ def test_estimate_json_ranks_offers_by_expected_cost(stack: Stack, workdir: Path
     estimate = Estimate.model_validate_json(result.stdout)
     assert estimate.steps == 300 and estimate.training.batch_size == 4
     assert estimate.model.family == "sd15"
-    assert estimate.model.bytes == len(safetensors_bytes(TINY_MODEL_BYTES))
+    assert estimate.model.bytes == len(checkpoint_bytes("sd15", size=TINY_MODEL_BYTES))
     assert estimate.requirements.min_vram_gb == 16
     costs = [o.cost_usd for o in estimate.offers]
     assert costs == sorted(costs) and len(costs) == 3
@@ -205,7 +188,7 @@ def test_a_model_no_family_trains_is_one_line(workdir: Path) -> None:
     """On the local provider, a checkpoint named as Pony V7 (AuraFlow) has family `other`."""
     images = demo_images(workdir)
     model = workdir / "pony.safetensors"
-    model.write_bytes(safetensors_bytes(1024))
+    model.write_bytes(checkpoint_bytes("sd15"))
 
     result = loratrain(
         ["estimate", str(images), "--model", f"file://{model}#base_model=Pony%20V7"],
@@ -222,7 +205,7 @@ def test_a_model_no_family_trains_is_one_line(workdir: Path) -> None:
 def test_the_local_provider_offers_this_machine_at_no_cost(workdir: Path) -> None:
     images = demo_images(workdir)
     model = workdir / "base-sd15.safetensors"
-    model.write_bytes(safetensors_bytes(1024))
+    model.write_bytes(checkpoint_bytes("sd15"))
 
     result = loratrain(
         ["estimate", str(images), "--model", str(model), "--json", "--trainer", "builtin"],
@@ -304,7 +287,7 @@ def test_a_flux_estimate_takes_its_files_from_model_file_and_sizes_the_gpu(
 def test_a_model_file_that_is_not_a_role_is_refused_before_anything(workdir: Path) -> None:
     images = demo_images(workdir)
     model = workdir / "base-sd15.safetensors"
-    model.write_bytes(safetensors_bytes(1024))
+    model.write_bytes(checkpoint_bytes("sd15"))
 
     result = loratrain(
         ["estimate", str(images), "--model", str(model), "--model-file", "vae=x.safetensors"],
