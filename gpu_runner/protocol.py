@@ -49,6 +49,28 @@ LrScheduler = Literal[
     "polynomial",
 ]
 MixedPrecision = Literal["no", "fp16", "bf16"]
+# Which saved epoch's LoRA the run keeps as its model.
+KeepPolicy = Literal["lowest_loss", "last"]
+# sd-scripts' --sample_sampler values; the builtin trainer renders with the diffusers scheduler
+# of the same name where it has one (SAMPLERS_BUILTIN) and with euler_a otherwise.
+Sampler = Literal[
+    "ddim",
+    "pndm",
+    "lms",
+    "euler",
+    "euler_a",
+    "heun",
+    "dpm_2",
+    "dpm_2_a",
+    "dpmsolver",
+    "dpmsolver++",
+    "dpmsingle",
+    "k_lms",
+    "k_euler",
+    "k_euler_a",
+    "k_dpm_2",
+    "k_dpm_2_a",
+]
 
 RunId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")]
 Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
@@ -302,6 +324,102 @@ def _family_problem(error: Any, family: BaseModelFamily, filled: dict[str, Any])
 
 
 # --------------------------------------------------------------------------------------------
+# Samples and saved epochs
+# --------------------------------------------------------------------------------------------
+
+
+class SampleSettings(_Model):
+    """Images rendered with each saved epoch's LoRA, so a user can judge the epochs."""
+
+    enabled: bool = True
+    prompts: list[Annotated[str, Field(min_length=1, max_length=1000)]] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Empty: the first `count` of the dataset's own captions, trigger word first.",
+    )
+    count: int = Field(default=2, ge=1, le=16, description="Captions sampled without prompts.")
+    every_n_epochs: int = Field(default=1, ge=1, le=200)
+    seed: int = Field(default=42, ge=0, le=2**32 - 1)
+    steps: int = Field(default=20, ge=1, le=150)
+    width: int | None = Field(default=None, ge=64, le=2048, description="None: the resolution.")
+    height: int | None = Field(default=None, ge=64, le=2048, description="None: the resolution.")
+    guidance: float = Field(default=7.0, ge=0, le=30)
+    negative_prompt: str = Field(default="", max_length=1000)
+    sampler: Sampler = "euler_a"
+
+    def due(self, epoch: int, last_epoch: int) -> bool:
+        """Whether `epoch` gets samples: every n-th epoch, and the last one always."""
+        return self.enabled and (epoch % self.every_n_epochs == 0 or epoch == last_epoch)
+
+
+# A name inside one epoch's folder: the LoRA, the state archive, samples/<n>.png, the manifest.
+EpochFileName = Annotated[str, Field(pattern=r"^(samples/)?[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")]
+EPOCH_LORA = "lora.safetensors"
+EPOCH_STATE = "state.tar"
+EPOCH_MANIFEST = "manifest.json"
+
+
+class EpochFile(_Model):
+    key: str
+    bytes: int = Field(ge=0)
+    sha256: Sha256Hex
+
+
+class EpochManifest(_Model):
+    """Written last, after every file it names is up: an epoch without it never counts."""
+
+    run_id: RunId
+    attempt: int = Field(ge=1)
+    epoch: int = Field(ge=1)
+    step: int = Field(ge=0)
+    loss: float | None = None
+    epoch_losses: list[float] = Field(default_factory=list, description="Epochs 1..epoch.")
+    files: dict[EpochFileName, EpochFile]
+
+
+class UploadUrlsRequest(_Model):
+    """The runner asks the relay for presigned PUTs of one epoch's files (signed like events)."""
+
+    run_id: RunId
+    attempt: int = Field(ge=1)
+    epoch: int = Field(ge=1, le=10_000)
+    files: list[EpochFileName] = Field(min_length=1, max_length=64)
+
+
+class UploadUrls(_Model):
+    bucket: str
+    urls: dict[str, str] = Field(repr=False)  # file name -> presigned PUT
+    keys: dict[str, str]  # file name -> key
+    expires_in_s: int
+
+
+class RemoteFile(_Model):
+    url: str = Field(repr=False, description="Presigned GET.")
+    key: str
+    bytes: int = Field(ge=0)
+    sha256: Sha256Hex
+
+
+class ResumeSource(_Model):
+    """The last complete epoch of an earlier attempt: the replacement trains from the next."""
+
+    epoch: int = Field(ge=1)
+    step: int = Field(ge=0)
+    attempt: int = Field(ge=1, description="The attempt that saved it.")
+    epoch_losses: list[float]
+    state: RemoteFile
+    # The LoRAs this host may keep without training them: the resumed epoch's and the best
+    # earlier one's, by epoch.
+    loras: dict[int, RemoteFile] = Field(default_factory=dict)
+
+
+class EpochUploads(_Model):
+    """Where the runner asks for each epoch's upload URLs (the relay, with the run's secret)."""
+
+    url: str
+
+
+# --------------------------------------------------------------------------------------------
 # Job spec
 # --------------------------------------------------------------------------------------------
 
@@ -378,6 +496,11 @@ class JobSpec(_Model):
     # Presigned PUT for a .tar.gz of the trainer's TensorBoard logs, uploaded with the log.
     tensorboard_upload: UploadTarget | None = None
     limits: RunnerLimits = RunnerLimits()
+    # Every epoch uploaded as it ends (None: only the kept LoRA, at the end, as before).
+    epoch_uploads: EpochUploads | None = None
+    samples: SampleSettings = SampleSettings(enabled=False)
+    keep: KeepPolicy = "lowest_loss"
+    resume: ResumeSource | None = None
 
     def secrets(self) -> list[str]:
         """Every value the runner must redact from logs it sends back."""
@@ -399,6 +522,7 @@ EventType = Literal[
     "model.uploaded",
     "run.failed",
     "heartbeat",
+    "epoch.saved",
 ]
 
 Stage = Literal["intake", "gpu", "images", "model", "files", "training", "upload", "runner"]
@@ -454,6 +578,19 @@ class ModelUploadedData(BaseModel):
     loss: float | None = None
 
 
+class EpochSavedData(BaseModel):
+    """An epoch whose files and manifest are all up (EpochManifest)."""
+
+    epoch: int = Field(ge=1)
+    total_epochs: int | None = Field(default=None, ge=1)
+    step: int = Field(ge=0)
+    loss: float | None = None
+    lora: EpochFile
+    samples: list[EpochFile] = []
+    state: EpochFile | None = None
+    manifest_key: str
+
+
 class RunFailedData(BaseModel):
     stage: Stage
     code: str
@@ -483,6 +620,7 @@ EVENT_DATA: dict[str, type[BaseModel]] = {
     "model.uploaded": ModelUploadedData,
     "run.failed": RunFailedData,
     "heartbeat": HeartbeatData,
+    "epoch.saved": EpochSavedData,
 }
 
 

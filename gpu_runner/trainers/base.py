@@ -10,11 +10,39 @@ from typing import Protocol
 from gpu_runner.protocol import (
     BaseModelFamily,
     ComponentRole,
+    KeepPolicy,
     MixedPrecision,
+    SampleSettings,
     Stage,
     TrainingConfig,
     TrainingProgressData,
 )
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """An earlier attempt's last complete epoch, downloaded: training goes on from the next."""
+
+    epoch: int
+    step: int
+    state_dir: Path  # the trainer's own state folder, as it saved it
+    epoch_losses: list[float]  # epochs 1..epoch
+
+
+@dataclass(frozen=True)
+class SavedEpoch:
+    """One epoch's files, complete on disk (the trainer reports it once it wrote them all)."""
+
+    epoch: int
+    total_epochs: int
+    step: int
+    loss: float
+    lora: Path
+    state_dir: Path | None = None  # None: the last epoch (nothing would resume from it)
+    samples: list[Path] = field(default_factory=list)
+
+
+EpochCallback = Callable[[SavedEpoch], None]
 
 
 @dataclass(frozen=True)
@@ -32,6 +60,32 @@ class TrainingInputs:
     variant: str | None = None  # "dev"/"schnell" (Flux.1), "medium"/"large" (SD 3.5)
     v_parameterization: bool = False  # SD 2.x 768-v
     vram_mb: int | None = None  # the GPU's memory, when the runner found one
+    samples: SampleSettings = field(default_factory=lambda: SampleSettings(enabled=False))
+    keep: KeepPolicy = "lowest_loss"
+    resume: ResumePoint | None = None
+    # Called (from any thread) once an epoch's files are complete; None: nobody uploads them,
+    # so no training state is saved either.
+    on_epoch: EpochCallback | None = None
+
+
+def kept_epoch(epoch_losses: list[float], keep: KeepPolicy) -> int:
+    """The 1-based epoch the run keeps: the lowest loss (the earliest of equals), or the last."""
+    if keep == "last":
+        return len(epoch_losses)
+    return min(range(1, len(epoch_losses) + 1), key=lambda e: epoch_losses[e - 1])
+
+
+def sample_prompts(settings: SampleSettings, captions: list[str]) -> list[str]:
+    """The request's prompts, or the first `count` distinct captions of the dataset."""
+    if settings.prompts:
+        return list(settings.prompts)
+    chosen: list[str] = []
+    for caption in captions:
+        if caption and caption not in chosen:
+            chosen.append(caption)
+        if len(chosen) == settings.count:
+            break
+    return chosen
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import threading
 import time
 import traceback
@@ -41,14 +42,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gpu_runner.protocol import BaseModelFamily, MixedPrecision, TrainingProgressData
+from gpu_runner.protocol import BaseModelFamily, MixedPrecision, Sampler, TrainingProgressData
 from gpu_runner.settings import RunnerSettings
 from gpu_runner.trainers.base import (
     PreparedTraining,
     ProgressCallback,
+    ResumePoint,
+    SavedEpoch,
     TrainerError,
     TrainingInputs,
     TrainingResult,
+    kept_epoch,
+    sample_prompts,
 )
 from gpu_runner.trainers.sd_scripts import (
     IMAGE_EXTENSIONS,
@@ -73,6 +78,23 @@ _TEXT_ENCODER_TARGET_BLOCKS = frozenset({"CLIPAttention", "CLIPSdpaAttention", "
 _SUPPORTED_FAMILIES = {"sd15": "sd_v1", "sd2": "sd_v2"}
 _OPTIMIZERS = ("AdamW", "AdamW8bit", "SGDNesterov", "Adafactor")
 MAX_GRAD_NORM = 1.0  # sd-scripts' default max_grad_norm
+# One epoch's training state (adapters, optimizer, LR scheduler, loss scaler, RNG, position), in
+# a folder named as sd-scripts names its own (<output_name>-<epoch>-state).
+STATE_FILE = "builtin_state.pt"
+STATE_FORMAT = "loratrain.builtin-state/1"
+# diffusers' scheduler for each sampler name (sd-scripts' names); the others render with euler_a.
+_SAMPLER_SCHEDULERS: dict[str, str] = {
+    "ddim": "DDIMScheduler",
+    "pndm": "PNDMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "k_euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "k_euler_a": "EulerAncestralDiscreteScheduler",
+    "heun": "HeunDiscreteScheduler",
+    "dpmsolver": "DPMSolverMultistepScheduler",
+    "dpmsolver++": "DPMSolverMultistepScheduler",
+    "dpmsingle": "DPMSolverSinglestepScheduler",
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -548,7 +570,18 @@ class _Training:
         step = 0
         epoch_losses: list[float] = []
         step_times: deque[float] = deque(maxlen=20)
-        for epoch in range(1, plan.epochs + 1):
+        first_epoch = 1
+        if self.inputs.resume is not None:
+            step, epoch_losses = self._resume(
+                self.inputs.resume, model, optimizer, lr_scheduler, scaler
+            )
+            first_epoch = self.inputs.resume.epoch + 1
+            self.note(
+                f"resumed from epoch {self.inputs.resume.epoch} (step {step}): training epochs "
+                f"{first_epoch}-{plan.epochs}"
+            )
+        saver = _Trained(optimizer, lr_scheduler, scaler, captions, device, weight_dtype)
+        for epoch in range(first_epoch, plan.epochs + 1):
             order = [i for i in range(len(plan.images)) for _ in range(config.repeats)]
             random.Random(config.seed + epoch).shuffle(order)
             losses: list[float] = []
@@ -587,8 +620,11 @@ class _Training:
                 self._report(step, epoch, losses, step_times)
             epoch_losses.append(sum(losses) / len(losses))
             self.note(f"epoch {epoch}/{plan.epochs}: average loss {epoch_losses[-1]:.6f}")
-            self._save(model, metadata, epoch, step)
-        best = min(range(1, len(epoch_losses) + 1), key=lambda e: epoch_losses[e - 1])
+            lora = self._save(model, metadata, epoch, step)
+            self._finish_epoch(model, saver, epoch, step, epoch_losses, lora)
+        if not epoch_losses:
+            raise TrainerError("no_epochs", "training ended without a single epoch")
+        best = kept_epoch(epoch_losses, self.inputs.keep)
         checkpoint = self.inputs.output_dir / checkpoint_name(
             config.output_name, best, len(epoch_losses)
         )
@@ -602,6 +638,186 @@ class _Training:
     def check_stop(self) -> None:
         if self.stop.is_set():
             raise _Stopped
+
+    # ---- every epoch: state and samples, then the runner uploads them --------------------
+
+    def _finish_epoch(
+        self,
+        model: SdComponents,
+        saver: _Trained,
+        epoch: int,
+        step: int,
+        epoch_losses: list[float],
+        lora: Path,
+    ) -> None:
+        """The epoch's state (to resume from) and samples, then tell the runner: it uploads
+        them in the background while the next epoch trains."""
+        last = epoch == self.plan.epochs
+        on_epoch = self.inputs.on_epoch
+        state_dir = None
+        if on_epoch is not None and not last:
+            state_dir = self._save_state(model, saver, epoch, step, epoch_losses)
+        samples: list[Path] = []
+        if self.inputs.samples.due(epoch, self.plan.epochs):
+            samples = self._render_samples(model, saver, epoch)
+        if on_epoch is not None:
+            on_epoch(
+                SavedEpoch(
+                    epoch=epoch,
+                    total_epochs=self.plan.epochs,
+                    step=step,
+                    loss=epoch_losses[-1],
+                    lora=lora,
+                    state_dir=state_dir,
+                    samples=samples,
+                )
+            )
+
+    def _adapter_params(self, model: SdComponents) -> dict[str, Any]:
+        """The trained parameters by name: the adapters, nothing of the frozen model."""
+        return {
+            f"{prefix}.{name}": param
+            for prefix, module in (("unet", model.unet), ("text_encoder", model.text_encoder))
+            for name, param in module.named_parameters()
+            if param.requires_grad
+        }
+
+    def _save_state(
+        self,
+        model: SdComponents,
+        saver: _Trained,
+        epoch: int,
+        step: int,
+        epoch_losses: list[float],
+    ) -> Path:
+        """Everything the next epoch depends on, so a resumed run continues exactly as this
+        one would have (bit for bit on the same device)."""
+        import torch
+
+        cuda = saver.device.type == "cuda"
+        state = {
+            "format": STATE_FORMAT,
+            "epoch": epoch,
+            "step": step,
+            "epoch_losses": list(epoch_losses),
+            "adapters": {
+                name: param.detach().to("cpu").clone()
+                for name, param in self._adapter_params(model).items()
+            },
+            "optimizer": saver.optimizer.state_dict(),
+            "lr_scheduler": saver.lr_scheduler.state_dict(),
+            "scaler": saver.scaler.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if cuda else [],
+        }
+        name = self.config.output_name
+        folder = self.inputs.output_dir / f"{name}-{epoch:06d}-state"
+        partial = folder.with_name(folder.name + ".part")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        torch.save(state, partial / STATE_FILE)
+        train_state = {"current_epoch": epoch, "current_step": step, "format": STATE_FORMAT}
+        (partial / "train_state.json").write_text(json.dumps(train_state), encoding="utf-8")
+        shutil.rmtree(folder, ignore_errors=True)
+        partial.rename(folder)
+        return folder
+
+    def _resume(
+        self, resume: ResumePoint, model: SdComponents, optimizer: Any, lr_scheduler: Any, scaler: Any
+    ) -> tuple[int, list[float]]:
+        """Load an earlier attempt's state: the adapters, optimizer, scheduler, scaler and RNG
+        as they were at the end of `resume.epoch`. Returns (step, epoch losses so far)."""
+        import torch
+
+        path = resume.state_dir / STATE_FILE
+        if not path.is_file():
+            raise TrainerError(
+                "resume_state_invalid",
+                f"the state of epoch {resume.epoch} has no {STATE_FILE}: it was not saved by "
+                "the builtin trainer",
+                stage="files",
+            )
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        params = self._adapter_params(model)
+        saved = state.get("adapters", {})
+        fits = set(saved) == set(params) and all(
+            saved[name].shape == param.shape for name, param in params.items()
+        )
+        if state.get("format") != STATE_FORMAT or not fits:
+            raise TrainerError(
+                "resume_state_invalid",
+                f"the state of epoch {resume.epoch} does not fit this run (another network "
+                "rank, model, or text encoder setting)",
+                stage="files",
+            )
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(saved[name].to(param.device, param.dtype))
+        optimizer.load_state_dict(state["optimizer"])
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng_cpu"])
+        cuda_states = state["rng_cuda"]
+        if cuda_states and torch.cuda.is_available():
+            if len(cuda_states) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(cuda_states)
+            else:
+                self.note("the saved CUDA RNG is of another number of GPUs: not restored")
+        return int(state["step"]), [float(loss) for loss in state["epoch_losses"]]
+
+    def _render_samples(self, model: SdComponents, saver: _Trained, epoch: int) -> list[Path]:
+        """The epoch's sample images, rendered with its LoRA by the diffusers pipeline. The
+        training RNG is left as it was, so samples never change what training does next."""
+        import torch
+        from diffusers import StableDiffusionPipeline
+
+        settings = self.inputs.samples
+        prompts = sample_prompts(settings, saver.captions)
+        if not prompts:
+            return []
+        size = _required(self.config.resolution, "resolution")
+        device = saver.device
+        pipeline = StableDiffusionPipeline(
+            vae=model.vae,
+            text_encoder=model.text_encoder,
+            tokenizer=model.tokenizer,
+            unet=model.unet,
+            scheduler=_sampler(settings.sampler, model.scheduler),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipeline.set_progress_bar_config(disable=True)
+        folder = self.inputs.output_dir / "sample"
+        folder.mkdir(parents=True, exist_ok=True)
+        paths: list[Path] = []
+        model.vae.to(device)
+        model.unet.eval()
+        model.text_encoder.eval()
+        try:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                for index, prompt in enumerate(prompts):
+                    self.check_stop()
+                    generator = torch.Generator(device=device).manual_seed(settings.seed + index)
+                    with _autocast(device, saver.weight_dtype):
+                        image = pipeline(
+                            prompt,
+                            negative_prompt=settings.negative_prompt or None,
+                            num_inference_steps=settings.steps,
+                            guidance_scale=settings.guidance,
+                            width=settings.width or size,
+                            height=settings.height or size,
+                            generator=generator,
+                        ).images[0]
+                    path = folder / f"{self.config.output_name}_e{epoch:06d}_{index:02d}.png"
+                    image.save(path)
+                    paths.append(path)
+        finally:
+            model.vae.to("cpu")
+            model.unet.train()
+            model.text_encoder.train(self.plan.train_text_encoder)
+        self.note(f"epoch {epoch}: {len(paths)} samples in {folder.name}/")
+        return paths
 
     def _check_architecture(self, model: SdComponents) -> None:
         cross = model.unet.config.cross_attention_dim
@@ -860,7 +1076,7 @@ class _Training:
         }
         return {k: str(v) for k, v in values.items()}
 
-    def _save(self, model: SdComponents, metadata: dict[str, str], epoch: int, step: int) -> None:
+    def _save(self, model: SdComponents, metadata: dict[str, str], epoch: int, step: int) -> Path:
         """Write this epoch's checkpoint (fp16 when training in mixed precision, as sd-scripts'
         save_precision does here; fp32 otherwise)."""
         import torch
@@ -886,6 +1102,28 @@ class _Training:
         save_file(tensors, str(partial), saved)
         partial.replace(path)
         self.note(f"saved epoch {epoch}: {path.name}")
+        return path
+
+
+@dataclass(frozen=True)
+class _Trained:
+    """What saving an epoch's state and rendering its samples need of the training loop."""
+
+    optimizer: Any
+    lr_scheduler: Any
+    scaler: Any
+    captions: list[str]
+    device: Any
+    weight_dtype: Any
+
+
+def _sampler(name: Sampler, scheduler: Any) -> Any:
+    """The diffusers scheduler for a sampler name, with the model's noise schedule."""
+    import diffusers
+
+    kind = getattr(diffusers, _SAMPLER_SCHEDULERS.get(name, "EulerAncestralDiscreteScheduler"))
+    options = {"algorithm_type": "dpmsolver"} if name == "dpmsolver" else {}
+    return kind.from_config(scheduler.config, **options)
 
 
 def _autocast(device: Any, weight_dtype: Any) -> Any:
