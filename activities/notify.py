@@ -12,6 +12,7 @@ import asyncio
 import ipaddress
 import json
 import socket
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from ipaddress import IPv4Address, IPv6Address, IPv6Network
 from typing import TYPE_CHECKING, Any
@@ -58,20 +59,43 @@ class UserWebhookInput(BaseModel):
     )
 
 
-def webhook_body(input: UserWebhookInput, occurred_at: datetime) -> bytes:
-    """The exact bytes POSTed (and signed) for one user event."""
+def webhook_body(
+    input: UserWebhookInput,
+    occurred_at: datetime,
+    presign: Callable[[str], str] | None = None,
+) -> bytes:
+    """The exact bytes POSTed (and signed) for one user event. A saved epoch's files get a
+    presigned GET `url` each (made at sending time: no URL is ever in the run's history)."""
+    data = input.payload
+    if input.event_type == "training.epoch" and presign is not None:
+        data = {
+            **data,
+            "lora": {**data["lora"], "url": presign(data["lora"]["key"])},
+            "samples": [{**f, "url": presign(f["key"])} for f in data.get("samples", [])],
+        }
     body = {
         "type": input.event_type,
         "run_id": input.run_id,
         "timestamp": occurred_at.astimezone(UTC).isoformat().replace("+00:00", "Z"),
-        "data": input.payload,
+        "data": data,
     }
     return json.dumps(body, separators=(",", ":"), default=str).encode("utf-8")
 
 
 class NotifyActivities:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, presigner: Any = None) -> None:
+        """`presigner`: an S3 client that signs GETs of the run's files for the user (None:
+        epoch webhooks carry keys without URLs)."""
         self.settings = settings
+        self._presigner = presigner
+
+    def _presign(self, key: str) -> str:
+        url: str = self._presigner.generate_presigned_url(
+            "get_object",
+            Params={"Bucket": self.settings.bucket, "Key": key},
+            ExpiresIn=self.settings.download_url_ttl_s,
+        )
+        return url
 
     @activity.defn
     async def send_user_webhook(self, input: UserWebhookInput) -> None:
@@ -84,7 +108,9 @@ class NotifyActivities:
         # A retry resends the body with the first attempt's timestamp only when the workflow
         # gives one; the signature's own timestamp is always fresh (5 minute tolerance).
         occurred_at = input.occurred_at or datetime.now(UTC)
-        body = webhook_body(input, occurred_at)
+        body = webhook_body(
+            input, occurred_at, self._presign if self._presigner is not None else None
+        )
         headers = {**sign_payload(input.secret, input.msg_id, body), "user-agent": USER_AGENT}
         where = _safe_url(input.url)
         urls, host = await self._pinned_destination(input, where)

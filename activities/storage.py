@@ -22,11 +22,20 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from gpu_runner.protocol import (
+    EPOCH_LORA,
+    EPOCH_STATE,
+    EpochFile,
+    EpochManifest,
+    EpochUploads,
     ImagesSource,
     JobSpec,
+    KeepPolicy,
     ModelComponent,
     ModelSource,
+    RemoteFile,
+    ResumeSource,
     RunnerLimits,
+    SampleSettings,
     TrainerName,
     TrainingConfig,
     UploadTarget,
@@ -36,7 +45,7 @@ from gpu_runner.protocol import (
 from gpu_runner.trainers.builtin import family_refusal
 from gpu_runner.trainers.sd_scripts import blocks_to_swap_problem
 from worker.settings import Settings
-from workflows.models import OutputLocation, S3Location, S3Prefix
+from workflows.models import OutputLocation, S3Location, S3Prefix, SavedEpochInfo
 
 from .civitai import ResolvedModel
 
@@ -143,6 +152,12 @@ class JobSpecInput(BaseModel):
     # None: the worker's settings. The workflow sizes them to the run's deadlines.
     job_url_ttl_s: int | None = Field(default=None, gt=0)
     upload_url_ttl_s: int | None = Field(default=None, gt=0, le=7 * 24 * 3600)
+    # Every epoch uploaded as it ends, with these samples (runs from before: only the model).
+    save_epochs: bool = False
+    samples: SampleSettings = SampleSettings(enabled=False)
+    keep: KeepPolicy = "lowest_loss"
+    # Resume from the last complete epoch that an earlier attempt saved, when there is one.
+    resume: bool = False
 
 
 def events_url(relay_public_url: str, run_id: str, execution: str | None) -> str:
@@ -156,6 +171,9 @@ class JobSpecRef(BaseModel):
     location: S3Location
     job_url: str = Field(repr=False)
     output: S3Location
+    # The epoch the job resumes from (None: from the start), and every complete epoch found.
+    resumed_from: int | None = None
+    saved_epochs: list[SavedEpochInfo] = Field(default_factory=list)
 
 
 class RunKeyInput(BaseModel):
@@ -276,6 +294,19 @@ class StorageActivities:
             civitai_api_key = input.civitai_api_key
             if civitai_api_key is None and self.settings.civitai_api_key is not None:
                 civitai_api_key = self.settings.civitai_api_key.get_secret_value()
+        saved: list[SavedEpochInfo] = []
+        epochs: dict[str, Any] = {}
+        if input.save_epochs and bound_to is not None:
+            events = events_url(self.settings.relay_public_url, input.run_id, bound_to)
+            epochs = {
+                "epoch_uploads": EpochUploads(url=events.removesuffix("/events") + "/uploads"),
+                "samples": input.samples,
+                "keep": input.keep,
+            }
+            if input.resume:
+                complete = self._complete_epochs(input.run_id, input.execution)
+                saved = [info for info, _ in complete]
+                epochs["resume"] = self._resume_source(complete, input.keep, upload_ttl_s)
         spec = JobSpec(
             run_id=input.run_id,
             attempt=input.attempt,
@@ -319,6 +350,7 @@ class StorageActivities:
                 tensorboard, MAX_TENSORBOARD_BYTES, upload_ttl_s
             ),
             limits=input.limits,
+            **epochs,
         )
         location = _job_location(self.settings.bucket, prefix, input)
         self.s3.put_object(
@@ -333,6 +365,88 @@ class StorageActivities:
                 "get_object", location, input.job_url_ttl_s or self.settings.job_url_ttl_s
             ),
             output=output,
+            resumed_from=spec.resume.epoch if spec.resume else None,
+            saved_epochs=saved,
+        )
+
+    def _complete_epochs(
+        self, run_id: str, execution: str
+    ) -> list[tuple[SavedEpochInfo, EpochManifest]]:
+        """The run's complete epochs, in order: those whose manifest is up and whose every file
+        is there at the size the manifest says. A folder without a manifest (a host that died
+        while uploading) is skipped, and so is one whose manifest names a missing file."""
+        folder = f"{run_prefix(run_id, execution)}/epochs/"
+        bucket = self.settings.bucket
+        listed = list(self._list(bucket, folder, folder))
+        sizes = {item["Key"]: item["Size"] for item in listed}
+        found: dict[int, tuple[EpochManifest, SavedEpochInfo]] = {}
+        for key in sorted(sizes):
+            if not key.endswith("/manifest.json"):
+                continue
+            body = self.s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+            try:
+                manifest = EpochManifest.model_validate_json(body)
+            except ValidationError:
+                log.warning("ignoring %s: not a valid epoch manifest", key)
+                continue
+            missing = [name for name, f in manifest.files.items() if sizes.get(f.key) != f.bytes]
+            if missing or EPOCH_LORA not in manifest.files or manifest.run_id != run_id:
+                log.warning("ignoring %s: incomplete (%s)", key, ", ".join(missing) or "no LoRA")
+                continue
+            files = manifest.files
+            found[manifest.epoch] = (
+                manifest,
+                SavedEpochInfo(
+                    epoch=manifest.epoch,
+                    loss=manifest.loss,
+                    step=manifest.step,
+                    attempt=manifest.attempt,
+                    bucket=bucket,
+                    lora=files[EPOCH_LORA],
+                    samples=[f for name, f in sorted(files.items()) if name.startswith("samples/")],
+                    state=files.get(EPOCH_STATE),
+                    manifest_key=key,
+                ),
+            )
+        return [(found[epoch][1], found[epoch][0]) for epoch in sorted(found)]
+
+    def _resume_source(
+        self,
+        complete: list[tuple[SavedEpochInfo, EpochManifest]],
+        keep: KeepPolicy,
+        ttl_s: int,
+    ) -> ResumeSource | None:
+        """The last saved epoch with a training state and every earlier loss, with the LoRAs
+        the replacement may keep without training them."""
+        resumable = [
+            (info, manifest)
+            for info, manifest in complete
+            if info.state is not None and len(manifest.epoch_losses) == info.epoch
+        ]
+        if not resumable:
+            return None
+        last, manifest = resumable[-1]
+        assert last.state is not None
+        by_epoch = {info.epoch: info for info, _ in complete}
+        losses = manifest.epoch_losses
+        best = min(range(1, len(losses) + 1), key=lambda e: losses[e - 1])
+        keepable = {last.epoch} | ({best} if keep == "lowest_loss" and best in by_epoch else set())
+        return ResumeSource(
+            epoch=last.epoch,
+            step=last.step,
+            attempt=last.attempt,
+            epoch_losses=losses,
+            state=self._remote(last.state, ttl_s),
+            loras={e: self._remote(by_epoch[e].lora, ttl_s) for e in sorted(keepable)},
+        )
+
+    def _remote(self, file: EpochFile, ttl_s: int) -> RemoteFile:
+        location = S3Location(bucket=self.settings.bucket, key=file.key)
+        return RemoteFile(
+            url=self._presign("get_object", location, ttl_s),
+            key=file.key,
+            bytes=file.bytes,
+            sha256=file.sha256,
         )
 
     def _upload_target(self, location: S3Location, max_bytes: int, ttl_s: int) -> UploadTarget:
@@ -346,17 +460,23 @@ class StorageActivities:
 
     @activity.defn
     def delete_job_specs(self, input: RunKeyInput) -> int:
-        """Delete the run's job specs (Civitai key, run secret) once the run is closed; how many.
+        """Delete the run's job specs (Civitai key, run secret) and its saved epochs' training
+        states once the run is closed; how many. The epochs' LoRAs, samples and manifests stay.
 
         Idempotent: nothing left to delete is success.
         """
         prefix = run_prefix(input.run_id, input.execution) + "/"
+
+        def closed_with_the_run(key: str) -> bool:
+            name = key[len(prefix) :]
+            job = name.startswith("job") and name.endswith(".json") and "/" not in name
+            state = name.startswith("epochs/") and name.endswith(f"/{EPOCH_STATE}")
+            return job or state
+
         keys = [
             item["Key"]
             for item in self._list(self.settings.bucket, prefix, prefix)
-            if item["Key"][len(prefix) :].startswith("job")
-            and item["Key"].endswith(".json")
-            and "/" not in item["Key"][len(prefix) :]
+            if closed_with_the_run(item["Key"])
         ]
         for key in keys:
             self.s3.delete_object(Bucket=self.settings.bucket, Key=key)
@@ -827,6 +947,12 @@ def _run_prefix(run_id: str) -> str:
             non_retryable=True,
         )
     return f"runs/{run_id}"
+
+
+def epoch_prefix(run_id: str, execution: str, epoch: int) -> str:
+    """`<run prefix>/epochs/<epoch, 4 digits>`: one saved epoch's LoRA, samples, training state
+    and manifest (written last; an epoch without one never counts)."""
+    return f"{run_prefix(run_id, execution)}/epochs/{epoch:04d}"
 
 
 def run_log_location(bucket: str, prefix: str, attempt: int) -> S3Location:

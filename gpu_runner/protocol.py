@@ -585,6 +585,7 @@ class EpochSavedData(BaseModel):
     total_epochs: int | None = Field(default=None, ge=1)
     step: int = Field(ge=0)
     loss: float | None = None
+    bucket: str | None = None  # where the keys are
     lora: EpochFile
     samples: list[EpochFile] = []
     state: EpochFile | None = None

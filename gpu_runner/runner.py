@@ -12,6 +12,7 @@ import contextlib
 import importlib
 import logging
 import re
+import shutil
 import signal
 import sys
 import tarfile
@@ -25,6 +26,7 @@ from pydantic import BaseModel, ValidationError
 
 from gpu_runner.archive import ArchiveError, pack_folder, safe_extract
 from gpu_runner.downloads import DownloadError, DownloadResult, DownloadSpec, download, redact_url
+from gpu_runner.epochs import EpochUploader, unpack_state
 from gpu_runner.events import EventSender
 from gpu_runner.protocol import (
     ComponentRole,
@@ -48,6 +50,7 @@ from gpu_runner.settings import RunnerSettings
 from gpu_runner.system import free_disk_bytes, probe_gpu, required_disk_bytes
 from gpu_runner.trainers.base import (
     PreparedTraining,
+    ResumePoint,
     Trainer,
     TrainerError,
     TrainingInputs,
@@ -83,6 +86,7 @@ _MILESTONES: frozenset[EventType] = frozenset(
         "files.ready",
         "training.completed",
         "model.uploaded",
+        "epoch.saved",
     }
 )
 
@@ -270,6 +274,7 @@ class Runner:
         self._terminate_signal: int | None = None
         self._terminated = asyncio.Event()
         self._http = httpx.AsyncClient(timeout=settings.runner_http_timeout_s)
+        self._epochs: EpochUploader | None = None
         self.sender = EventSender(
             run_id=spec.run_id,
             attempt=spec.attempt,
@@ -296,6 +301,8 @@ class Runner:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, self.terminate, signum)
         self.sender.start()
+        # An earlier attempt of this run on the same machine left its files: start clean.
+        await asyncio.to_thread(shutil.rmtree, self.run_dir, True)
         self._log_file = self._start_log_file()
         heartbeats = asyncio.create_task(self._heartbeats(), name="heartbeats")
         steps = asyncio.create_task(self._steps(), name="steps")
@@ -348,6 +355,8 @@ class Runner:
             for task in (heartbeats, gave_up, terminated):
                 task.cancel()
             await asyncio.gather(heartbeats, gave_up, terminated, return_exceptions=True)
+            if self._epochs is not None:
+                await self._epochs.close()
             self._stop_log_file()
             await self.sender.close()
             await self._http.aclose()
@@ -536,10 +545,12 @@ class Runner:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         await self._check_machine()
         self._stage = "images"
-        dataset_dir, (model, components) = await _all_or_none(
-            self._fetch_images(), self._fetch_model()
+        fetched: list[Any] = await _all_or_none_of(
+            [self._fetch_images(), self._fetch_model(), self._fetch_resume_state()]
         )
+        dataset_dir, (model, components), resume = fetched
         self._stage = "files"
+        uploader = self._start_epoch_uploads()
         inputs = TrainingInputs(
             run_dir=self.run_dir,
             dataset_dir=dataset_dir,
@@ -553,6 +564,10 @@ class Runner:
             variant=self.spec.model.variant,
             v_parameterization=self.spec.model.v_parameterization,
             vram_mb=self._vram_mb,
+            samples=self.spec.samples,
+            keep=self.spec.keep,
+            resume=resume,
+            on_epoch=uploader.report if uploader is not None else None,
         )
         inputs.output_dir.mkdir(parents=True, exist_ok=True)
         prepared = self._prepared = await asyncio.to_thread(trainer.prepare, inputs)
@@ -566,11 +581,84 @@ class Runner:
             ),
         )
         result = await self._train(trainer, prepared)
+        if uploader is not None:
+            # The last epoch's files go up before the run says it trained.
+            await uploader.finish(self.spec.limits.orphan_timeout_s)
         self._emit(
             "training.completed",
             TrainingCompletedData(epoch_losses=result.epoch_losses, best_epoch=result.best_epoch),
         )
         await self._upload(result)
+
+    def _start_epoch_uploads(self) -> EpochUploader | None:
+        if self.spec.epoch_uploads is None:
+            return None
+        self._epochs = EpochUploader(
+            self.spec,
+            self._http,
+            self.sender,
+            self.run_dir / "epochs",
+            retry_initial_s=self.settings.runner_retry_initial_s,
+            retry_max_s=self.settings.runner_retry_max_s,
+            redact=self._redact,
+        )
+        self._epochs.start()
+        return self._epochs
+
+    async def _fetch_resume_state(self) -> ResumePoint | None:
+        """An earlier attempt's last complete epoch: its training state, unpacked, and the
+        LoRAs this host may keep without training them (sha256-checked like every download)."""
+        source = self.spec.resume
+        if source is None:
+            return None
+        folder = self.run_dir / "resume"
+        files = [(source.state, folder / "state.tar", f"epoch {source.epoch}'s training state")]
+        files += [
+            (lora, folder / "loras" / f"{epoch:06d}.safetensors", f"epoch {epoch}'s LoRA")
+            for epoch, lora in sorted(source.loras.items())
+        ]
+        try:
+            await _all_or_none_of(
+                [
+                    download(
+                        self._http,
+                        DownloadSpec(
+                            url=remote.url,
+                            dest=dest,
+                            what=what,
+                            sha256=remote.sha256,
+                            expected_bytes=remote.bytes,
+                            max_bytes=remote.bytes,
+                        ),
+                        retry_initial_s=self.settings.runner_retry_initial_s,
+                        retry_max_s=self.settings.runner_retry_max_s,
+                        on_progress=self._progress(what),
+                    )
+                    for remote, dest, what in files
+                ]
+            )
+            state_dir = await asyncio.to_thread(
+                unpack_state, folder / "state.tar", folder / "state"
+            )
+        except DownloadError as e:
+            raise StepFailed("model", f"resume_{e.code}", e.message) from None
+        except (OSError, tarfile.TarError) as e:
+            raise StepFailed(
+                "model", "resume_state_invalid", f"cannot unpack epoch {source.epoch}'s state: {e}"
+            ) from None
+        log.info(
+            "resuming from epoch %d (saved by attempt %d, step %d)",
+            source.epoch,
+            source.attempt,
+            source.step,
+        )
+        return ResumePoint(
+            epoch=source.epoch,
+            step=source.step,
+            state_dir=state_dir,
+            epoch_losses=list(source.epoch_losses),
+            loras={epoch: folder / "loras" / f"{epoch:06d}.safetensors" for epoch in source.loras},
+        )
 
     async def _check_machine(self) -> None:
         self._stage = "gpu"
@@ -863,14 +951,6 @@ async def _all_or_none_of(coroutines: list[Coroutine[Any, Any, T]]) -> list[T]:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def _all_or_none(
-    first: Coroutine[Any, Any, T], second: Coroutine[Any, Any, Any]
-) -> tuple[T, Any]:
-    """Run both at once; when one fails (or we are cancelled) the other is cancelled too."""
-    results = await _all_or_none_of([first, cast(Coroutine[Any, Any, T], second)])
-    return results[0], results[1]
 
 
 # --------------------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ def uninterrupted(
 def test_every_epoch_is_reported_with_its_state_and_samples_when_due(
     uninterrupted: tuple[TrainingInputs, list[SavedEpoch], list[float]],
 ) -> None:
-    inputs, saved, losses = uninterrupted
+    _, saved, losses = uninterrupted
     assert [s.epoch for s in saved] == [1, 2, 3, 4]
     assert [s.loss for s in saved] == losses
     assert all(s.total_epochs == EPOCHS and s.lora.is_file() for s in saved)
@@ -123,7 +123,9 @@ async def test_a_state_of_another_network_is_refused(
     inputs = dataclasses.replace(
         inputs,
         config=inputs.config.model_copy(update={"network_dim": 8, "network_alpha": 8}),
-        resume=ResumePoint(epoch=1, step=whole_saved[0].step, state_dir=state, epoch_losses=losses[:1]),
+        resume=ResumePoint(
+            epoch=1, step=whole_saved[0].step, state_dir=state, epoch_losses=losses[:1]
+        ),
     )
     with pytest.raises(TrainerError) as refused:
         await train(BuiltinTrainer(RunnerSettings()), inputs)

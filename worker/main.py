@@ -141,7 +141,7 @@ def activities_for(settings: Settings, provider: GpuProvider | None = None) -> l
     storage = StorageActivities(s3, settings, presigner)
     models = ModelActivities(s3, settings, presigner)
     gpu = GpuActivities(provider or gpu_provider(settings), settings)
-    notify = NotifyActivities(settings)
+    notify = NotifyActivities(settings, presigner or s3)
     relay = RelayActivities(settings)
     return [
         storage.validate_images,

@@ -49,11 +49,13 @@ from temporalio.api.common.v1 import Payload, Payloads
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 from temporalio.service import RPCError, RPCStatusCode
 
+from activities.storage import epoch_prefix
 from gpu_runner import protocol
 from workflows.models import RelayedEvent
 
 from .converter import EncryptionCodec, codec_from_settings, data_converter
 from .logs import configure_logging
+from .main import s3_client
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -577,6 +579,74 @@ def _events_endpoint(
 
 
 # --------------------------------------------------------------------------------------------
+# Upload URLs for saved epochs
+# --------------------------------------------------------------------------------------------
+
+
+def _uploads_endpoint(
+    settings: Settings, connection: TemporalConnection
+) -> Callable[[Request], Awaitable[Response]]:
+    """Presigned PUTs for one epoch's files, under the run's own prefix, for a runner whose
+    request is signed with its run's secret while the run is open. The GPU never holds S3
+    credentials: each URL names one key and lives settings.epoch_upload_url_ttl_s."""
+    presigner = s3_client(settings, settings.s3_public_endpoint_url)
+    first_executions = FirstExecutions()
+
+    async def post_uploads(request: Request) -> Response:
+        run_id, execution = request.path_params["run_id"], request.path_params["execution"]
+        try:
+            async with asyncio.timeout(settings.http_timeout_s):
+                body = await _read_limited_body(request, protocol.MAX_EVENT_BYTES)
+            _verify_signature(settings, run_id, execution, request, body)
+            try:
+                asked = protocol.UploadUrlsRequest.model_validate_json(body)
+            except ValidationError as e:
+                raise Rejection(
+                    400, f"not an upload request: {protocol.describe_invalid(e)}"
+                ) from None
+            if asked.run_id != run_id:
+                raise Rejection(400, f"request is for run {asked.run_id!r}, not {run_id!r}")
+            await _check_open(await connection.get(), run_id, execution, first_executions)
+        except Rejection as rejection:
+            log.info("upload URLs refused with %d: %s", rejection.status_code, rejection.message)
+            return rejection.response()
+        except TimeoutError:
+            return Rejection(408, "request body not received in time").response()
+        except ClientDisconnect:
+            return Rejection(400, "client disconnected before sending the body").response()
+        prefix = epoch_prefix(run_id, execution, asked.epoch)
+        ttl_s = settings.epoch_upload_url_ttl_s
+        keys = {name: f"{prefix}/{name}" for name in asked.files}
+        urls = {
+            name: presigner.generate_presigned_url(
+                "put_object", Params={"Bucket": settings.bucket, "Key": key}, ExpiresIn=ttl_s
+            )
+            for name, key in keys.items()
+        }
+        answer = protocol.UploadUrls(
+            bucket=settings.bucket, urls=urls, keys=keys, expires_in_s=ttl_s
+        )
+        return Response(answer.model_dump_json(), 200, media_type="application/json")
+
+    return post_uploads
+
+
+async def _check_open(
+    client: Client, run_id: str, execution: str, first_executions: FirstExecutions
+) -> None:
+    """410 unless the run of this first execution is still running."""
+    handle = client.get_workflow_handle(run_id)
+    await first_executions.check(handle, execution)
+    try:
+        description = await handle.describe(rpc_timeout=TEMPORAL_RPC_TIMEOUT)
+    except RPCError as e:
+        raise _rpc_failure("describe", run_id, e) from None
+    status = description.status
+    if status is not None and status != WorkflowExecutionStatus.RUNNING:
+        raise Rejection(410, "run is closed", extra={"status": status.name})
+
+
+# --------------------------------------------------------------------------------------------
 # Codec server
 # --------------------------------------------------------------------------------------------
 
@@ -664,11 +734,13 @@ def create_app(settings: Settings, client: Client | None = None) -> Starlette:
         return JSONResponse({"ok": True, "temporal_connected": connection.connected})
 
     events = _events_endpoint(settings, coalescer)
+    uploads = _uploads_endpoint(settings, connection)
     return Starlette(
         routes=[
             Route("/healthz", healthz, methods=["GET"]),
             Route("/v1/runs/{run_id}/events", events, methods=["POST"]),
             Route("/v1/runs/{run_id}/executions/{execution}/events", events, methods=["POST"]),
+            Route("/v1/runs/{run_id}/executions/{execution}/uploads", uploads, methods=["POST"]),
             Mount(
                 "/codec",
                 routes=_codec_routes(codec, settings),

@@ -90,6 +90,9 @@ class Settings(BaseSettings):
     job_url_ttl_s: int = 15 * 60
     download_url_ttl_s: int = 24 * 3600
     upload_url_ttl_s: int = 7 * 24 * 3600 - 60
+    # The relay's presigned PUTs for one saved epoch's files: long enough for a large training
+    # state on a slow uplink, short enough that a lost GPU cannot write for long.
+    epoch_upload_url_ttl_s: int = Field(default=2 * 3600, ge=60, le=7 * 24 * 3600)
 
     # Dataset limits
     max_image_bytes: int = 50 * 1024 * 1024

@@ -8,7 +8,15 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from gpu_runner.protocol import ComponentRole, RunnerEvent, TrainerName, TrainingConfig
+from gpu_runner.protocol import (
+    ComponentRole,
+    EpochFile,
+    KeepPolicy,
+    RunnerEvent,
+    SampleSettings,
+    TrainerName,
+    TrainingConfig,
+)
 
 BucketName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")]
 
@@ -92,6 +100,7 @@ class GpuRequirements(_Model):
 UserEventType = Literal[
     "training.status",
     "training.progress",
+    "training.epoch",
     "training.completed",
     "training.failed",
     "training.stalled",
@@ -143,6 +152,19 @@ class TrainingRequest(_Model):
     trainer: TrainerName = "sd-scripts"
     civitai_api_key: str | None = Field(default=None, repr=False, min_length=1, max_length=256)
     max_gpu_attempts: int = Field(default=3, ge=1, le=10)
+    samples: SampleSettings = Field(
+        default_factory=SampleSettings,
+        description="Images rendered with each saved epoch's LoRA (`enabled: false`: none).",
+    )
+    keep: KeepPolicy = Field(
+        default="lowest_loss",
+        description="Which saved epoch's LoRA is the run's model: the lowest loss, or the last.",
+    )
+    resume: bool = Field(
+        default=True,
+        description="A replacement GPU resumes from the last complete saved epoch; false: it "
+        "trains from the start.",
+    )
     max_cost_usd: float | None = Field(
         default=None,
         gt=0,
@@ -229,6 +251,23 @@ class ModelResult(_Model):
     loss: float | None = None
 
 
+class SavedEpochInfo(_Model):
+    """One epoch whose files are all in S3 (its manifest written last)."""
+
+    epoch: int
+    loss: float | None = None
+    step: int = 0
+    attempt: int = Field(description="The GPU attempt that trained it.")
+    bucket: str | None = Field(default=None, description="Where the files' keys are.")
+    lora: EpochFile
+    samples: list[EpochFile] = Field(default_factory=list)
+    state: EpochFile | None = Field(
+        default=None,
+        description="The training state a replacement resumes from (deleted when the run closes).",
+    )
+    manifest_key: str
+
+
 class RunError(_Model):
     code: str
     message: str
@@ -276,6 +315,14 @@ class RunStatus(_Model):
     cost_usd: float = 0.0
     best_checkpoint: int | None = Field(default=None, description="Epoch of the lowest loss.")
     epoch_losses: list[float] = Field(default_factory=list)
+    epochs: list[SavedEpochInfo] = Field(
+        default_factory=list, description="Every saved epoch, in order (`download --epoch N`)."
+    )
+    resumed: list[str] = Field(
+        default_factory=list,
+        description="Each resume of the run on a new host, e.g. 'resumed from epoch 7 on "
+        "attempt 2'.",
+    )
     result: ModelResult | None = None
     download_url: str | None = Field(
         default=None, repr=False, description="Presigned GET of the verified model."

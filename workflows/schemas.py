@@ -37,7 +37,17 @@ from pydantic import BaseModel, ConfigDict, Field, RootModel
 from pydantic.json_schema import GenerateJsonSchema, JsonSchemaMode
 from pydantic_core import core_schema
 
-from .models import ModelResult, Progress, RunError, RunStatus, RunStatusName, TrainingRequest
+from gpu_runner.protocol import EpochFile
+
+from .models import (
+    ModelResult,
+    Progress,
+    RunError,
+    RunStatus,
+    RunStatusName,
+    SavedEpochInfo,
+    TrainingRequest,
+)
 
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 SCHEMAS_DIR = Path(__file__).resolve().parent.parent / "schemas"
@@ -62,6 +72,20 @@ class ProgressData(Progress):
     version: int = Field(description="The run status's `version` when this progress was sent.")
 
 
+class EpochFileWithUrl(EpochFile):
+    url: str = Field(description="Presigned GET of the file (expires).")
+
+
+class EpochData(_Body):
+    epoch: int
+    loss: float | None = None
+    step: int
+    attempt: int = Field(description="The GPU attempt that trained it.")
+    lora: EpochFileWithUrl
+    samples: list[EpochFileWithUrl]
+    version: int = Field(description="The run status's `version` when the epoch was saved.")
+
+
 class _TerminalData(_Body):
     error: RunError | None = Field(
         default=None, description="Why the run ended so; absent when it completed."
@@ -75,6 +99,9 @@ class _TerminalData(_Body):
     version: int | None = Field(
         default=None,
         description="Sent only by runs on the first (legacy) workflow code; newer ones omit it.",
+    )
+    epochs: list[SavedEpochInfo] | None = Field(
+        default=None, description="Every saved epoch (`loratrain download --epoch N`)."
     )
 
 
@@ -122,6 +149,13 @@ class ProgressWebhook(_Envelope):
     data: ProgressData
 
 
+class EpochWebhook(_Envelope):
+    """An epoch's LoRA and samples are saved (every epoch, as it ends)."""
+
+    type: Literal["training.epoch"]
+    data: EpochData
+
+
 class CompletedWebhook(_Envelope):
     """The model was uploaded and verified."""
 
@@ -153,6 +187,7 @@ class CancelledWebhook(_Envelope):
 WEBHOOK_BODIES: tuple[type[_Envelope], ...] = (
     StatusWebhook,
     ProgressWebhook,
+    EpochWebhook,
     CompletedWebhook,
     FailedWebhook,
     StalledWebhook,
@@ -165,6 +200,7 @@ class UserWebhookBody(
         Annotated[
             StatusWebhook
             | ProgressWebhook
+            | EpochWebhook
             | CompletedWebhook
             | FailedWebhook
             | StalledWebhook

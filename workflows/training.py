@@ -30,12 +30,14 @@ with workflow.unsafe.imports_passed_through():
         DatasetInput,
         ImagesZip,
         JobSpecInput,
+        JobSpecRef,
         RunKeyInput,
         StorageActivities,
         VerifiedUpload,
         VerifyUploadInput,
     )
     from gpu_runner.protocol import (
+        EpochSavedData,
         GpuReadyData,
         HeartbeatData,
         ModelUploadedData,
@@ -55,6 +57,7 @@ with workflow.unsafe.imports_passed_through():
         RunError,
         RunStatus,
         RunStatusName,
+        SavedEpochInfo,
         StatusChange,
         TrainingRequest,
         UserEventType,
@@ -94,6 +97,10 @@ STANDING_ALARM = "standing-alarm"
 # The model's family sizes the GPU: its VRAM and disk needs (with the family's settings and the
 # files beside the checkpoint) raise the request's minimums before any offer is searched.
 FAMILY_SIZED_GPU = "family-sized-gpu"
+# Every epoch is durable: the runner uploads each one (LoRA, samples, training state) as it
+# ends and reports epoch.saved; the run lists them, and a replacement GPU resumes from the last
+# complete one instead of training from the start.
+DURABLE_EPOCHS = "durable-epochs"
 
 # Named retry policies: side effects retry until the status deadline calls a stall; giving a
 # GPU back never gives up.
@@ -336,6 +343,7 @@ class TrainingWorkflow:
         runtime_s = (
             deadlines.pending_images_s + deadlines.pending_model_s + deadlines.training_total_s
         )
+        durable_epochs = workflow.patched(DURABLE_EPOCHS)
         job = await workflow.execute_activity_method(
             StorageActivities.write_job_spec,
             JobSpecInput(
@@ -353,12 +361,18 @@ class TrainingWorkflow:
                 job_url_ttl_s=deadlines.pending_gpu_s + JOB_URL_MARGIN_S,
                 # The upload URL lives only as long as this attempt's training can.
                 upload_url_ttl_s=min(deadlines.pending_gpu_s + runtime_s, 7 * 24 * 3600 - 60),
+                save_epochs=durable_epochs,
+                samples=request.samples,
+                keep=request.keep,
+                resume=durable_epochs and request.resume and attempt > 1,
             ),
             start_to_close_timeout=timedelta(minutes=1),
             retry_policy=RETRY_UNTIL_DEADLINE,
             summary=f"write the job for GPU attempt {attempt}",
         )
         state.output = job.output
+        if durable_epochs:
+            self._found_saved_epochs(job, attempt)
         model = prepared.model
         requirements, download_bytes = request.gpu, prepared.images_zip.bytes + (model.bytes or 0)
         if workflow.patched(FAMILY_SIZED_GPU):
@@ -409,6 +423,22 @@ class TrainingWorkflow:
             country=instance.country,
         )
         self._learn(Fact.GPU_CREATED)
+
+    def _found_saved_epochs(self, job: JobSpecRef, attempt: int) -> None:
+        """What storage holds of earlier attempts (an epoch whose event never arrived counts
+        too), and where this attempt resumes."""
+        for info in job.saved_epochs:
+            self._keep_epoch(info)
+        if job.resumed_from is not None:
+            self._state.status.resumed.append(
+                f"resumed from epoch {job.resumed_from} on attempt {attempt}"
+            )
+        if job.saved_epochs or job.resumed_from is not None:
+            self._bump()
+
+    def _keep_epoch(self, info: SavedEpochInfo) -> None:
+        epochs = [e for e in self._state.status.epochs if e.epoch != info.epoch]
+        self._state.status.epochs = sorted([*epochs, info], key=lambda e: e.epoch)
 
     async def _follow_gpu_until_uploaded(self) -> _Followed:
         """pendingGpu .. training: one deadline per status, the instance checked all along."""
@@ -826,6 +856,28 @@ class TrainingWorkflow:
                 # Trained, and retrying the model upload through an S3 outage: that is
                 # progress too, bounded by the runner's orphan timeout and the total deadline.
                 self._state.last_step_at = workflow.now()
+        elif isinstance(data, EpochSavedData):
+            self._note_step(data.step)
+            info = SavedEpochInfo(
+                epoch=data.epoch,
+                loss=data.loss,
+                step=data.step,
+                attempt=event.attempt,
+                bucket=data.bucket,
+                lora=data.lora,
+                samples=data.samples,
+                state=data.state,
+                manifest_key=data.manifest_key,
+            )
+            self._keep_epoch(info)
+            self._bump()
+            self._webhooks.queue(
+                "training.epoch",
+                {
+                    **info.model_dump(mode="json", exclude={"state", "manifest_key"}),
+                    "version": state.status.version,
+                },
+            )
         elif isinstance(data, TrainingCompletedData):
             state.status.epoch_losses = data.epoch_losses
             state.status.best_checkpoint = data.best_epoch
@@ -972,6 +1024,14 @@ class TrainingWorkflow:
             loss = f", loss {p.loss:.4f}" if p.loss is not None else ""
             eta = f", ETA {int(p.eta_s)} s" if p.eta_s is not None else ""
             lines.append(f"{epoch}step {p.step}/{p.total} ({p.percent:.0f} %){loss}{eta}")
+        if st.epochs:
+            last = st.epochs[-1]
+            loss = f", loss {last.loss:.4f}" if last.loss is not None else ""
+            lines.append(f"epochs saved: {len(st.epochs)} (latest: epoch {last.epoch}{loss})")
+            if last.samples and last.bucket:
+                lines.append(f"latest sample: s3://{last.bucket}/{last.samples[-1].key}")
+        if st.resumed:
+            lines.append(st.resumed[-1])
         if st.gpu is not None:
             rate = f" at ${st.gpu.dollars_per_hour:.3f}/h" if st.gpu.dollars_per_hour else ""
             lines.append(f"GPU: {st.gpu.gpu_name or st.gpu.provider}{rate}")
@@ -991,6 +1051,10 @@ class TrainingWorkflow:
         if self._state.status.result is not None:
             payload["model"] = self._state.status.result.model_dump(mode="json")
             payload["download_url"] = self._state.status.download_url
+        if self._state.status.epochs:
+            payload["epochs"] = [
+                e.model_dump(mode="json", exclude={"state"}) for e in self._state.status.epochs
+            ]
         self._webhooks.queue(_TERMINAL_WEBHOOKS[status], payload)
 
     def _end_with(self, exc: Exception) -> None:

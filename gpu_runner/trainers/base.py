@@ -27,6 +27,8 @@ class ResumePoint:
     step: int
     state_dir: Path  # the trainer's own state folder, as it saved it
     epoch_losses: list[float]  # epochs 1..epoch
+    # Earlier epochs' LoRAs on this disk, by epoch: the kept one may be among them.
+    loras: dict[int, Path] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

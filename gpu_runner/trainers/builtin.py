@@ -628,6 +628,9 @@ class _Training:
         checkpoint = self.inputs.output_dir / checkpoint_name(
             config.output_name, best, len(epoch_losses)
         )
+        resumed = self.inputs.resume
+        if best < first_epoch and resumed is not None and best in resumed.loras:
+            checkpoint = resumed.loras[best]  # trained by an earlier host
         return TrainingResult(
             epoch_losses=epoch_losses,
             best_epoch=best,
@@ -723,7 +726,12 @@ class _Training:
         return folder
 
     def _resume(
-        self, resume: ResumePoint, model: SdComponents, optimizer: Any, lr_scheduler: Any, scaler: Any
+        self,
+        resume: ResumePoint,
+        model: SdComponents,
+        optimizer: Any,
+        lr_scheduler: Any,
+        scaler: Any,
     ) -> tuple[int, list[float]]:
         """Load an earlier attempt's state: the adapters, optimizer, scheduler, scaler and RNG
         as they were at the end of `resume.epoch`. Returns (step, epoch losses so far)."""
@@ -777,7 +785,7 @@ class _Training:
             return []
         size = _required(self.config.resolution, "resolution")
         device = saver.device
-        pipeline = StableDiffusionPipeline(
+        pipeline: Any = StableDiffusionPipeline(
             vae=model.vae,
             text_encoder=model.text_encoder,
             tokenizer=model.tokenizer,
