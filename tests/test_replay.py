@@ -49,7 +49,7 @@ _CANCEL_ANYWHERE = [
 ]
 # The v7 patches' own paths: tests/test_faults.py (faults-end-right), tests/test_cost_edges.py
 # (cost-edges) and tests/test_webhook_delivery.py (webhook-bounded-schedule). v8 (the standing
-# alarm) and v9 (the family-sized GPU) record every set again.
+# alarm), v9 (the family-sized GPU) and v10 (durable epochs) record every set again.
 _FAULTS = [
     "stuck-trainer-replaced",
     "waited-for-the-relay",
@@ -59,16 +59,23 @@ _FAULTS = [
     "webhook-gave_up",
     "webhook-refused",
 ]
+# tests/test_durable_epochs.py: the durable-epochs patch's own paths (v10 on).
+_EPOCHS = ["resumed-run", "epochs-saved"]
 REQUIRED = (
     {"completed-run-1", "baddata-run-1", "reaper-pass-1"}
     | {
         f"{v}-{name}"
-        for v in ("v2", "v3", "v4", "v6", "v7", "v8", CODE_VERSION)
+        for v in ("v2", "v3", "v4", "v6", "v7", "v8", "v9", CODE_VERSION)
         for name in _PER_VERSION
     }
-    | {f"{version}-bad-dataset" for version in ("v4", "v6", "v7", "v8", CODE_VERSION)}
-    | {f"{v}-{name}" for v in ("v5", "v6", "v7", "v8", CODE_VERSION) for name in _CANCEL_ANYWHERE}
-    | {f"{v}-{name}" for v in ("v7", "v8", CODE_VERSION) for name in _FAULTS}
+    | {f"{version}-bad-dataset" for version in ("v4", "v6", "v7", "v8", "v9", CODE_VERSION)}
+    | {
+        f"{v}-{name}"
+        for v in ("v5", "v6", "v7", "v8", "v9", CODE_VERSION)
+        for name in _CANCEL_ANYWHERE
+    }
+    | {f"{v}-{name}" for v in ("v7", "v8", "v9", CODE_VERSION) for name in _FAULTS}
+    | {f"{CODE_VERSION}-{name}" for name in _EPOCHS}
 )
 
 

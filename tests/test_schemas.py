@@ -36,10 +36,11 @@ from workflows.models import (
 )
 
 from .conftest import TEST_CODEC_KEY
+from .workflow_support import CODE_VERSION
 
 ROOT = Path(__file__).resolve().parent.parent
 HISTORIES = ROOT / "tests" / "histories"
-CODE_VERSION_PREFIX = "v9-"
+CODE_VERSION_PREFIX = f"{CODE_VERSION}-"
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,13 +293,18 @@ def _body(event_type: UserEventType, data: dict[str, Any], run_id: str = "run-1"
     return json.loads(webhook_body(message, datetime(2026, 1, 2, tzinfo=UTC)))
 
 
+def _presign(key: str) -> str:
+    """What the worker's S3 client makes of a key for a training.epoch webhook."""
+    return f"http://127.0.0.1:8333/loratrain/{key}?X-Amz-Algorithm=AWS4-HMAC-SHA256"
+
+
 def test_recorded_webhook_bodies_validate() -> None:
     """Every webhook a recorded run queued, as activities/notify.py would POST it."""
     seen: set[str] = set()
     for name, recorded in _recorded_payloads()["webhook"]:
         message = UserWebhookInput.model_validate(recorded)
         occurred_at = message.occurred_at or datetime.now(UTC)
-        body = json.loads(webhook_body(message, occurred_at))
+        body = json.loads(webhook_body(message, occurred_at, _presign))
         errors = [e.message for e in _validator("user-webhook.schema.json").iter_errors(body)]
         assert not errors, f"{name}: {body['type']} body rejected: {errors}"
         seen.add(body["type"])

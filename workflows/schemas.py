@@ -81,6 +81,7 @@ class EpochData(_Body):
     loss: float | None = None
     step: int
     attempt: int = Field(description="The GPU attempt that trained it.")
+    bucket: str | None = Field(default=None, description="Where the files' keys are.")
     lora: EpochFileWithUrl
     samples: list[EpochFileWithUrl]
     version: int = Field(description="The run status's `version` when the epoch was saved.")
