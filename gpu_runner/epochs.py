@@ -94,9 +94,10 @@ class EpochUploader:
 
     async def finish(self, timeout_s: float) -> None:
         """Let the epochs reported so far go up (at most `timeout_s`), then stop."""
-        if self._task is None:
+        if self._task is None or self._loop is None:
             return
-        self._queue.put_nowait(None)
+        # Behind whatever the trainer reported from its thread (call_soon keeps their order).
+        self._loop.call_soon(self._queue.put_nowait, None)
         done, _ = await asyncio.wait({self._task}, timeout=timeout_s)
         if not done:
             log.warning("the last epochs' uploads did not finish within %.0f s", timeout_s)

@@ -343,7 +343,9 @@ class SampleSettings(_Model):
     steps: int = Field(default=20, ge=1, le=150)
     width: int | None = Field(default=None, ge=64, le=2048, description="None: the resolution.")
     height: int | None = Field(default=None, ge=64, le=2048, description="None: the resolution.")
-    guidance: float = Field(default=7.0, ge=0, le=30)
+    guidance: float | None = Field(
+        default=None, ge=0, le=30, description="None: the family's (7, Flux.1 3.5, SD 3.5 5)."
+    )
     negative_prompt: str = Field(default="", max_length=1000)
     sampler: Sampler = "euler_a"
 

@@ -150,7 +150,12 @@ for script, argv in json.load(sys.stdin):
             for d in blueprint.dataset_group.datasets
         ]
     dests = sorted({action.dest for action in parser._actions})
-    result = {"args": read, "dests": dests, "dataset": dataset}
+    prompts = None
+    if getattr(args, "sample_prompts", None):
+        # What sample_images reads of each line of the prompt file.
+        with open(args.sample_prompts, encoding="utf-8") as f:
+            prompts = [train_util.line_to_prompt_dict(line) for line in f if line.strip()]
+    result = {"args": read, "dests": dests, "dataset": dataset, "prompts": prompts}
     print("@@ARGS " + json.dumps(result, default=repr), flush=True)
 """
 

@@ -9,8 +9,10 @@ uninterrupted run with the same seed ends with.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,8 +26,15 @@ from gpu_runner.protocol import EpochManifest
 from workflows.models import RunStatus, RunStatusName, S3Prefix, UserWebhook
 from workflows.training import TrainingWorkflow
 
-from .test_integration import USER_SECRET, Stack, stack  # noqa: F401 - the fixture
-from .workflow_support import CODE_VERSION, check_replays, make_request, start_run
+from .test_integration import STANDIN, USER_SECRET, Stack, stack  # noqa: F401 - the fixture
+from .workflow_support import (
+    CODE_VERSION,
+    check_replays,
+    local_model,
+    make_request,
+    put_dataset,
+    start_run,
+)
 
 EPOCHS = 6
 TRAINING = {
@@ -132,9 +141,7 @@ async def test_a_killed_host_is_replaced_and_resumes_from_the_last_complete_epoc
     assert final.resumed == [f"resumed from epoch {resumed_from} on attempt 2"]
     # The epoch list goes on: the first epochs from attempt 1, the rest trained by attempt 2.
     assert [e.epoch for e in final.epochs] == list(range(1, EPOCHS + 1))
-    assert [e.attempt for e in final.epochs] == [1] * resumed_from + [2] * (
-        EPOCHS - resumed_from
-    )
+    assert [e.attempt for e in final.epochs] == [1] * resumed_from + [2] * (EPOCHS - resumed_from)
     # Bit for bit the uninterrupted run's losses and LoRA (same seed, same CPU, one thread).
     assert final.epoch_losses == uninterrupted.epoch_losses
     assert [e.loss for e in final.epochs] == final.epoch_losses
@@ -153,9 +160,7 @@ async def test_a_killed_host_is_replaced_and_resumes_from_the_last_complete_epoc
     # Every epoch has its sample; the training states went with the run, the rest stays.
     left = {
         item["Key"]
-        for item in s3.list_objects_v2(Bucket=bucket, Prefix=run_prefix(final)).get(
-            "Contents", []
-        )
+        for item in s3.list_objects_v2(Bucket=bucket, Prefix=run_prefix(final)).get("Contents", [])
     }
     for epoch in final.epochs:
         assert epoch.lora.key in left and epoch.manifest_key in left
@@ -179,3 +184,55 @@ async def test_a_killed_host_is_replaced_and_resumes_from_the_last_complete_epoc
 
     await check_replays(stack.settings, handle, name=f"{CODE_VERSION}-resumed-run")
     await check_replays(stack.settings, whole, name=f"{CODE_VERSION}-epochs-saved")
+
+
+async def test_sd_scripts_resumes_from_the_last_epoch_with_a_manifest(
+    stack: Stack,  # noqa: F811 - the fixture
+    s3: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The sd-scripts stand-in: the last epoch's files are up but its manifest is not (the
+    host died while uploading), so the replacement resumes from the one before, with
+    sd-scripts' --resume."""
+    # Slow steps, through what launches the stand-in: the runner passes no other variables.
+    slow = ["env", "STANDIN_STEP_S=0.2", sys.executable, str(STANDIN / "accelerate")]
+    monkeypatch.setenv("LORA_RUNNER_ACCELERATE_COMMAND", json.dumps(slow))
+    bucket = stack.settings.bucket
+    images = put_dataset(s3, bucket, "uploads/chairs/", count=4)
+    request = make_request(
+        images,
+        local_model(tmp_path),
+        training={"epochs": 4, "repeats": 4, "trigger_word": "ohwx"},
+        samples={"count": 1},
+    )
+    handle = await start_run(stack.client, stack.settings, request, run_id="sd-scripts-resume")
+    saved = await wait_for(handle, lambda st: len(st.epochs) >= 2, timeout_s=120)
+    [record] = [stack.provider._record(i) for i in stack.provider.created]
+    assert record is not None
+    os.killpg(record.pid, signal.SIGSTOP)
+    prefix = run_prefix(saved)
+    half_uploaded = max(manifests(s3, bucket, prefix))
+    assert 2 <= half_uploaded < 4
+    s3.delete_object(Bucket=bucket, Key=f"{prefix}/epochs/{half_uploaded:04d}/manifest.json")
+    os.killpg(record.pid, signal.SIGKILL)
+    resumed_from = half_uploaded - 1
+
+    final: RunStatus = await asyncio.wait_for(handle.result(), timeout=180)
+
+    assert final.status == RunStatusName.COMPLETED, final.error
+    assert final.resumed == [f"resumed from epoch {resumed_from} on attempt 2"]
+    assert [(e.epoch, e.attempt) for e in final.epochs] == [
+        (epoch, 1 if epoch <= resumed_from else 2) for epoch in range(1, 5)
+    ]
+    assert len(final.epoch_losses) == 4
+    log = s3.get_object(Bucket=bucket, Key=f"{prefix}/logs/attempt-2.log")["Body"].read().decode()
+    [command] = [line for line in log.splitlines() if "running " in line and "launch" in line]
+    # The state the runner downloaded and unpacked (its manifest checked by the worker).
+    assert command.rstrip().endswith(
+        "--resume " + str(tmp_path / "gpu" / handle.id / "resume" / "state")
+    )
+    assert "resume training from local state" in log
+    assert f"epoch {resumed_from}/4" not in log and f"epoch {resumed_from + 1}/4" in log
+    for epoch in final.epochs:
+        assert len(epoch.samples) == 1

@@ -18,11 +18,22 @@ from typing import Any
 
 import pytest
 
-from gpu_runner.protocol import BaseModelFamily, ComponentRole, ModelComponent, TrainingConfig
+from gpu_runner.protocol import (
+    BaseModelFamily,
+    ComponentRole,
+    ModelComponent,
+    SampleSettings,
+    TrainingConfig,
+)
 from gpu_runner.runner import Runner
 from gpu_runner.settings import RunnerSettings
 from gpu_runner.trainers import sd_scripts
-from gpu_runner.trainers.base import PreparedTraining, TrainerError, TrainingInputs
+from gpu_runner.trainers.base import (
+    PreparedTraining,
+    ResumePoint,
+    TrainerError,
+    TrainingInputs,
+)
 from gpu_runner.trainers.sd_scripts import SdScriptsTrainer, disk_needed_gb, vram_needed_gb
 from tests.http_support import serve_asgi
 from tests.runner.fake_trainer import FakeTrainer
@@ -49,6 +60,8 @@ class Case:
     # Expected: (fp8_base, blocks_to_swap) and whether text encoders train.
     fp8: bool = False
     swap: int = 0
+    # Every epoch saved with samples, resumed from an earlier host's state.
+    epochs: bool = False
 
 
 FLUX_FILES: tuple[ComponentRole, ...] = ("clip_l", "t5xxl", "ae")
@@ -85,6 +98,12 @@ CASES = [
     Case("sd35-large-files", "sd3", "large", 80, ("clip_l", "clip_g", "t5xxl")),
     Case("sd35-large-16gb", "sd3", "large", 16, ("clip_l", "clip_g", "t5xxl"), fp8=True, swap=16),
     Case("sd35-medium-single-file", "sd3", "medium", 24),
+    Case("sd15-epochs-resumed", "sd15", epochs=True),
+    Case("sdxl-epochs-resumed", "sdxl", epochs=True),
+    Case("flux-dev-epochs-resumed", "flux", "dev", 80, FLUX_FILES, epochs=True),
+    Case(
+        "sd35-large-epochs-resumed", "sd3", "large", 80, ("clip_l", "clip_g", "t5xxl"), epochs=True
+    ),
     Case(
         "sd35-medium-text-encoders",
         "sd3",
@@ -137,6 +156,15 @@ def inputs_for(case: Case, tmp_path: Path) -> TrainingInputs:
     config = TrainingConfig(
         epochs=2, repeats=1, trigger_word="ohwx chair", **case.config
     ).for_family(case.family)
+    epochs: dict[str, Any] = {}
+    if case.epochs:
+        state = root / "resume" / "state"
+        state.mkdir(parents=True)
+        epochs = {
+            "on_epoch": lambda saved: None,
+            "samples": SampleSettings(seed=5, steps=12, negative_prompt="blurry"),
+            "resume": ResumePoint(epoch=1, step=2, state_dir=state, epoch_losses=[0.1]),
+        }
     return TrainingInputs(
         run_dir=root / "run",
         dataset_dir=dataset,
@@ -148,6 +176,7 @@ def inputs_for(case: Case, tmp_path: Path) -> TrainingInputs:
         variant=case.variant,
         v_parameterization=case.v_parameterization,
         vram_mb=None if case.vram_gb is None else case.vram_gb * 1024,
+        **epochs,
     )
 
 
@@ -226,6 +255,39 @@ def test_the_real_script_reads_every_setting(
         assert args["guidance_scale"] == 1.0
     if case.family == "sd3":
         assert args["weighting_scheme"] == config.weighting_scheme
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.epochs], ids=lambda case: case.name)
+def test_epochs_are_saved_with_samples_and_resumed_as_the_script_reads_it(
+    case: Case, parsed: dict[str, tuple[TrainingInputs, dict[str, Any], dict[str, Any]]]
+) -> None:
+    inputs, _, result = parsed[case.name]
+    args = result["args"]
+    assert inputs.resume is not None
+    assert args["resume"] == str(inputs.resume.state_dir)
+    assert args["save_state"] is True and args["save_every_n_epochs"] == 1
+    assert args["sample_every_n_epochs"] == 1 and args["sample_sampler"] == "euler_a"
+    # Two samples from the dataset's captions (trigger word first), as sample_images reads them.
+    size = inputs.config.resolution
+    guidance = {"flux": ("guidance_scale", 3.5), "sd3": ("scale", 5.0)}
+    key, value = guidance.get(case.family, ("scale", 7.0))
+    assert [p["prompt"] for p in result["prompts"]] == [
+        "ohwx chair, a photo of a red chair in a garden",
+        "ohwx chair",
+    ]
+    for index, prompt in enumerate(result["prompts"]):
+        assert (prompt["width"], prompt["height"]) == (size, size)
+        assert (prompt["seed"], prompt["sample_steps"]) == (5 + index, 12)
+        assert prompt[key] == value
+        assert prompt["negative_prompt"] == "blurry"
+
+
+def test_without_epoch_uploads_no_state_or_sample_is_asked_for(
+    parsed: dict[str, tuple[TrainingInputs, dict[str, Any], dict[str, Any]]],
+) -> None:
+    _, written, result = parsed["sd15"]
+    assert not {"save_state", "resume", "sample_prompts"} & set(written)
+    assert result["args"]["resume"] is None and result["prompts"] is None
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda case: case.name)

@@ -812,7 +812,7 @@ class _Training:
                             prompt,
                             negative_prompt=settings.negative_prompt or None,
                             num_inference_steps=settings.steps,
-                            guidance_scale=settings.guidance,
+                            guidance_scale=7.0 if settings.guidance is None else settings.guidance,
                             width=settings.width or size,
                             height=settings.height or size,
                             generator=generator,

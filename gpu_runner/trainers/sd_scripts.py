@@ -57,9 +57,12 @@ from gpu_runner.settings import RunnerSettings
 from gpu_runner.trainers.base import (
     PreparedTraining,
     ProgressCallback,
+    SavedEpoch,
     TrainerError,
     TrainingInputs,
     TrainingResult,
+    kept_epoch,
+    sample_prompts,
 )
 
 SD_SCRIPTS_COMMIT = "48d368fa557731ad0488c07304dfeba8c07910eb"
@@ -209,6 +212,12 @@ class TrainingArguments(_Toml):
     # "width,height". Training reads the dataset config's; the LoRA's modelspec.resolution reads
     # only this one (without it: 512x512, or 1024x1024 for SDXL, whatever the run trained at).
     resolution: str
+    # Every epoch's accelerate state (<output_name>-<epoch>-state/), when epochs are uploaded.
+    save_state: bool | None = None
+    # Samples with each saved epoch (library/train_util.py sample_images; prompt file lines).
+    sample_prompts: str | None = None
+    sample_every_n_epochs: int | None = None
+    sample_sampler: str | None = None
 
 
 class AccelerateConfig(_Toml):
@@ -429,7 +438,51 @@ def training_arguments(
         weighting_scheme=config.weighting_scheme if family == "sd3" else None,
         logging_dir=str(logging_dir),
         resolution=f"{resolution},{resolution}",
+        save_state=True if inputs.on_epoch is not None else None,
     )
+
+
+# The guidance a sample is rendered with when the request leaves it out, by family (Flux.1's is
+# its distilled guidance, --g; the others' classifier-free guidance, --l).
+SAMPLE_GUIDANCE: dict[BaseModelFamily, float] = {"flux": 3.5, "sd3": 5.0}
+DEFAULT_SAMPLE_GUIDANCE = 7.0
+
+
+def sample_prompt_lines(inputs: TrainingInputs, captions: list[str]) -> list[str]:
+    """sd-scripts' prompt file: one line per sample, its options after ` --`."""
+    settings = inputs.samples
+    size = _required(inputs.config.resolution, "resolution")
+    guidance = settings.guidance
+    if guidance is None:
+        guidance = SAMPLE_GUIDANCE.get(inputs.family, DEFAULT_SAMPLE_GUIDANCE)
+    lines = []
+    for index, prompt in enumerate(sample_prompts(settings, captions)):
+        options = [
+            f"--w {settings.width or size}",
+            f"--h {settings.height or size}",
+            f"--d {settings.seed + index}",
+            f"--s {settings.steps}",
+            f"--g {guidance}" if inputs.family == "flux" else f"--l {guidance}",
+        ]
+        if settings.negative_prompt:
+            options.append(f"--n {settings.negative_prompt}")
+        # A line break or " --" inside the prompt would start another line or option.
+        text = " ".join(prompt.split()).replace(" --", " -")
+        lines.append(f"{text} {' '.join(options)}")
+    return lines
+
+
+def dataset_captions(folders: list[tuple[Path, int]]) -> list[str]:
+    """Each image's caption (first line of its .txt), in the dataset's order."""
+    captions = []
+    for folder, _ in folders:
+        for image in sorted(folder.iterdir()):
+            caption = image.with_suffix(".txt")
+            if image.suffix.lower() in IMAGE_EXTENSIONS and caption.is_file():
+                lines = caption.read_text(encoding="utf-8").strip().splitlines()
+                if lines:
+                    captions.append(lines[0].strip())
+    return captions
 
 
 def component_paths(inputs: TrainingInputs) -> dict[str, str]:
@@ -881,6 +934,17 @@ class SdScriptsTrainer:
             encoding="utf-8",
         )
         arguments = training_arguments(inputs, self.settings, dataset_toml, logging_dir)
+        prompts = sample_prompt_lines(inputs, dataset_captions(folders))
+        if inputs.samples.enabled and prompts:
+            prompts_file = config_dir / "sample_prompts.txt"
+            prompts_file.write_text("\n".join(prompts) + "\n", encoding="utf-8")
+            arguments = arguments.model_copy(
+                update={
+                    "sample_prompts": str(prompts_file),
+                    "sample_every_n_epochs": inputs.samples.every_n_epochs,
+                    "sample_sampler": inputs.samples.sampler,
+                }
+            )
         if inputs.family in T5_FAMILIES or arguments.fp8_base:
             _trainer_log.info(
                 "GPU memory %s MB: fp8_base %s, blocks_to_swap %s",
@@ -946,6 +1010,9 @@ class SdScriptsTrainer:
             str(script),
             "--config_file",
             prepared.paths["training_config"],
+            # An earlier host's last complete epoch: sd-scripts loads it and, from its
+            # train_state.json, starts at the next epoch.
+            *(["--resume", str(resume.state_dir)] if (resume := prepared.inputs.resume) else []),
         ]
 
     async def train(
@@ -975,12 +1042,15 @@ class SdScriptsTrainer:
             )
         except OSError as e:
             raise TrainerError("trainer_crashed", f"could not start sd-scripts: {e}") from e
+        epochs = _EpochReporter(inputs)
         try:
-            await self._follow(self._process, tracker, on_progress)
+            await self._follow(self._process, tracker, on_progress, epochs)
             returncode = await self._process.wait()
         finally:
             await self._terminate_group()
-        return self._result(prepared, tracker, returncode)
+        result = self._result(prepared, tracker, returncode)
+        epochs.report_up_to(len(result.epoch_losses), tracker, final=True)
+        return result
 
     async def stop(self) -> None:
         """Stop training now: SIGTERM to the whole process group, SIGKILL after a grace period."""
@@ -992,6 +1062,7 @@ class SdScriptsTrainer:
         process: asyncio.subprocess.Process,
         tracker: OutputTracker,
         on_progress: ProgressCallback,
+        epochs: _EpochReporter,
     ) -> None:
         assert process.stdout is not None
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -1003,6 +1074,9 @@ class SdScriptsTrainer:
                 result = on_progress(update)
                 if inspect.isawaitable(result):
                     await result
+            if tracker.epoch is not None:
+                # sd-scripts saved (and sampled) an epoch before it starts the next one.
+                epochs.report_up_to(tracker.epoch - 1, tracker)
             if tracker.diverged:
                 await self._terminate_group()
                 raise TrainerError(
@@ -1041,7 +1115,9 @@ class SdScriptsTrainer:
                 + ": check that the images zip holds .png/.jpg/.webp images",
                 log_tail=tail,
             )
-        losses = tracker.epoch_losses()
+        resumed = inputs.resume
+        earlier = dict(enumerate(resumed.epoch_losses, start=1)) if resumed else {}
+        losses = {**earlier, **tracker.epoch_losses()}
         last_epoch = tracker.total_epochs or max(losses, default=0)
         if not losses or sorted(losses) != list(range(1, last_epoch + 1)):
             raise TrainerError(
@@ -1051,8 +1127,10 @@ class SdScriptsTrainer:
                 log_tail=tail,
             )
         epoch_losses = [losses[e] for e in range(1, last_epoch + 1)]
-        best = min(range(1, last_epoch + 1), key=lambda e: losses[e])  # earliest of equals
+        best = kept_epoch(epoch_losses, inputs.keep)
         checkpoint = inputs.output_dir / checkpoint_name(name, best, last_epoch)
+        if not checkpoint.is_file() and resumed is not None and best in resumed.loras:
+            checkpoint = resumed.loras[best]  # trained by an earlier host
         if not checkpoint.is_file():
             raise TrainerError(
                 "checkpoint_missing",
@@ -1085,6 +1163,53 @@ class SdScriptsTrainer:
                     await asyncio.sleep(0.05)
             with contextlib.suppress(ProcessLookupError, asyncio.TimeoutError):
                 await asyncio.wait_for(process.wait(), timeout=5)
+
+
+class _EpochReporter:
+    """Tells the runner of each epoch sd-scripts has finished writing: its LoRA, its state
+    folder (save_state) and its samples, all complete once the next epoch starts (or training
+    ended)."""
+
+    def __init__(self, inputs: TrainingInputs) -> None:
+        self._inputs = inputs
+        self._reported = inputs.resume.epoch if inputs.resume else 0
+
+    def report_up_to(self, epoch: int, tracker: OutputTracker, *, final: bool = False) -> None:
+        on_epoch = self._inputs.on_epoch
+        if on_epoch is None:
+            return
+        total = tracker.total_epochs or epoch
+        losses = tracker.epoch_losses()
+        output, name = self._inputs.output_dir, self._inputs.config.output_name
+        while self._reported < epoch:
+            number = self._reported + 1
+            lora = output / checkpoint_name(name, number, total)
+            if number not in losses or not lora.is_file():
+                if not final:
+                    return  # its loss or file is not there yet: at the next look
+                self._reported = number
+                continue
+            state = output / f"{name}-{number:06d}-state"
+            on_epoch(
+                SavedEpoch(
+                    epoch=number,
+                    total_epochs=total,
+                    step=_state_step(state) or (tracker.bar.step if tracker.bar else 0),
+                    loss=losses[number],
+                    lora=lora,
+                    state_dir=state if state.is_dir() and number < total else None,
+                    samples=sorted((output / "sample").glob(f"{name}_e{number:06d}_*.png")),
+                )
+            )
+            self._reported = number
+
+
+def _state_step(state: Path) -> int | None:
+    """The step an epoch's state was saved at (sd-scripts' train_state.json current_step)."""
+    try:
+        return int(json.loads((state / "train_state.json").read_text())["current_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def signal_group(group: int, sig: signal.Signals) -> None:

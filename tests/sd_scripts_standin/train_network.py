@@ -20,6 +20,11 @@ Behaviour, from the environment:
                    (default: a RuntimeError for CUDA out of memory)
   STANDIN_LAUNCH_ENV_FILE  when set: write there, as JSON, the environment that accelerate
                    launch gives a training script (ACCELERATE_*, WORLD_SIZE, MASTER_*)
+
+Like sd-scripts: --save_state writes <output_name>-<epoch>-state/ (train_state.json and the
+accelerate files) beside each epoch's LoRA but the last; --resume <state dir> reads its
+train_state.json and starts at the epoch after it; --sample_prompts writes one PNG per prompt
+line every --sample_every_n_epochs to <output_dir>/sample/<output_name>_e<epoch>_<nn>_<time>.png.
 """
 
 # ruff: noqa: E501, RUF001  (sd-scripts' messages, verbatim)
@@ -201,7 +206,15 @@ class NetworkTrainer:
         recorder = train_util.LossRecorder()
         progress_bar = train_util.ProgressBar(args.max_train_steps)
         global_step = 0
-        for epoch in range(num_train_epochs):
+        epoch_to_start = 0
+        if args.resume:
+            # train_network.py: steps_from_state // batches per epoch, then "do not skip".
+            logger.info(f"resume training from local state: {args.resume}")
+            with open(os.path.join(args.resume, "train_state.json"), encoding="utf-8") as f:
+                steps_from_state = json.load(f)["current_step"]
+            logger.info(f"load train state from {args.resume}: current_step {steps_from_state}")
+            epoch_to_start = steps_from_state // batches
+        for epoch in range(epoch_to_start, num_train_epochs):
             print(f"\nepoch {epoch + 1}/{num_train_epochs}\n")
             for step in range(batches):
                 time.sleep(step_s)
@@ -234,6 +247,9 @@ class NetworkTrainer:
             if (epoch + 1) % args.save_every_n_epochs == 0 and (epoch + 1) < num_train_epochs:
                 name = f"{args.output_name}-{epoch + 1:06d}.safetensors"
                 self._save(args, name, metadata, global_step, epoch + 1)
+                if args.save_state:
+                    _save_state(args, epoch + 1, (epoch + 1) * batches)
+            _sample_images(args, epoch + 1)
         self._save(args, f"{args.output_name}.safetensors", metadata, global_step, num_train_epochs)
         logger.info("model saved.")
 
@@ -256,6 +272,36 @@ class NetworkTrainer:
         header = json.dumps({"__metadata__": metadata}).encode()
         with open(path, "wb") as f:
             f.write(struct.pack("<Q", len(header)) + header)
+
+
+def _save_state(args: argparse.Namespace, epoch: int, step: int) -> None:
+    """train_util.save_and_remove_state_on_epoch_end: accelerate's files and train_state.json."""
+    state = Path(args.output_dir) / f"{args.output_name}-{epoch:06d}-state"
+    state.mkdir(parents=True, exist_ok=True)
+    (state / "optimizer.bin").write_bytes(f"optimizer state of epoch {epoch}".encode())
+    (state / "random_states_0.pkl").write_bytes(b"rng")
+    train_state = {"current_epoch": epoch, "current_step": step}
+    (state / "train_state.json").write_text(json.dumps(train_state), encoding="utf-8")
+
+
+# The smallest valid PNG: one white pixel.
+_PNG = bytes.fromhex(
+    "89504e470d0a1a0a0000000d4948445200000001000000010802000000907753de0000000c49444154789c63f8"
+    "ffff3f0005fe02fe0def46b80000000049454e44ae426082"
+)
+
+
+def _sample_images(args: argparse.Namespace, epoch: int) -> None:
+    """train_network.py sample_images at an epoch's end: one image per prompt file line."""
+    if not args.sample_prompts or epoch % (args.sample_every_n_epochs or 1) != 0:
+        return
+    lines = Path(args.sample_prompts).read_text(encoding="utf-8").splitlines()
+    folder = Path(args.output_dir) / "sample"
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d%H%M%S")
+    for i, line in enumerate(line for line in lines if line.strip()):
+        logger.info(f"prompt: {line}")
+        (folder / f"{args.output_name}_e{epoch:06d}_{i:02d}_{stamp}.png").write_bytes(_PNG)
 
 
 def _subsets(config: dict[str, Any]) -> list[dict[str, Any]]:
@@ -337,6 +383,7 @@ def setup_parser() -> argparse.ArgumentParser:
         "sdpa",
         "xformers",
         "persistent_data_loader_workers",
+        "save_state",
     ):
         parser.add_argument(f"--{flag}", action="store_true")
     for name in (
@@ -352,6 +399,9 @@ def setup_parser() -> argparse.ArgumentParser:
         "mixed_precision",
         "logging_dir",
         "resolution",
+        "resume",
+        "sample_prompts",
+        "sample_sampler",
     ):
         parser.add_argument(f"--{name}", type=str, default=None)
     parser.add_argument(
@@ -368,6 +418,7 @@ def setup_parser() -> argparse.ArgumentParser:
         ("lr_warmup_steps", 0),
         ("seed", None),
         ("max_data_loader_n_workers", 8),
+        ("sample_every_n_epochs", None),
     ):
         parser.add_argument(f"--{name}", type=int, default=default)
     for name, rate in (("network_alpha", 1.0), ("learning_rate", 2.0e-6), ("unet_lr", None)):
