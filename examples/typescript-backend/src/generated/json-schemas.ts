@@ -1011,11 +1011,19 @@ export const trainingRequestSchema: Record<string, unknown> = {
           "type": "integer"
         },
         "guidance": {
-          "default": 7,
-          "maximum": 30,
-          "minimum": 0,
-          "title": "Guidance",
-          "type": "number"
+          "anyOf": [
+            {
+              "maximum": 30,
+              "minimum": 0,
+              "type": "number"
+            },
+            {
+              "type": "null"
+            }
+          ],
+          "default": null,
+          "description": "None: the family's (7, Flux.1 3.5, SD 3.5 5).",
+          "title": "Guidance"
         },
         "height": {
           "anyOf": [

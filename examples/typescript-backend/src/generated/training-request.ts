@@ -92,7 +92,10 @@ export interface SampleSettings {
   count?: number;
   enabled?: boolean;
   every_n_epochs?: number;
-  guidance?: number;
+  /**
+   * None: the family's (7, Flux.1 3.5, SD 3.5 5).
+   */
+  guidance?: number | null;
   /**
    * None: the resolution.
    */
