@@ -41,8 +41,14 @@ from temporalio.converter import DataConverter
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from gpu_runner.protocol import ComponentRole, RunId, TrainingConfig
-from workflows.models import RunStatus, RunStatusName, TrainingRequest, WaitingOn
+from gpu_runner.protocol import ComponentRole, EpochFile, RunId, TrainingConfig
+from workflows.models import (
+    RunStatus,
+    RunStatusName,
+    SavedEpochInfo,
+    TrainingRequest,
+    WaitingOn,
+)
 
 from .converter import CodecKeyError
 from .deliveries import describe as describe_deliveries
@@ -961,10 +967,16 @@ def _print_status(st: RunStatus, waiting: Sequence[WaitingOn] = ()) -> None:
         rows.append(("GPU left", f"[red]{escape(st.gpu_not_released)}[/]"))
     if st.waiting_for_relay is not None:
         rows.append(("relay", f"[yellow]{escape('down: ' + st.waiting_for_relay)}[/]"))
-    if st.epoch_losses:
+    if st.epochs:
+        rows.extend(_saved_epoch_rows(st))
+    elif st.epoch_losses:
         rows.append(("epoch losses", _epoch_losses_text(st)))
     elif st.best_checkpoint is not None:
         rows.append(("best epoch", str(st.best_checkpoint)))
+    rows.extend(
+        ("resumed" if i == 0 else "", escape(line.removeprefix("resumed ")))
+        for i, line in enumerate(st.resumed)
+    )
     if st.result is not None:
         r = st.result
         rows.append(("model", escape(f"{r.location.uri} ({r.bytes:,} bytes)")))
@@ -983,13 +995,47 @@ def _print_status(st: RunStatus, waiting: Sequence[WaitingOn] = ()) -> None:
         out.print(f"[bold]{label:<12}[/] {value}", highlight=False)
 
 
+def _marked_epoch(st: RunStatus) -> tuple[int | None, str]:
+    """The epoch whose LoRA is the run's model (`kept`), or before the upload the one of the
+    lowest loss (`lowest`), known once training ended."""
+    if st.result is not None:
+        return st.result.epoch or st.best_checkpoint, "kept"
+    return st.best_checkpoint, "lowest"
+
+
+def _saved_epoch_rows(st: RunStatus) -> list[tuple[str, str]]:
+    """One row per epoch, `3  loss 0.9139  attempt 1  2 samples (kept)`, saved ones with the
+    attempt that trained them and their samples; how to fetch them after."""
+    saved = {info.epoch: info for info in st.epochs}
+    numbers = sorted(set(saved) | set(range(1, len(st.epoch_losses) + 1)))
+    marked, mark = _marked_epoch(st)
+    width = len(str(numbers[-1]))
+    rows: list[tuple[str, str]] = []
+    for epoch in numbers:
+        info = saved.get(epoch)
+        loss = info.loss if info is not None else None
+        if loss is None and epoch <= len(st.epoch_losses):
+            loss = st.epoch_losses[epoch - 1]
+        parts = [f"{epoch:>{width}}", f"loss {loss:.4f}" if loss is not None else "loss ?"]
+        if info is not None:
+            parts += [f"attempt {info.attempt}", _count(len(info.samples), "sample")]
+        else:
+            parts.append("not saved")
+        text = "  ".join(parts) + (f" ({mark})" if epoch == marked else "")
+        rows.append(("epochs" if not rows else "", text))
+    rows.append(
+        ("epoch LoRAs", escape(f"loratrain download {st.run_id} --epoch N (or --all-epochs)"))
+    )
+    images = sum(len(info.samples) for info in st.epochs)
+    if images:
+        rows.append(("samples", escape(f"{images} images: loratrain samples {st.run_id}")))
+    return rows
+
+
 def _epoch_losses_text(st: RunStatus) -> str:
     """`1: 0.2100  2: 0.1800 (kept)  3: 0.1900`: the epoch whose LoRA is the run's model, or
     before the upload the one of the lowest loss."""
-    if st.result is not None:
-        marked, mark = st.result.epoch or st.best_checkpoint, "kept"
-    else:
-        marked, mark = st.best_checkpoint, "lowest"
+    marked, mark = _marked_epoch(st)
     return "  ".join(
         f"{epoch}: {loss:.4f}" + (f" ({mark})" if epoch == marked else "")
         for epoch, loss in enumerate(st.epoch_losses, 1)
@@ -1173,6 +1219,7 @@ async def _watch_with_bar(
     whenever an activity the run waits on fails again or goes through."""
     out.print(f"watching {st.run_id}  ({ui_link(settings, st.run_id)})", markup=False)
     shown: set[tuple[RunStatusName, datetime]] = set()
+    saved: set[str] = set()
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -1189,6 +1236,9 @@ async def _watch_with_bar(
                     shown.add((change.status, change.at))
                     when = f"{change.at.astimezone():%H:%M:%S}"
                     bar.console.print(f"{when}  {change.status}", highlight=False)
+            for line in _new_epoch_lines(st, saved):
+                when = f"{datetime.now().astimezone():%H:%M:%S}"
+                bar.console.print(f"{when}  {line}", markup=False, highlight=False)
             bar.update(
                 task,
                 description=st.status.value,
@@ -1214,6 +1264,26 @@ async def _watch_with_bar(
         return await _showing_waits(
             handle, converter, _follow(handle, settings, st, show), show_waiting
         )
+
+
+def _new_epoch_lines(st: RunStatus, shown: set[str]) -> list[str]:
+    """`epoch 3/5 saved  loss 0.9139  2 samples` for each saved epoch (and each resume) not in
+    `shown`, which they are added to."""
+    total = st.progress.total_epochs if st.progress and st.progress.total_epochs else "?"
+    lines = []
+    for info in st.epochs:
+        key = f"epoch {info.epoch} attempt {info.attempt}"
+        if key not in shown:
+            shown.add(key)
+            loss = f"  loss {info.loss:.4f}" if info.loss is not None else ""
+            lines.append(
+                f"epoch {info.epoch}/{total} saved{loss}  {_count(len(info.samples), 'sample')}"
+            )
+    for line in st.resumed:
+        if line not in shown:
+            shown.add(line)
+            lines.append(line)
+    return lines
 
 
 async def _showing_waits(
@@ -1263,7 +1333,7 @@ async def _follow(
 
 
 # ------------------------------------------------------------------------------------------------
-# The model and the log
+# The model, the saved epochs and their samples, and the log
 # ------------------------------------------------------------------------------------------------
 
 
@@ -1273,21 +1343,217 @@ def download(
     output: Annotated[
         str,
         typer.Option(
-            "--output", "-o", help="A folder (ending in /, or existing) or a file for the model."
+            "--output",
+            "-o",
+            help="A folder (ending in /, or existing) or a file for the model; a folder with "
+            "--all-epochs.",
         ),
     ] = "outputs/",
+    epoch: Annotated[
+        int | None,
+        typer.Option(
+            "--epoch",
+            min=1,
+            metavar="N",
+            help="The LoRA of saved epoch N instead of the run's model (`loratrain status` "
+            "lists the saved epochs).",
+        ),
+    ] = None,
+    all_epochs: Annotated[
+        bool,
+        typer.Option("--all-epochs", help="The LoRA of every saved epoch, into the -o folder."),
+    ] = False,
 ) -> None:
-    """Download a completed run's model, check its sha256, and print where it is."""
-    into_folder = output.endswith(("/", os.sep)) or Path(output).is_dir()
-    run_async(_download(load_settings(), run_id, Path(output), into_folder))
+    """Download a completed run's model, or saved epochs' LoRAs; check each file's size and
+    sha256, and print where it is.
+
+    A saved epoch is named `<run>-<output name>-eNNNN.safetensors` in the folder.
+    """
+    if epoch is not None and all_epochs:
+        fail("--epoch and --all-epochs: give one of them", code=2)
+    if all_epochs and Path(output).exists() and not Path(output).is_dir():
+        fail(f"--output: {output} is a file; --all-epochs downloads into a folder", code=2)
+    into_folder = all_epochs or output.endswith(("/", os.sep)) or Path(output).is_dir()
+    run_async(
+        _download(load_settings(), run_id, Path(output), into_folder, epoch=epoch, every=all_epochs)
+    )
 
 
-async def _download(settings: Settings, run_id: str, output: Path, into_folder: bool) -> None:
+async def _download(
+    settings: Settings,
+    run_id: str,
+    output: Path,
+    into_folder: bool,
+    epoch: int | None = None,
+    every: bool = False,
+) -> None:
+    client = await connect(settings)
+    handle = training_handle(client, run_id)
+    description = await describe_run(handle, settings)
+    st = await query_status(handle, description, settings)
+    if epoch is None and not every:
+        target = await download_model(settings, st, output, into_folder)
+        out.print(str(target), markup=False, highlight=False)
+        return
+    chosen = st.epochs if every else [_saved_epoch(st, epoch or 0)]
+    if not chosen:
+        fail(f"run {run_id} has no saved epochs {_not_yet(st)}")
+    name = await _model_name(client, run_id, _first_execution(description))
+    for info in chosen:
+        target = output / f"{name}-e{info.epoch:04d}.safetensors" if into_folder else output
+        path = await download_epoch_file(
+            settings, info, info.lora, target, f"the LoRA of epoch {info.epoch} of run {run_id}"
+        )
+        out.print(str(path), markup=False, highlight=False)
+
+
+def _saved_epoch(st: RunStatus, epoch: int) -> SavedEpochInfo:
+    """The run's saved epoch `epoch`, or one line naming the epochs it saved and exit 1."""
+    for info in st.epochs:
+        if info.epoch == epoch:
+            return info
+    saved = (
+        f"the saved epochs are {_epoch_ranges([e.epoch for e in st.epochs])}"
+        if st.epochs
+        else "it saved none"
+    )
+    yet = "" if st.status.terminal or st.execution_status else f" yet ({st.status.value})"
+    fail(f"run {st.run_id} has no saved epoch {epoch}{yet}: {saved}")
+
+
+def _epoch_ranges(epochs: Sequence[int]) -> str:
+    """`1-3, 5`: the epochs, consecutive ones as a range."""
+    ranges: list[list[int]] = []
+    for epoch in sorted(epochs):
+        if ranges and epoch == ranges[-1][-1] + 1:
+            ranges[-1].append(epoch)
+        else:
+            ranges.append([epoch])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in ranges)
+
+
+def _not_yet(st: RunStatus) -> str:
+    """Why a run has nothing saved: `yet (training)`, or how it ended."""
+    if st.execution_status:
+        return f"({st.execution_status} while {st.status.value})"
+    if st.status.terminal:
+        return f"({st.status.value})"
+    return f"yet ({st.status.value}); each epoch is saved as it ends"
+
+
+def _first_execution(description: WorkflowExecutionDescription) -> str:
+    return description.raw_description.workflow_execution_info.first_run_id or description.run_id
+
+
+async def _model_name(client: Client, run_id: str, first_execution: str) -> str:
+    """`<run>-<output name>`, the name of the run's model once downloaded, read from the
+    request the run started with; `<run>` alone when that cannot be read."""
+    handle = client.get_workflow_handle(run_id, run_id=first_execution)
+    try:
+        async for event in handle.fetch_history_events(page_size=1):
+            payloads = event.workflow_execution_started_event_attributes.input.payloads
+            (request,) = await client.data_converter.decode(payloads, [TrainingRequest])
+            if isinstance(request, TrainingRequest):
+                return f"{run_id}-{request.training.output_name}"
+            break
+    except (RPCError, ValueError, TypeError):  # a request from before these fields, or none
+        pass
+    return run_id
+
+
+async def download_epoch_file(
+    settings: Settings,
+    info: SavedEpochInfo,
+    file: EpochFile,
+    target: Path,
+    what: str,
+    http: httpx.AsyncClient | None = None,
+) -> Path:
+    """Download one file of a saved epoch (its LoRA, a sample) to `target`, checked against the
+    size and sha256 the run recorded; the absolute path."""
+    bucket = info.bucket or settings.bucket
+    return await _download_verified(
+        settings, bucket, file.key, file.bytes, file.sha256, target, what, http=http
+    )
+
+
+@app.command()
+def samples(
+    run_id: Annotated[str, typer.Argument(metavar="RUN")],
+    output: Annotated[
+        str | None,
+        typer.Option(
+            "--output", "-o", help="The folder for them (default: outputs/<RUN>-samples/)."
+        ),
+    ] = None,
+) -> None:
+    """Download the sample images of every saved epoch, one folder per epoch, check each, and
+    print their paths, epoch by epoch.
+
+    A run without samples (none saved yet, or samples turned off) says so and exits 0.
+    """
+    folder = Path(output) if output is not None else Path("outputs") / f"{run_id}-samples"
+    if folder.exists() and not folder.is_dir():
+        fail(f"--output: {folder} is a file; samples go into a folder", code=2)
+    run_async(_samples(load_settings(), run_id, folder))
+
+
+async def _samples(settings: Settings, run_id: str, folder: Path) -> None:
     client = await connect(settings)
     handle = training_handle(client, run_id)
     st = await query_status(handle, await describe_run(handle, settings), settings)
-    target = await download_model(settings, st, output, into_folder)
-    out.print(str(target), markup=False, highlight=False)
+    await download_samples(settings, st, folder, show=True)
+
+
+async def download_samples(
+    settings: Settings, st: RunStatus, folder: Path, show: bool = False
+) -> list[Path]:
+    """Every saved epoch's samples under `folder/epoch-NNNN/`, each checked; their absolute
+    paths, epoch by epoch. With `show`, each path is printed as it arrives, and a run without
+    samples says why on stderr."""
+    with_samples = [info for info in st.epochs if info.samples]
+    if not with_samples:
+        if show:
+            err.print(_why_no_samples(st), markup=False, highlight=False)
+        return []
+    paths: list[Path] = []
+    async with httpx.AsyncClient(timeout=CONNECT_TIMEOUT_S) as http:
+        for info in with_samples:
+            for n, file in enumerate(info.samples, 1):
+                target = folder / samples_folder(info.epoch) / file.key.rsplit("/", 1)[-1]
+                what = f"sample {n} of epoch {info.epoch} of run {st.run_id}"
+                paths.append(await download_epoch_file(settings, info, file, target, what, http))
+                if show:
+                    out.print(str(paths[-1]), markup=False, highlight=False)
+    if show:
+        err.print(
+            f"{_count(len(paths), 'sample image')} of {_count(len(with_samples), 'epoch')} in "
+            f"{paths[0].parent.parent}",
+            markup=False,
+            highlight=False,
+        )
+    return paths
+
+
+def samples_folder(epoch: int) -> str:
+    """`epoch-0003`: the folder of one epoch's samples in `samples`' output."""
+    return f"epoch-{epoch:04d}"
+
+
+def _why_no_samples(st: RunStatus) -> str:
+    if not st.epochs:
+        return f"run {st.run_id} has no sample images: it has no saved epochs {_not_yet(st)}"
+    epochs = _count(len(st.epochs), "saved epoch")
+    if st.status.terminal or st.execution_status:
+        return f"run {st.run_id} has no sample images: samples were off for it ({epochs})"
+    return (
+        f"run {st.run_id} has no sample images yet ({epochs} so far): its samples are off, or "
+        "come every n-th epoch and with the last"
+    )
+
+
+def _count(n: int, thing: str) -> str:
+    return f"{n} {thing}" + ("" if n == 1 else "s")
 
 
 async def download_model(
@@ -1302,27 +1568,63 @@ async def download_model(
     result = st.result
     bucket, key = result.location.bucket, result.location.key
     target = output / f"{run_id}-{key.rsplit('/', 1)[-1]}" if into_folder else output
-    await asyncio.to_thread(target.parent.mkdir, parents=True, exist_ok=True)
-    url = st.download_url or _presign_download(settings, bucket, key)
+    return await _download_verified(
+        settings,
+        bucket,
+        key,
+        result.bytes,
+        result.sha256,
+        target,
+        f"the model of run {run_id}",
+        url=st.download_url,
+    )
+
+
+async def _download_verified(
+    settings: Settings,
+    bucket: str,
+    key: str,
+    size: int,
+    sha256: str,
+    target: Path,
+    what: str,
+    url: str | None = None,
+    http: httpx.AsyncClient | None = None,
+) -> Path:
+    """Download s3://bucket/key to `target` and check its size and sha256 against what the run
+    verified; `url` (a link the run signed) is tried first. One line and exit 1, keeping
+    nothing, when any of that fails. The absolute path of the file."""
+    uri = f"s3://{bucket}/{key}"
     try:
-        try:
-            sha256 = await _fetch(url, target, result.bytes)
-        except httpx.TransportError:
+        await asyncio.to_thread(target.parent.mkdir, parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"cannot write {target}: {e.strerror or e}")
+    try:
+        sha: str | None = None
+        if url is not None:
             # The run's link names S3 as it was then: a restarted stack may listen elsewhere.
-            sha256 = None
-        if sha256 is None:  # or the link expired (it lives a day): sign a fresh one here
-            fresh = _presign_download(settings, bucket, key)
-            sha256 = await _fetch(fresh, target, result.bytes)
+            with contextlib.suppress(httpx.TransportError):
+                sha = await _fetch(url, target, size, http)
+        if sha is None:  # no link, or it expired (it lives a day): sign a fresh one here
+            sha = await _fetch(_presign_download(settings, bucket, key), target, size, http)
+    except httpx.HTTPStatusError as e:
+        fail(f"could not download {what}: S3 answered {e.response.status_code} for {uri}")
     except (httpx.HTTPError, OSError) as e:
         target.with_name(target.name + ".part").unlink(missing_ok=True)
-        fail(f"could not download the model of run {run_id}: {type(e).__name__}: {e}")
-    if sha256 is None:
-        fail(f"S3 refused the download of {result.location.uri}: the link has expired or is wrong")
-    if sha256 != result.sha256:
+        fail(f"could not download {what}: {type(e).__name__}: {e}")
+    except (BotoCoreError, ClientError) as e:
+        fail(f"cannot sign a download of {uri} here ({e}); check the LORA_S3_ settings")
+    if sha is None:
+        fail(f"S3 refused the download of {uri}: the link has expired or is wrong")
+    return await asyncio.to_thread(_keep_if_verified, target, uri, sha, sha256)
+
+
+def _keep_if_verified(target: Path, uri: str, sha256: str, verified: str) -> Path:
+    if sha256 != verified:
         target.unlink(missing_ok=True)
         fail(
-            f"the download of {result.location.uri} has sha256 {sha256}, not the verified "
-            f"{result.sha256}; nothing was kept, try again"
+            f"the download of {uri} has sha256 {sha256}, not the verified {verified}; nothing "
+            "was kept, try again"
         )
     return target.resolve()
 
@@ -1337,17 +1639,19 @@ def _presign_download(settings: Settings, bucket: str, key: str) -> str:
     )
 
 
-async def _fetch(url: str, target: Path, size: int) -> str | None:
+async def _fetch(
+    url: str, target: Path, size: int, http: httpx.AsyncClient | None = None
+) -> str | None:
     """Stream `url` to `target` (through a .part file); its sha256, or None on 403."""
-    partial = target.with_name(target.name + ".part")
-    digest = hashlib.sha256()
-    async with (
-        httpx.AsyncClient(timeout=CONNECT_TIMEOUT_S) as http,
-        http.stream("GET", url) as response,
-    ):
+    async with contextlib.AsyncExitStack() as stack:
+        if http is None:
+            http = await stack.enter_async_context(httpx.AsyncClient(timeout=CONNECT_TIMEOUT_S))
+        response = await stack.enter_async_context(http.stream("GET", url))
         if response.status_code == 403:
             return None
         response.raise_for_status()
+        partial = target.with_name(target.name + ".part")
+        digest = hashlib.sha256()
         with partial.open("wb") as f:
             async for chunk in response.aiter_bytes(DOWNLOAD_CHUNK_BYTES):
                 digest.update(chunk)

@@ -4,8 +4,9 @@ A tiny SD 1.x-shaped base model and a dozen captioned images are made once and k
 `<state dir>/demo/`. The demo uses the running `loratrain dev` when there is one, or starts the
 embedded stack for its own lifetime (building the model meanwhile). It then uploads the images
 and starts a real run (local GPU provider, builtin trainer), shows it live as `watch` does,
-downloads the LoRA into ./outputs/ as `download` does, and says what it trained. Ctrl-C cancels
-the run (its trainer stopped, status `cancelled`) and stops what the demo started.
+downloads the LoRA into ./outputs/ as `download` does and every epoch's sample images beside it
+as `samples` does, and says what it trained. Ctrl-C cancels the run (its trainer stopped, status
+`cancelled`) and stops what the demo started.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError
 from temporalio.service import RPCError, RPCStatusCode
 
 from gpu_runner.demo_assets import TINY_MODEL_FILENAME, demo_training_config, write_demo_dataset
+from gpu_runner.protocol import SampleSettings
 from workflows.models import RunStatus, RunStatusName, S3Prefix, TrainingRequest
 
 from .cli import (
@@ -39,11 +41,13 @@ from .cli import (
     connect,
     describe_run,
     download_model,
+    download_samples,
     err,
     fail,
     new_run_id,
     out,
     query_status,
+    samples_folder,
     training_handle,
     ui_link,
 )
@@ -52,6 +56,9 @@ from .settings import Settings
 
 DEMO_DIR = "demo"
 OUTPUTS = Path("outputs")
+# Two captions rendered with each epoch's LoRA in 4 steps at 64 px: the demo shows samples and
+# its run takes about as long as without them, which the default 20 steps would not.
+DEMO_SAMPLES = SampleSettings(count=2, steps=4)
 # Building the model imports torch and diffusers: tens of seconds on a busy laptop.
 MODEL_BUILD_TIMEOUT_S = 600.0
 # After the cancel, how long the run may take to give its GPU (stop the trainer) back.
@@ -130,8 +137,8 @@ def run_demo(settings: Settings) -> None:
         if interrupted.is_set():
             out.print("interrupted before the run started")
             raise typer.Exit(EXIT_INTERRUPTED)
-        final, lora = asyncio.run(_run(settings, assets, timings))
-        _print_summary(settings, final, lora)
+        final, lora, samples = asyncio.run(_run(settings, assets, timings))
+        _print_summary(settings, final, lora, samples)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, on_signal)  # asyncio.run put the default handlers back
@@ -238,9 +245,10 @@ def _stop_build(build: subprocess.Popen[bytes]) -> None:
 
 async def _run(
     settings: Settings, assets: DemoAssets, timings: Timings
-) -> tuple[RunStatus, Path | None]:
-    """Start the run, follow it, download its LoRA; on Ctrl-C, cancel it and wait until its GPU
-    is given back. The final status and, when it completed, the LoRA's path."""
+) -> tuple[RunStatus, Path | None, list[Path]]:
+    """Start the run, follow it, download its LoRA and every epoch's samples; on Ctrl-C, cancel
+    it and wait until its GPU is given back. The final status and, when it completed, the LoRA's
+    path and the samples' paths."""
     run_id = new_run_id()
     interrupted = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -258,10 +266,12 @@ async def _run(
     stop.cancel()
     final = work.result()
     if final.status != RunStatusName.COMPLETED or final.execution_status:
-        return final, None
+        return final, None, []
     with timings.part("download"):
         lora = await download_model(settings, final, OUTPUTS, into_folder=True)
-    return final, lora
+        # Beside the LoRA, as `loratrain samples` puts them.
+        samples = await download_samples(settings, final, OUTPUTS / f"{run_id}-samples")
+    return final, lora, samples
 
 
 async def _start_and_follow(
@@ -272,6 +282,7 @@ async def _start_and_follow(
         model=str(assets.model.resolve()),
         training=demo_training_config(),
         trainer="builtin",
+        samples=DEMO_SAMPLES,
     )
     with timings.part("upload"):
         await _start_run(settings, run_id, request, assets.images, _dataset_files(assets.images))
@@ -310,7 +321,9 @@ async def _cancel(settings: Settings, run_id: str) -> None:
     out.print(f"Temporal UI: {ui_link(settings, run_id)}", markup=False)
 
 
-def _print_summary(settings: Settings, st: RunStatus, lora: Path | None) -> None:
+def _print_summary(
+    settings: Settings, st: RunStatus, lora: Path | None, samples: list[Path]
+) -> None:
     if lora is None:
         _print_status(st)
         out.print(f"Temporal UI: {ui_link(settings, st.run_id)}", markup=False)
@@ -321,11 +334,27 @@ def _print_summary(settings: Settings, st: RunStatus, lora: Path | None) -> None
         ("loss per epoch", losses),
         ("kept epoch", f"{st.best_checkpoint} (the lowest loss)"),
         ("LoRA", f"{lora} ({lora.stat().st_size:,} bytes)"),
+        *_sample_rows(st, samples),
         ("Temporal UI", ui_link(settings, st.run_id)),
     ]
     out.print(f"run {st.run_id} [green]completed[/]", highlight=False)
     for label, value in rows:
         out.print(f"  {label:<15} {value}", markup=False, highlight=False)
+
+
+def _sample_rows(st: RunStatus, samples: list[Path]) -> list[tuple[str, str]]:
+    """Where the samples are: the folder of them all, and the kept epoch's, one a line."""
+    if not samples:
+        return []
+    folder = samples[0].parent.parent
+    kept = st.result.epoch if st.result and st.result.epoch else st.best_checkpoint
+    epochs = sum(1 for info in st.epochs if info.samples)
+    rows = [("samples", f"{len(samples)} images of {epochs} epochs in {folder}/")]
+    of_kept = [path for path in samples if path.parent.name == samples_folder(kept or 0)]
+    rows.extend(
+        (f"epoch {kept} samples" if i == 0 else "", str(path)) for i, path in enumerate(of_kept)
+    )
+    return rows
 
 
 def _training_time(st: RunStatus) -> str:
