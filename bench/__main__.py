@@ -27,6 +27,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "P4": ("bench.zip_memory", "p4_zip_throughput"),
     "P8": ("bench.demo", "p8_demo_wall_time"),
     "P6": ("bench.scale", "p6_concurrent_runs"),
+    "P9": ("bench.resume", "p9_gpu_time_lost_to_a_host_failure"),
 }
 COLUMNS = ("id", "what", "figure", "compared with", "ratio", "target", "verdict")
 

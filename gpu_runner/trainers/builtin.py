@@ -581,6 +581,8 @@ class _Training:
                 f"{first_epoch}-{plan.epochs}"
             )
         saver = _Trained(optimizer, lr_scheduler, scaler, captions, device, weight_dtype)
+        if self.inputs.resume is None:
+            self.note(f"training epochs 1-{plan.epochs}")
         for epoch in range(first_epoch, plan.epochs + 1):
             order = [i for i in range(len(plan.images)) for _ in range(config.repeats)]
             random.Random(config.seed + epoch).shuffle(order)
