@@ -14,7 +14,7 @@ from tests.http_support import serve_asgi
 from worker.relay import create_app
 from worker.settings import Settings
 
-from .test_relay import Run, http, master, relay_settings, run  # noqa: F401 - fixtures
+from .test_relay import Run, http, master, relay_settings, run
 
 __all__ = ["http", "master", "relay_settings", "run"]
 
