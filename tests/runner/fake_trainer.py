@@ -17,11 +17,13 @@ from gpu_runner.settings import RunnerSettings
 from gpu_runner.trainers.base import (
     PreparedTraining,
     ProgressCallback,
+    SavedEpoch,
     TrainerError,
     TrainingInputs,
     TrainingResult,
 )
 from tests.fake_civitai import model_bytes
+from tests.images import PNG
 
 CHECKPOINT_BYTES = 300_000
 
@@ -79,10 +81,37 @@ class FakeTrainer:
             losses.append(epoch_loss(epoch))
             path = inputs.output_dir / f"{inputs.config.output_name}-{epoch:06d}.safetensors"
             path.write_bytes(checkpoint_bytes(epoch))
+            if inputs.on_epoch is not None:
+                inputs.on_epoch(self._epoch_files(inputs, epoch, epochs, step, path))
         best = min(range(epochs), key=lambda i: losses[i]) + 1
         checkpoint = inputs.output_dir / f"{inputs.config.output_name}-{best:06d}.safetensors"
         return TrainingResult(
             epoch_losses=losses, best_epoch=best, checkpoint=checkpoint, loss=losses[best - 1]
+        )
+
+    def _epoch_files(
+        self, inputs: TrainingInputs, epoch: int, epochs: int, step: int, lora: Path
+    ) -> SavedEpoch:
+        """A state folder (FAKE_STATE_BYTES of it, default 1 KB) and a sample when one is due."""
+        state = inputs.output_dir / f"{inputs.config.output_name}-{epoch:06d}-state"
+        state.mkdir(exist_ok=True)
+        size = int(os.environ.get("FAKE_STATE_BYTES", "1024"))
+        (state / "optimizer.bin").write_bytes(os.urandom(size))
+        samples = []
+        if inputs.samples.due(epoch, epochs):
+            name = f"{inputs.config.output_name}_e{epoch:06d}_00.png"
+            sample = inputs.output_dir / "sample" / name
+            sample.parent.mkdir(exist_ok=True)
+            sample.write_bytes(PNG)
+            samples.append(sample)
+        return SavedEpoch(
+            epoch=epoch,
+            total_epochs=epochs,
+            step=step,
+            loss=epoch_loss(epoch),
+            lora=lora,
+            state_dir=state if epoch < epochs else None,
+            samples=samples,
         )
 
     async def stop(self) -> None:

@@ -12,6 +12,10 @@ the run's secret derived from the master secret; it answers 202 for good events.
 `fail_for_after(event_type, seconds)` starts such an outage once an event of that type arrived,
 `close_on(event_type)` answers 410 from the first event of that type on, `closed = True` answers
 410 to everything, `reject(event_type, status)` answers `status` to events of that type.
+
+With `presigner` (an S3 client) and `bucket` it also hands out epoch upload URLs, as the real
+relay does, at `/v1/runs/<run_id>/uploads`: presigned PUTs under `runs/<run_id>/epochs/<epoch>/`
+for a request signed with the run's secret; `refuse_uploads = True` answers 503 instead.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
+from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -30,6 +36,8 @@ from gpu_runner.protocol import (
     MAX_EVENT_BYTES,
     RunnerEvent,
     SignatureError,
+    UploadUrls,
+    UploadUrlsRequest,
     derive_run_secret,
     parse_event,
     verify_payload,
@@ -46,8 +54,12 @@ class Answer:
 
 
 class RecordingRelay:
-    def __init__(self, master_secret: str) -> None:
+    def __init__(self, master_secret: str, presigner: Any = None, bucket: str = "") -> None:
         self.master_secret = master_secret
+        self.presigner = presigner
+        self.bucket = bucket
+        self.upload_requests: list[UploadUrlsRequest] = []
+        self.refuse_uploads = False
         self.events: list[RunnerEvent] = []  # accepted (202), first delivery of each webhook id
         self.answers: list[Answer] = []
         self.duplicates = 0
@@ -61,7 +73,10 @@ class RecordingRelay:
         self._seen_ids: set[str] = set()
         self._lock = threading.Lock()
         self.app = Starlette(
-            routes=[Route("/v1/runs/{run_id}/events", self._post, methods=["POST"])]
+            routes=[
+                Route("/v1/runs/{run_id}/events", self._post, methods=["POST"]),
+                Route("/v1/runs/{run_id}/uploads", self._uploads, methods=["POST"]),
+            ]
         )
 
     # -- knobs -------------------------------------------------------------------------------
@@ -87,6 +102,10 @@ class RecordingRelay:
             self._reject[event_type] = status
 
     # -- reading -----------------------------------------------------------------------------
+
+    @staticmethod
+    def uploads_url(base_url: str, run_id: str) -> str:
+        return f"{base_url}/v1/runs/{run_id}/uploads"
 
     @staticmethod
     def events_url(base_url: str, run_id: str) -> str:
@@ -120,6 +139,30 @@ class RecordingRelay:
     def _answer(self, status: int, event: RunnerEvent | None = None) -> Response:
         self.answers.append(Answer(status, event, time.monotonic()))
         return JSONResponse({"status": status}, status)
+
+    async def _uploads(self, request: Request) -> Response:
+        body = await request.body()
+        run_id = request.path_params["run_id"]
+        try:
+            secret = derive_run_secret(self.master_secret, run_id)
+            verify_payload(secret, dict(request.headers), body)
+            asked = UploadUrlsRequest.model_validate_json(body)
+        except SignatureError:
+            return JSONResponse({"error": "invalid signature"}, 401)
+        except ValidationError:
+            return JSONResponse({"error": "not an upload request"}, 400)
+        if self.refuse_uploads or self.presigner is None:
+            return JSONResponse({"error": "no uploads now"}, 503)
+        self.upload_requests.append(asked)
+        keys = {name: f"runs/{run_id}/epochs/{asked.epoch:04d}/{name}" for name in asked.files}
+        urls = {
+            name: self.presigner.generate_presigned_url(
+                "put_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=900
+            )
+            for name, key in keys.items()
+        }
+        answer = UploadUrls(bucket=self.bucket, urls=urls, keys=keys, expires_in_s=900)
+        return Response(answer.model_dump_json(), 200, media_type="application/json")
 
     async def _post(self, request: Request) -> Response:
         body = await request.body()

@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from gpu_runner.protocol import (
+    EpochUploads,
     ImagesSource,
     JobSpec,
     ModelSource,
     RunnerLimits,
+    SampleSettings,
     TrainingConfig,
     UploadTarget,
     derive_run_secret,
@@ -241,6 +243,8 @@ def make_job(
     log_upload: bool = False,
     tensorboard_upload: bool = False,
     training: TrainingConfig | None = None,
+    epoch_uploads_url: str | None = None,
+    samples: SampleSettings | None = None,
 ) -> Job:
     """Put the images (and, unless `model_url` is given, the model) in S3 and write job.json.
 
@@ -302,6 +306,8 @@ def make_job(
         ),
         limits=limits
         or RunnerLimits(max_runtime_s=120, orphan_timeout_s=20, heartbeat_interval_s=1),
+        epoch_uploads=EpochUploads(url=epoch_uploads_url) if epoch_uploads_url else None,
+        samples=samples or SampleSettings(enabled=False),
     )
     job_url = put_object(s3, bucket, f"runs/{run_id}/job.json", spec.model_dump_json().encode())
     return Job(spec=spec, job_url=job_url, bucket=bucket, upload_key=upload_key)
