@@ -12,6 +12,7 @@ import json
 import os
 import tempfile
 import time
+import uuid
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from tests.runner.support import MASTER_SECRET, Job, make_job, run_runner, runne
 
 EPOCHS = 2
 RUNS = 3
+STATE_BYTES = 4 * MB
 LIMITS = RunnerLimits(max_runtime_s=900, orphan_timeout_s=120, heartbeat_interval_s=60)
 
 
@@ -46,15 +48,26 @@ def _images_zip(total_bytes: int, image_bytes: int = MB) -> bytes:
 
 
 def _run_runner(
-    s3: Any, relay: RecordingRelay, relay_url: str, work: Path, name: str, **job: Any
+    s3: Any,
+    relay: RecordingRelay,
+    relay_url: str,
+    work: Path,
+    name: str,
+    *,
+    epoch_uploads: bool = False,
+    **job: Any,
 ) -> tuple[float, dict[str, float], Job]:
-    """One runner process to completion: its wall time, the trainer's own start/end, the job."""
+    """One runner process to completion: its wall time, the trainer's own start/end, the job.
+    With `epoch_uploads` every epoch (its LoRA and STATE_BYTES of state) goes up as it ends."""
+    run_id = f"{name}-{uuid.uuid4().hex[:8]}"
     spec = make_job(
         s3,
         "bench",
         lambda run_id: relay.events_url(relay_url, run_id),
         limits=LIMITS,
         training=TrainingConfig(epochs=EPOCHS),
+        run_id=run_id,
+        epoch_uploads_url=relay.uploads_url(relay_url, run_id) if epoch_uploads else None,
         **job,
     )
     times = work / f"{name}-train.json"
@@ -65,6 +78,7 @@ def _run_runner(
         progress_interval_s="10",  # the image's default: the trainer reports every step
     )
     env["BENCH_TRAIN_TIMES"] = str(times)
+    env["FAKE_STATE_BYTES"] = str(STATE_BYTES)
     finished = run_runner(env, work / f"{name}.log", timeout_s=300)
     if finished.code != 0:
         raise RuntimeError(f"runner exited {finished.code}: {finished.log[-2000:]}")
@@ -72,7 +86,9 @@ def _run_runner(
 
 
 async def _trainer_alone(work: Path) -> float:
-    """The same trainer in this process with nothing around it: no runner, no-op progress."""
+    """The same trainer in this process with nothing around it: no runner, no-op progress; it
+    writes its epochs' states as it does under the runner, and nobody uploads them."""
+    os.environ["FAKE_STATE_BYTES"] = str(STATE_BYTES)
     inputs = TrainingInputs(
         run_dir=work,
         dataset_dir=work,
@@ -81,6 +97,7 @@ async def _trainer_alone(work: Path) -> float:
         config=TrainingConfig(epochs=EPOCHS),
         output_dir=work,
         cuda=False,
+        on_epoch=lambda saved: None,
     )
     trainer = FixedStepTrainer(RunnerSettings())
     prepared = PreparedTraining(inputs=inputs, total_steps=None, paths={})
@@ -96,18 +113,22 @@ def p7_runner_overhead() -> Row:
     ):
         work = Path(tmp)
         s3 = s3_client(endpoint)
-        recorder = RecordingRelay(MASTER_SECRET)
+        recorder = RecordingRelay(MASTER_SECRET, presigner=s3, bucket="bench")
         under_runner: list[float] = []
         processes: list[float] = []
         alone: list[float] = []
         with serve_asgi(recorder.app) as relay_url:
             for i in range(RUNS):
                 alone.append(asyncio.run(_trainer_alone(work)))
-                wall, times, _ = _run_runner(s3, recorder, relay_url, work, f"p7-{i}")
+                wall, times, _ = _run_runner(
+                    s3, recorder, relay_url, work, f"p7-{i}", epoch_uploads=True
+                )
                 under_runner.append(times["end"] - times["start"])
                 processes.append(wall)
+        samples_on, samples_off = _builtin_with_and_without_samples(work)
     trained, baseline = median(under_runner), median(alone)
     overhead = trained / baseline - 1
+    uploaded = len(recorder.upload_requests)
     return Row(
         "P7",
         "runner overhead on trainer wall time",
@@ -117,9 +138,44 @@ def p7_runner_overhead() -> Row:
         "< 1 %",
         overhead < 0.01,
         f"{EPOCHS * FixedStepTrainer.steps_per_epoch} steps of {FixedStepTrainer.step_s * 1000:g}"
-        f" ms, progress to the runner every step; whole runner process (start, job, tiny"
-        f" downloads, training, upload, exit) {median(processes):.2f} s",
+        f" ms, progress to the runner every step, every epoch uploaded while the next trains"
+        f" ({uploaded} epochs, LoRA + {STATE_BYTES // MB} MB state + manifest each, samples"
+        f" off); whole runner process (start, job, tiny downloads, training, uploads, exit)"
+        f" {median(processes):.2f} s. Samples on (builtin trainer, tiny model, CPU, the"
+        f" default 2 samples x 20 steps per epoch): {samples_on:.2f} s per epoch against"
+        f" {samples_off:.2f} s without ({samples_on / samples_off - 1:+.0%})",
     )
+
+
+def _builtin_with_and_without_samples(work: Path) -> tuple[float, float]:
+    """Seconds per epoch of the builtin trainer on the demo's tiny model, with the default
+    samples and without (in this process, no runner)."""
+    from gpu_runner.demo_assets import build_tiny_model, demo_training_config, write_demo_dataset
+    from gpu_runner.protocol import SampleSettings
+    from gpu_runner.trainers.builtin import BuiltinTrainer
+
+    model = build_tiny_model(work / "tiny.safetensors")
+    write_demo_dataset(work / "dataset" / "shapes")
+    epochs = 3
+    per_epoch = []
+    for samples in (SampleSettings(), SampleSettings(enabled=False)):
+        inputs = TrainingInputs(
+            run_dir=work,
+            dataset_dir=work / "dataset",
+            model_path=model,
+            family="sd15",
+            config=demo_training_config().model_copy(update={"epochs": epochs}).for_family("sd15"),
+            output_dir=work / f"builtin-{samples.enabled}",
+            cuda=False,
+            samples=samples,
+            on_epoch=lambda saved: None,
+        )
+        trainer = BuiltinTrainer(RunnerSettings())
+        prepared = trainer.prepare(inputs)
+        started = time.monotonic()
+        asyncio.run(trainer.train(prepared, lambda progress: None))
+        per_epoch.append((time.monotonic() - started) / epochs)
+    return per_epoch[0], per_epoch[1]
 
 
 async def _download_alone(url: str, dest: Path) -> float:
