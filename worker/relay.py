@@ -46,12 +46,17 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 from temporalio.api.common.v1 import Payload, Payloads
-from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
+from temporalio.client import (
+    Client,
+    WorkflowExecutionStatus,
+    WorkflowHandle,
+    WorkflowQueryFailedError,
+)
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.storage import epoch_prefix
 from gpu_runner import protocol
-from workflows.models import RelayedEvent
+from workflows.models import RelayedEvent, RunStatus
 
 from .converter import EncryptionCodec, codec_from_settings, data_converter
 from .logs import configure_logging
@@ -62,6 +67,7 @@ log = logging.getLogger(__name__)
 
 RUNNER_EVENT_SIGNAL = "runner_event"
 RELAYED_EVENT_SIGNAL = "relayed_event"
+RUN_STATUS_QUERY = "status"
 SIGNATURE_HEADERS = ("webhook-id", "webhook-timestamp", "webhook-signature")
 # What a runner (or any caller) is told to wait before retrying a 503.
 RETRY_AFTER_S = 5
@@ -606,7 +612,7 @@ def _uploads_endpoint(
                 ) from None
             if asked.run_id != run_id:
                 raise Rejection(400, f"request is for run {asked.run_id!r}, not {run_id!r}")
-            await _check_open(await connection.get(), run_id, execution, first_executions)
+            await _check_current(await connection.get(), asked, execution, first_executions)
         except Rejection as rejection:
             log.info("upload URLs refused with %d: %s", rejection.status_code, rejection.message)
             return rejection.response()
@@ -631,10 +637,15 @@ def _uploads_endpoint(
     return post_uploads
 
 
-async def _check_open(
-    client: Client, run_id: str, execution: str, first_executions: FirstExecutions
+async def _check_current(
+    client: Client,
+    asked: protocol.UploadUrlsRequest,
+    execution: str,
+    first_executions: FirstExecutions,
 ) -> None:
-    """410 unless the run of this first execution is still running."""
+    """410 unless the run of this first execution is still running and the asking GPU is its
+    current attempt: a replaced host that still runs never writes over its successor's epochs."""
+    run_id = asked.run_id
     handle = client.get_workflow_handle(run_id)
     await first_executions.check(handle, execution)
     try:
@@ -644,6 +655,20 @@ async def _check_open(
     status = description.status
     if status is not None and status != WorkflowExecutionStatus.RUNNING:
         raise Rejection(410, "run is closed", extra={"status": status.name})
+    try:
+        current: RunStatus = await handle.query(
+            RUN_STATUS_QUERY, result_type=RunStatus, rpc_timeout=TEMPORAL_RPC_TIMEOUT
+        )
+    except RPCError as e:
+        raise _rpc_failure("query", run_id, e) from None
+    except WorkflowQueryFailedError as e:
+        raise _temporal_unavailable(f"the run did not answer its status query: {e}") from None
+    if current.attempt != asked.attempt:
+        raise Rejection(
+            410,
+            f"GPU attempt {asked.attempt} was replaced: the run is on attempt {current.attempt}",
+            extra={"status": "REPLACED"},
+        )
 
 
 # --------------------------------------------------------------------------------------------
