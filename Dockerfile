@@ -19,7 +19,12 @@ WORKDIR /opt/loratrain
 COPY pyproject.toml README.md ./
 COPY workflows ./workflows
 COPY activities ./activities
+COPY common ./common
 COPY worker ./worker
+COPY relay ./relay
+COPY client ./client
+COPY cli ./cli
+COPY devstack ./devstack
 COPY gpu_runner ./gpu_runner
 RUN pip install . && rm -rf build *.egg-info
 

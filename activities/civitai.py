@@ -58,7 +58,7 @@ from .model_header import (
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
-    from worker.settings import Settings
+    from common.settings import Settings
 
 
 class ResolveModelInput(BaseModel):

@@ -35,7 +35,7 @@ from .gpu_requirements import effective_requirements, family_minimums, filled_co
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
-    from worker.settings import Settings
+    from common.settings import Settings
 
 # Seconds per optimizer step at batch size 1 and the family's default resolution, on the
 # reference class (RTX 3090 / A6000, GA102), sd-scripts with cached latents and bf16/fp16.

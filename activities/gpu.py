@@ -16,7 +16,7 @@ from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
-from worker.settings import Settings
+from common.settings import Settings
 from workflows.models import GpuRequirements
 
 from .providers.base import (

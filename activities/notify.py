@@ -27,7 +27,7 @@ from gpu_runner.protocol import sign_payload
 from workflows.models import UserEventType
 
 if TYPE_CHECKING:
-    from worker.settings import Settings
+    from common.settings import Settings
 
 USER_AGENT = "loratrain-webhooks/1"
 

@@ -10,7 +10,7 @@ from pydantic import BaseModel
 from temporalio import activity
 
 if TYPE_CHECKING:
-    from worker.settings import Settings
+    from common.settings import Settings
 
 
 class RelayHealth(BaseModel):

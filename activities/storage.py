@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field, ValidationError
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from common.settings import Settings
 from gpu_runner.protocol import (
     EPOCH_LORA,
     EPOCH_STATE,
@@ -44,7 +45,6 @@ from gpu_runner.protocol import (
 )
 from gpu_runner.trainers.builtin import family_refusal
 from gpu_runner.trainers.sd_scripts import blocks_to_swap_problem
-from worker.settings import Settings
 from workflows.models import OutputLocation, S3Location, S3Prefix, SavedEpochInfo
 
 from .civitai import ResolvedModel

@@ -16,8 +16,8 @@ from typing import Any
 import boto3
 from pydantic import SecretStr
 
-from worker.devstack import local_s3_server
-from worker.settings import Settings
+from common.settings import Settings
+from devstack.stack import local_s3_server
 
 ROOT = Path(__file__).resolve().parent.parent
 MB = 1024 * 1024

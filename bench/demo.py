@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from bench.common import ROOT, Row
-from worker.devstack import free_local_s3_ports
+from devstack.stack import free_local_s3_ports
 
 TARGET_S = 120.0
 
@@ -47,7 +47,7 @@ def _stack_env(state: Path) -> dict[str, str]:
 def _demo(cwd: Path, state: Path) -> tuple[float, str]:
     started = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-m", "worker.cli", "demo"],
+        [sys.executable, "-m", "cli", "demo"],
         cwd=cwd,
         env=_stack_env(state),
         capture_output=True,

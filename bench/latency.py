@@ -38,8 +38,11 @@ from bench.common import (
     percentile,
     s3_client,
 )
+from client import LoraClient
+from common.settings import Settings
 from gpu_runner import protocol
 from gpu_runner.protocol import ImagesReadyData, RunnerEvent
+from relay.app import create_app
 from tests.http_support import serve_asgi
 from tests.workflow_support import (
     SLEEPING_RUNNER,
@@ -50,11 +53,7 @@ from tests.workflow_support import (
     make_request,
     put_dataset,
     running_worker,
-    start_run,
-    wait_for_status,
 )
-from worker.relay import create_app
-from worker.settings import Settings
 from workflows.models import RunStatusName
 
 P1_RUNS = 20
@@ -116,6 +115,17 @@ async def _post(http: httpx.AsyncClient, relay_url: str, event: RunnerEvent) -> 
         raise RuntimeError(f"relay answered {response.status_code}: {response.text}")
 
 
+async def _until_status(
+    runs: LoraClient, run_id: str, status: RunStatusName, timeout_s: float = 60
+) -> None:
+    """Ask the run's status until it is `status` (a run that ends first fails the benchmark)."""
+    async with asyncio.timeout(timeout_s):
+        while (current := await runs.status(run_id, webhooks=False)).status != status:
+            if current.status.terminal:
+                raise RuntimeError(f"run {run_id} ended {current.status}: {current.error}")
+            await asyncio.sleep(0.05)
+
+
 async def _raw_signal_latencies(client: Client, task_queue: str, count: int) -> list[float]:
     """Signal -> the workflow's signal handler running (one workflow task), one at a time."""
     latencies = []
@@ -143,6 +153,7 @@ async def _p1(work: Path, endpoint: str) -> tuple[list[float], list[float]]:
         with serve_asgi(create_app(settings, env.client)) as relay_url:
             run_settings = settings.model_copy(update={"relay_public_url": relay_url})
             provider = TimedProvider(run_settings)
+            runs = LoraClient(env.client, run_settings)
             latencies: list[float] = []
             async with (
                 running_worker(env.client, run_settings, provider),
@@ -151,14 +162,15 @@ async def _p1(work: Path, endpoint: str) -> tuple[list[float], list[float]]:
                 images = put_dataset(s3, settings.bucket, "uploads/cats/", count=3)
                 for _ in range(P1_RUNS):
                     request = make_request(images, local_model(work))
-                    handle = await start_run(env.client, run_settings, request)
-                    await wait_for_status(handle, RunStatusName.PENDING_GPU, timeout_s=60)
-                    key = f"runs/{handle.id}/{handle.first_execution_run_id}/model/lora.safetensors"
+                    run_id = await runs.start(request)
+                    await _until_status(runs, run_id, RunStatusName.PENDING_GPU)
+                    execution = await runs.first_execution(run_id)
+                    key = f"runs/{run_id}/{execution}/model/lora.safetensors"
                     s3.put_object(Bucket=settings.bucket, Key=key, Body=MODEL_BYTES)
-                    events = ScriptedEvents(handle.id).happy_path(key, MODEL_BYTES)
+                    events = ScriptedEvents(run_id).happy_path(key, MODEL_BYTES)
                     for event in events[:-1]:
                         await _post(http, relay_url, event)
-                    await wait_for_status(handle, RunStatusName.TRAINING, timeout_s=60)
+                    await _until_status(runs, run_id, RunStatusName.TRAINING)
                     await asyncio.sleep(0.3)  # training.completed handled; the worker is idle
                     instance = provider.created[-1]
                     sent = time.monotonic()
@@ -167,7 +179,7 @@ async def _p1(work: Path, endpoint: str) -> tuple[list[float], list[float]]:
                     while instance not in provider.destroy_called:  # noqa: ASYNC110
                         await asyncio.sleep(0.001)
                     latencies.append(provider.destroy_called[instance] - sent)
-                    await asyncio.wait_for(handle.result(), timeout=60)
+                    await asyncio.wait_for(runs.wait(run_id), timeout=60)
             raw = await _raw_signal_latencies(env.client, f"raw-{uuid.uuid4()}", P1_RUNS)
     return latencies, raw
 
@@ -226,7 +238,7 @@ def relay_process(settings: Settings, temporal_address: str, log_path: Path) -> 
     url = f"http://127.0.0.1:{port}"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "worker.cli", "relay"], cwd=ROOT, env=env, stdout=log, stderr=log
+            [sys.executable, "-m", "cli", "relay"], cwd=ROOT, env=env, stdout=log, stderr=log
         )
     try:
         deadline = time.monotonic() + 30
@@ -327,7 +339,7 @@ async def _p3(work: Path, endpoint: str) -> tuple[float, float, float, str]:
             address = client.service_client.config.target_host
             server = child_pid("temporal")
             with relay_process(settings, address, work / "relay.log") as relay_url:
-                relay = child_pid("worker.cli relay")
+                relay = child_pid("cli relay")
                 before = {p: cpu_seconds(p) for p in (server, relay, os.getpid())}
                 process_rate = await _relay_rate(in_process, relay_url)
                 via_relay = {p: cpu_seconds(p) - before[p] for p in before}

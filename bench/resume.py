@@ -27,18 +27,17 @@ from typing import Any
 
 from activities.providers.local import LOG_FILE
 from bench.common import Row, bench_settings, local_s3, s3_client
+from client import LoraClient
 from gpu_runner.demo_assets import TINY_MODEL_FILENAME, build_tiny_model, write_demo_dataset
+from relay.app import create_app
 from tests.http_support import serve_asgi
 from tests.workflow_support import (
     RecordingProvider,
     dev_server,
     make_request,
     running_worker,
-    start_run,
 )
-from worker.relay import create_app
-from workflows.models import RunStatus, RunStatusName, S3Prefix
-from workflows.training import TrainingWorkflow
+from workflows.models import RunStatusName, S3Prefix
 
 EPOCHS = 10
 KILL_AT = 0.8
@@ -97,10 +96,11 @@ async def _killed_run(stack: Any, images: S3Prefix, model: Path, resume: bool) -
         images, model, trainer="builtin", training=TRAINING, samples={"enabled": False}
     )
     request = request.model_copy(update={"resume": resume})
-    handle = await start_run(client, settings, request)
+    runs = LoraClient(client, settings)
+    run_id = await runs.start(request)
     # Epoch times from the saved epochs, then the kill at KILL_AT of the run's epochs.
     while True:
-        status: RunStatus = await handle.query(TrainingWorkflow.status)
+        status = await runs.status(run_id, webhooks=False)
         assert not status.status.terminal, status.error
         if len(status.epochs) >= 2:
             break
@@ -108,16 +108,16 @@ async def _killed_run(stack: Any, images: S3Prefix, model: Path, resume: bool) -
     first_saved = time.monotonic()
     while len(status.epochs) < int(EPOCHS * KILL_AT) - 1:
         await asyncio.sleep(0.05)
-        status = await handle.query(TrainingWorkflow.status)
+        status = await runs.status(run_id, webhooks=False)
     per_epoch = (time.monotonic() - first_saved) / (len(status.epochs) - 2)
     await asyncio.sleep(per_epoch * (EPOCHS * KILL_AT - len(status.epochs)))
     records = {i: provider._record(i) for i in provider.created}
     [(instance, record)] = [
-        (i, r) for i, r in records.items() if r is not None and handle.id in r.label
+        (i, r) for i, r in records.items() if r is not None and run_id in r.label
     ]
     killed_at = time.time()
     os.killpg(record.pid, signal.SIGKILL)
-    final: RunStatus = await asyncio.wait_for(handle.result(), timeout=900)
+    final = await asyncio.wait_for(runs.wait(run_id), timeout=900)
     assert final.status == RunStatusName.COMPLETED and final.attempt == 2, final.error
     # The killed host uploaded no log: its runner's output is in the instance's folder.
     first = (provider._directory(instance) / LOG_FILE).read_text(encoding="utf-8")

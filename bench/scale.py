@@ -2,9 +2,10 @@
 (no GPU runner or trainer processes: the local provider starts `sleep`) that post signed events
 to the relay over HTTP and send training progress every 10 s.
 
-For each progress event it measures event -> status: from posting the event to the status
-query showing that step (what `loratrain status` or a backend reads); the pending stage is
-awaited with one long poll (`wait_for_change`, as `loratrain watch`). The worker runs as
+For each progress event it measures event -> status: from posting the event to
+`LoraClient.status` showing that step (a describe and the status query: what `loratrain status`
+or a Python backend reads); the pending stage is awaited with `LoraClient.watch` (long polls of
+`wait_for_change`, as `loratrain watch`). The worker runs as
 `loratrain worker` in a process of its own, so its RSS is its own.
 """
 
@@ -46,6 +47,8 @@ from bench.common import (
     s3_client,
 )
 from bench.latency import relay_process
+from client import LoraClient
+from common.settings import Settings
 from gpu_runner import protocol
 from gpu_runner.protocol import TrainingProgressData
 from tests.workflow_support import (
@@ -55,9 +58,7 @@ from tests.workflow_support import (
     make_request,
     put_dataset,
 )
-from worker.settings import Settings
 from workflows.models import RunStatus, RunStatusName
-from workflows.training import TrainingWorkflow
 
 PROGRESS_INTERVAL_S = 10.0
 # Runs start at this rate (users start runs over time, not all in one instant), and each sends
@@ -136,7 +137,7 @@ def worker_process(settings: Settings, temporal_address: str, log_path: Path) ->
     )
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "worker.cli", "worker"],
+            [sys.executable, "-m", "cli", "worker"],
             cwd=ROOT,
             env=env,
             stdout=log,
@@ -218,23 +219,26 @@ def level_budget_s(runs: int) -> float:
     return ramp_s(runs) + progress_events(runs) * PROGRESS_INTERVAL_S + 300
 
 
-async def _status_shows(handle: Any, done: Any, poll_s: float = 0.1) -> RunStatus:
-    """The run's status as `loratrain status` or a backend reads it (the status query), asked
-    until `done`: no history events, unlike a watcher's long poll."""
+async def _status_shows(
+    client: LoraClient, run_id: str, done: Any, poll_s: float = 0.1
+) -> RunStatus:
+    """The run's status as `loratrain status` or a backend reads it (`LoraClient.status`),
+    asked until `done`: no history events, unlike a watcher's long poll."""
     while True:
-        status: RunStatus = await handle.query(TrainingWorkflow.status)
+        status = await client.status(run_id, webhooks=False)
         if done(status) or status.status.terminal:
             return status
         await asyncio.sleep(poll_s)
 
 
-async def _watch_until(handle: Any, version: int, done: Any) -> RunStatus:
-    """As `loratrain watch` follows a run: long polls until `done` (or the run ended)."""
-    while True:
-        seen: RunStatus = await handle.execute_update(TrainingWorkflow.wait_for_change, version)
-        if done(seen) or seen.status.terminal:
-            return seen
-        version = seen.version
+async def _watch_until(client: LoraClient, run_id: str, done: Any) -> RunStatus:
+    """As `loratrain watch` follows a run (`LoraClient.watch`): until `done` or the run ended."""
+    seen: RunStatus | None = None
+    async for seen in client.watch(run_id, waiting=False):
+        if done(seen):
+            break
+    assert seen is not None  # watch yields at least the status it starts from
+    return seen
 
 
 async def _counted(outcome: Outcome, script: Coroutine[Any, Any, None]) -> None:
@@ -259,21 +263,17 @@ async def _script(
     spread_s: float,
 ) -> None:
     await asyncio.sleep(random.uniform(0, spread_s))  # runs start over a while, as users do
-    handle = await client.start_workflow(
-        TrainingWorkflow.run,
-        request,
-        id=f"scale-{uuid.uuid4().hex[:12]}",
-        task_queue=settings.task_queue,
-    )
-    status = await _watch_until(handle, 0, lambda s: s.status != RunStatusName.PENDING)
+    runs = LoraClient(client, settings)
+    run_id = await runs.start(request, run_id=f"scale-{uuid.uuid4().hex[:12]}")
+    status = await _watch_until(runs, run_id, lambda s: s.status != RunStatusName.PENDING)
     if status.status.terminal:
         outcome.other.append(status.status.value)
         return
-    execution = handle.first_execution_run_id or ""
-    key = f"runs/{handle.id}/{execution}/model/lora.safetensors"
+    execution = await runs.first_execution(run_id)
+    key = f"runs/{run_id}/{execution}/model/lora.safetensors"
     s3 = s3_client(str(settings.s3_endpoint_url))
     await asyncio.to_thread(s3.put_object, Bucket=settings.bucket, Key=key, Body=MODEL_BYTES)
-    events = ScriptedEvents(handle.id).happy_path(
+    events = ScriptedEvents(run_id).happy_path(
         key, MODEL_BYTES, epochs=progress_events(outcome.runs)
     )
     ready, progress, finished = events[:4], events[4:-2], events[-2:]
@@ -286,13 +286,14 @@ async def _script(
         await _post(http, relay_url, execution, event)
         outcome.post_latencies.append(time.monotonic() - sent)
         await _status_shows(
-            handle,
+            runs,
+            run_id,
             lambda s: s.progress is not None and s.progress.step >= step,  # noqa: B023
         )
         outcome.latencies.append(time.monotonic() - sent)
     for event in finished:
         await _post(http, relay_url, execution, event)
-    final: RunStatus = await handle.result()
+    final = await runs.wait(run_id)
     if final.status == RunStatusName.COMPLETED:
         outcome.completed += 1
     elif final.status == RunStatusName.STALLED:
@@ -315,7 +316,7 @@ async def _level(runs: int, work: Path, endpoint: str) -> Outcome:
                 processes = {
                     "dev server": child_pid("temporal"),
                     "worker": pid,
-                    "relay": child_pid("worker.cli relay"),
+                    "relay": child_pid("cli relay"),
                     "scripted runners": os.getpid(),
                 }
                 cpu_before = {name: cpu_seconds(p) for name, p in processes.items()}

@@ -29,7 +29,7 @@ import boto3
 from PIL import Image
 
 from bench.common import Row
-from worker.devstack import local_s3_server
+from devstack.stack import local_s3_server
 
 ROOT = Path(__file__).resolve().parent.parent
 BUCKET = "bench"
@@ -97,8 +97,8 @@ def zip_in_this_process(endpoint: str, prefix: str, run_id: str) -> dict[str, An
     from pydantic import SecretStr
 
     from activities.storage import DatasetInput, StorageActivities
+    from common.settings import Settings
     from worker.memory import return_large_buffers_to_the_os
-    from worker.settings import Settings
     from workflows.models import S3Prefix
 
     return_large_buffers_to_the_os()

@@ -25,34 +25,18 @@ from pathlib import Path
 from types import FrameType
 
 import typer
-from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError
-from temporalio.service import RPCError, RPCStatusCode
 
+from client import LoraClient, LoraClientError, RunNotFound, new_run_id
+from client.runs import samples_folder, ui_url
+from common.settings import Settings
+from devstack.stack import ChildExited, DevStack, DevStackError, StartInterrupted
 from gpu_runner.demo_assets import TINY_MODEL_FILENAME, demo_training_config, write_demo_dataset
 from gpu_runner.protocol import SampleSettings
 from workflows.models import RunStatus, RunStatusName, S3Prefix, TrainingRequest
 
-from .cli import (
-    _dataset_files,
-    _follow,
-    _print_status,
-    _start_run,
-    _watch_with_bar,
-    connect,
-    describe_run,
-    download_model,
-    download_samples,
-    err,
-    fail,
-    new_run_id,
-    out,
-    query_status,
-    samples_folder,
-    training_handle,
-    ui_link,
-)
-from .devstack import ChildExited, DevStack, DevStackError, StartInterrupted
-from .settings import Settings
+from .console import err, fail, out
+from .display import print_status, watch_with_bar
+from .runs import client_message, connect, dataset_files_noted
 
 DEMO_DIR = "demo"
 OUTPUTS = Path("outputs")
@@ -137,7 +121,10 @@ def run_demo(settings: Settings) -> None:
         if interrupted.is_set():
             out.print("interrupted before the run started")
             raise typer.Exit(EXIT_INTERRUPTED)
-        final, lora, samples = asyncio.run(_run(settings, assets, timings))
+        try:
+            final, lora, samples = asyncio.run(_run(settings, assets, timings))
+        except LoraClientError as e:
+            fail(client_message(e))
         _print_summary(settings, final, lora, samples)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -249,84 +236,83 @@ async def _run(
     """Start the run, follow it, download its LoRA and every epoch's samples; on Ctrl-C, cancel
     it and wait until its GPU is given back. The final status and, when it completed, the LoRA's
     path and the samples' paths."""
+    client = await connect(settings)
     run_id = new_run_id()
     interrupted = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, interrupted.set)
-    work = asyncio.create_task(_start_and_follow(settings, assets, run_id, timings))
+    work = asyncio.create_task(_start_and_follow(client, assets, run_id, timings))
     stop = asyncio.create_task(interrupted.wait())
     await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
     if not work.done():
         work.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await work
-        await _cancel(settings, run_id)
+        await _cancel(client, run_id)
         raise typer.Exit(EXIT_INTERRUPTED)
     stop.cancel()
     final = work.result()
     if final.status != RunStatusName.COMPLETED or final.execution_status:
         return final, None, []
     with timings.part("download"):
-        lora = await download_model(settings, final, OUTPUTS, into_folder=True)
+        lora = await client.download(run_id, OUTPUTS, into_folder=True)
         # Beside the LoRA, as `loratrain samples` puts them.
-        samples = await download_samples(settings, final, OUTPUTS / f"{run_id}-samples")
+        samples = await client.samples(run_id, OUTPUTS / f"{run_id}-samples")
     return final, lora, samples
 
 
 async def _start_and_follow(
-    settings: Settings, assets: DemoAssets, run_id: str, timings: Timings
+    client: LoraClient, assets: DemoAssets, run_id: str, timings: Timings
 ) -> RunStatus:
     request = TrainingRequest(
-        images=S3Prefix(bucket=settings.bucket, prefix=f"uploads/{run_id}/"),
+        images=S3Prefix(bucket=client.settings.bucket, prefix=f"uploads/{run_id}/"),
         model=str(assets.model.resolve()),
         training=demo_training_config(),
         trainer="builtin",
         samples=DEMO_SAMPLES,
     )
+
+    def uploading(files: int, where: str) -> None:
+        out.print(f"uploading {files} files from {assets.images} to {where}", markup=False)
+
     with timings.part("upload"):
-        await _start_run(settings, run_id, request, assets.images, _dataset_files(assets.images))
-    handle = training_handle(await connect(settings), run_id)
+        files = dataset_files_noted(assets.images)
+        await client.start(request, run_id, assets.images, files=files, on_upload=uploading)
+    out.print(f"started run [bold]{run_id}[/bold]", highlight=False)
+    out.print(f"Temporal UI: {client.ui_url(run_id)}", markup=False)
+    out.print(f"follow it:   loratrain watch {run_id}", markup=False)
     with timings.part("run"):
-        st = await query_status(handle, await describe_run(handle, settings), settings)
-        return await _watch_with_bar(handle, settings, st)
+        return await watch_with_bar(client, run_id, waiting=False)
 
 
-async def _cancel(settings: Settings, run_id: str) -> None:
+async def _cancel(client: LoraClient, run_id: str) -> None:
     """Cancel the run if it started, and wait until it ended and gave its GPU back."""
-    handle = training_handle(await connect(settings), run_id)
     try:
-        description = await handle.describe()
-    except RPCError as e:
-        if e.status != RPCStatusCode.NOT_FOUND:
-            fail(f"Temporal refused to describe run {run_id!r}: {e.message}")
+        outcome = await client.cancel(run_id)
+    except RunNotFound:
         out.print("interrupted before the run started")
         return
-    if description.status == WorkflowExecutionStatus.RUNNING:
+    if outcome.requested:
         out.print(f"interrupted: cancelling run {run_id}…", markup=False)
-        await handle.cancel()
     try:
         async with asyncio.timeout(CANCEL_WAIT_S):
-            st = await query_status(handle, description, settings)
-            st = await _follow(handle, settings, st, lambda _: None)
-            # The run reads `cancelled` before it gives its GPU back; it closes after that.
-            with contextlib.suppress(WorkflowFailureError):
-                await handle.result()
+            st = await client.wait(run_id)
     except TimeoutError:
         fail(
             f"run {run_id} did not end within {CANCEL_WAIT_S:.0f} s of the cancel; "
             f"follow it with `loratrain status {run_id}`"
         )
-    _print_status(st)
-    out.print(f"Temporal UI: {ui_link(settings, run_id)}", markup=False)
+    print_status(st)
+    out.print(f"Temporal UI: {client.ui_url(run_id)}", markup=False)
 
 
 def _print_summary(
     settings: Settings, st: RunStatus, lora: Path | None, samples: list[Path]
 ) -> None:
     if lora is None:
-        _print_status(st)
-        out.print(f"Temporal UI: {ui_link(settings, st.run_id)}", markup=False)
+        print_status(st)
+        out.print(f"Temporal UI: {ui_url(settings, st.run_id)}", markup=False)
         return
     losses = "   ".join(f"{epoch}: {loss:.4f}" for epoch, loss in enumerate(st.epoch_losses, 1))
     rows = [
@@ -335,7 +321,7 @@ def _print_summary(
         ("kept epoch", f"{st.best_checkpoint} (the lowest loss)"),
         ("LoRA", f"{lora} ({lora.stat().st_size:,} bytes)"),
         *_sample_rows(st, samples),
-        ("Temporal UI", ui_link(settings, st.run_id)),
+        ("Temporal UI", ui_url(settings, st.run_id)),
     ]
     out.print(f"run {st.run_id} [green]completed[/]", highlight=False)
     for label, value in rows:

@@ -18,17 +18,15 @@ from temporalio.exceptions import ApplicationError
 
 from activities.civitai import ModelReference, check_local_model, parse_model_reference
 from activities.storage import MAX_CAPTION_BYTES, image_problem
+from client.uploads import CAPTION_SUFFIX, IMAGE_SUFFIXES
+from common.settings import DEV_ENV_NAME, Settings
 from gpu_runner.captions import caption_warnings
 from gpu_runner.protocol import BaseModelFamily, TrainerName, TrainingConfig
 from gpu_runner.settings import RunnerSettings
 
-from .settings import DEV_ENV_NAME, Settings
-
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp"})
-CAPTION_SUFFIX = ".txt"
 _MODEL_FORMS = (
     "use civitai:<versionId>, hf:<owner>/<repo>[@revision]/<file>, an https URL, "
     "s3://bucket/key or a local path"

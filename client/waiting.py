@@ -8,25 +8,19 @@ server knows the attempt, the last failure and the next attempt's time of every 
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import Callable, Sequence
-from datetime import UTC, timedelta
-from typing import Any
+from collections.abc import Sequence
+from datetime import UTC
 
 from temporalio.api.enums.v1 import PendingActivityState
 from temporalio.api.failure.v1 import Failure
 from temporalio.api.workflow.v1 import PendingActivityInfo
 from temporalio.client import (
-    RPCTimeoutOrCancelledError,
     WorkflowExecutionDescription,
-    WorkflowHandle,
 )
 from temporalio.converter import DataConverter
 from temporalio.exceptions import ApplicationError, FailureError
-from temporalio.service import RPCError
 
-from workflows.models import RunStatus, WaitingOn
+from workflows.models import WaitingOn
 
 # What each of the run's activities does, as the workflow's activity summaries say it.
 _WHAT = {
@@ -46,9 +40,8 @@ _STATES = {
     PendingActivityState.PENDING_ACTIVITY_STATE_STARTED: "started",
     PendingActivityState.PENDING_ACTIVITY_STATE_CANCEL_REQUESTED: "cancel_requested",
 }
-# How often `watch` asks what the run waits on, between the workflow's own status changes.
+# How often `LoraClient.watch` asks what the run waits on, between its status changes.
 WAITING_POLL_S = 2.0
-_DESCRIBE_TIMEOUT = timedelta(seconds=10)
 _MAX_ERROR_CHARS = 500
 
 
@@ -98,32 +91,6 @@ async def _failure_text(failure: Failure, converter: DataConverter) -> tuple[str
     return str(error)[:_MAX_ERROR_CHARS], type(error).__name__
 
 
-def status_json(st: RunStatus, waiting: Sequence[WaitingOn], indent: int | None = None) -> str:
-    """The RunStatus as JSON, its `waiting_on` what Temporal says the run retries now."""
-    return st.model_copy(update={"waiting_on": list(waiting)}).model_dump_json(indent=indent)
-
-
 def signature(waiting: Sequence[WaitingOn]) -> tuple[tuple[str, int, str | None], ...]:
     """What a watcher shows a new line for: another activity, attempt or error."""
     return tuple((w.activity, w.attempt, w.last_error) for w in waiting)
-
-
-async def watch_waiting(
-    handle: WorkflowHandle[Any, Any],
-    converter: DataConverter,
-    show: Callable[[list[WaitingOn]], None],
-    interval_s: float = WAITING_POLL_S,
-) -> None:
-    """Describe the run every `interval_s` and call `show` whenever what it waits on changes
-    (first with the current state when it waits on anything); until cancelled."""
-    shown: tuple[tuple[str, int, str | None], ...] = ()
-    while True:
-        # A look that fails (Temporal slow or away) is taken again next time; `watch` itself
-        # reports a Temporal that stays away.
-        with contextlib.suppress(RPCError, RPCTimeoutOrCancelledError):
-            description = await handle.describe(rpc_timeout=_DESCRIBE_TIMEOUT)
-            waiting = await waiting_on(description, converter)
-            if signature(waiting) != shown:
-                shown = signature(waiting)
-                show(waiting)
-        await asyncio.sleep(interval_s)

@@ -46,9 +46,8 @@ from temporalio.api.workflowservice.v1 import DescribeNamespaceRequest
 from temporalio.client import Client
 
 from activities.providers.procfs import group_members, read_stat, start_ticks
-
-from .converter import new_codec_key
-from .settings import DEV_ENV_NAME, SEARCH_ATTRIBUTE, Settings
+from common.converter import new_codec_key
+from common.settings import DEV_ENV_NAME, SEARCH_ATTRIBUTE, Settings
 
 DEFAULT_LOCAL_S3_URL = "http://127.0.0.1:9000"
 # Where the relay serves the codec endpoint that lets the Temporal UI decrypt payloads.
@@ -693,8 +692,8 @@ class DevStack:
                 "the local S3 server's stored data",
                 s3,
             )
-            relay = self._launch(RELAY, [sys.executable, "-m", "worker.cli", "relay"])
-            self._launch(WORKER, [sys.executable, "-m", "worker.cli", "worker"])
+            relay = self._launch(RELAY, [sys.executable, "-m", "cli", "relay"])
+            self._launch(WORKER, [sys.executable, "-m", "cli", "worker"])
             self._wait_until(lambda: _accepts_tcp(self.relay), "relay", relay)
         except BaseException:
             self.stop()

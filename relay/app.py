@@ -55,13 +55,12 @@ from temporalio.client import (
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.storage import epoch_prefix
+from common.converter import EncryptionCodec, codec_from_settings, data_converter
+from common.logs import configure_logging
+from common.s3 import s3_client
+from common.settings import Settings
 from gpu_runner import protocol
 from workflows.models import RelayedEvent, RunStatus
-
-from .converter import EncryptionCodec, codec_from_settings, data_converter
-from .logs import configure_logging
-from .main import s3_client
-from .settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
 from temporalio.testing import WorkflowEnvironment
 
-from worker.converter import data_converter
-from worker.devstack import local_s3_server
-from worker.settings import SEARCH_ATTRIBUTE, STATE_DIR_VARIABLE, Settings
+from common.converter import data_converter
+from common.settings import SEARCH_ATTRIBUTE, STATE_DIR_VARIABLE, Settings
+from devstack.stack import local_s3_server
 
 from .workflow_support import (
     SHORT_DEADLINES,

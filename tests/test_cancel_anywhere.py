@@ -35,8 +35,8 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import WorkflowInstance, WorkflowInstanceDetails, WorkflowRunner
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
+from common.settings import SEARCH_ATTRIBUTE, Settings
 from gpu_runner.protocol import RunFailedData, TrainingProgressData
-from worker.settings import SEARCH_ATTRIBUTE, Settings
 from workflows.models import RunStatus, RunStatusName, UserWebhook
 from workflows.training import CANCEL_ANYWHERE, TrainingWorkflow
 

@@ -14,9 +14,9 @@ from pydantic import SecretStr
 from temporalio.exceptions import ApplicationError
 
 from activities.civitai import ModelActivities, ResolvedModel, ResolveModelInput
+from common.settings import Settings
 from tests.fake_civitai import FakeCivitai, FakeFile, FakeVersion, checkpoint_bytes, model_bytes
 from tests.http_support import serve_asgi
-from worker.settings import Settings
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client

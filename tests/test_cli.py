@@ -26,10 +26,10 @@ from typer.testing import CliRunner, Result
 
 from activities.providers.base import instance_label
 from activities.providers.local import LocalProvider
-from worker.cli import app
-from worker.converter import new_codec_key
-from worker.devstack import DevStack, PortsInUse, free_local_s3_ports, read_dev_env
-from worker.settings import Settings
+from cli.app import app
+from common.converter import new_codec_key
+from common.settings import Settings
+from devstack.stack import DevStack, PortsInUse, free_local_s3_ports, read_dev_env
 from workflows.models import GpuRequirements, RunStatus, RunStatusName
 
 from .conftest import free_port
@@ -58,7 +58,7 @@ def loratrain(
 ) -> subprocess.CompletedProcess[str]:
     """`loratrain ARGS` as a real process, as a user runs it."""
     return subprocess.run(
-        [sys.executable, "-m", "worker.cli", *args],
+        [sys.executable, "-m", "cli", *args],
         cwd=cwd,
         env={**os.environ, "PYTHONPATH": str(ROOT), **env},
         capture_output=True,
@@ -383,7 +383,7 @@ def running_dev(workdir: Path) -> Iterator[RunningDev]:
     """`loratrain dev` as a process on free ports, once all of it answers; killed if still up."""
     env = stack_env()
     proc = Captured(
-        [sys.executable, "-m", "worker.cli", "dev"],
+        [sys.executable, "-m", "cli", "dev"],
         cwd=workdir,
         env={**os.environ, "PYTHONPATH": str(ROOT), **env},
     )

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from temporalio.testing import WorkflowEnvironment
 
-from worker.converter import new_codec_key
-from worker.settings import DEV_ENV_NAME, Settings
+from common.converter import new_codec_key
+from common.settings import DEV_ENV_NAME, Settings
 
 from .conftest import free_port
 from .fake_civitai import checkpoint_bytes

@@ -23,10 +23,10 @@ from temporalio.testing import WorkflowEnvironment
 from typer.testing import Result
 
 from activities.providers.local import LocalProvider
+from cli import display
+from common.settings import Settings
 from gpu_runner.demo_assets import TINY_MODEL_FILENAME, build_tiny_model, write_demo_dataset
-from worker import cli as cli_module
-from worker.relay import create_app
-from worker.settings import Settings
+from relay.app import create_app
 from workflows.models import RunStatus, RunStatusName, S3Prefix
 
 from .conftest import s3_client_for
@@ -209,15 +209,15 @@ def test_status_and_watch_show_a_resumed_run(trained: Trained) -> None:
     printed = io.StringIO()
     console = Console(file=printed, soft_wrap=True, width=200)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(cli_module, "out", console)
-        cli_module._print_status(resumed)
+        patch.setattr(display, "out", console)
+        display.print_status(resumed)
     lines = printed.getvalue().splitlines()
     assert re.findall(r"  loss \S+  attempt (\d)", printed.getvalue()) == ["1", "2", "2"]
     assert "resumed      from epoch 1 on attempt 2" in lines
 
     shown: set[str] = set()
-    assert cli_module._new_epoch_lines(resumed, shown)[-1] == "resumed from epoch 1 on attempt 2"
-    assert cli_module._new_epoch_lines(resumed, shown) == []  # each once
+    assert display.new_epoch_lines(resumed, shown)[-1] == "resumed from epoch 1 on attempt 2"
+    assert display.new_epoch_lines(resumed, shown) == []  # each once
 
 
 async def test_download_an_epoch_checks_it_against_the_saved_one(

@@ -17,9 +17,9 @@ import pytest
 from temporalio.client import WorkflowHandle
 from temporalio.testing import WorkflowEnvironment
 
+from cli.preflight import check_model
+from common.settings import Settings
 from gpu_runner.protocol import TrainingConfig
-from worker.preflight import check_model
-from worker.settings import Settings
 from workflows.models import RunStatus, RunStatusName, TrainingRequest
 
 from .conftest import free_port

@@ -20,10 +20,10 @@ import yaml
 from pydantic import SecretStr
 from starlette.routing import Mount
 
-from worker.cli import app as cli_app
-from worker.converter import new_codec_key
-from worker.relay import create_app
-from worker.settings import Settings
+from cli.app import app as cli_app
+from common.converter import new_codec_key
+from common.settings import Settings
+from relay.app import create_app
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -152,7 +152,7 @@ def test_every_lora_variable_is_a_setting() -> None:
     named = set(_LORA_NAME.findall(COMPOSE_FILE.read_text()))
     assert named, "docker-compose.yml names no LORA_ setting"
     assert not named - known, (
-        f"not fields of worker.settings.Settings: {sorted(named - known)} "
+        f"not fields of common.settings.Settings: {sorted(named - known)} "
         "(compose-only knobs use another prefix)"
     )
 

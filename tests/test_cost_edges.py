@@ -13,8 +13,8 @@ from temporalio.api.enums.v1 import EventType
 from temporalio.testing import WorkflowEnvironment
 
 from activities.providers.base import Instance
+from common.settings import Settings
 from gpu_runner.protocol import RunFailedData
-from worker.settings import Settings
 from workflows.models import Deadlines, GpuRequirements, RunStatusName
 from workflows.reaper import ReaperWorkflow
 from workflows.training import DESTROY_LIMIT

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.devstack import read_dev_env
+from devstack.stack import read_dev_env
 
 from .processes import Captured
 from .test_cli import stack_env
@@ -36,7 +36,7 @@ def start_demo(cwd: Path, env: dict[str, str]) -> Captured:
     """`loratrain demo` in `cwd` with `env` as its only LORA_ variables, as a user runs it."""
     inherited = {k: v for k, v in os.environ.items() if not k.startswith("LORA_")}
     return Captured(
-        [sys.executable, "-m", "worker.cli", "demo"],
+        [sys.executable, "-m", "cli", "demo"],
         cwd=cwd,
         env={**inherited, "PYTHONPATH": str(ROOT), "COLUMNS": "200", **env},
     )

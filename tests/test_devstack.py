@@ -24,15 +24,16 @@ from temporalio.client import Client
 
 from activities.providers.local import LocalProvider
 from activities.providers.procfs import start_ticks
-from worker.devstack import (
+from common.s3 import s3_client
+from common.settings import Settings
+from common.temporal import connect_client
+from devstack.stack import (
     DevStack,
     LocalS3Ports,
     PortsInUse,
     StoppedChild,
     read_dev_env,
 )
-from worker.main import connect_client, s3_client
-from worker.settings import Settings
 from workflows.models import RunStatus, RunStatusName
 from workflows.training import TrainingWorkflow
 
@@ -96,7 +97,7 @@ def running_dev(tmp_path: Path, extra_env: dict[str, str] | None = None) -> Iter
         **(extra_env or {}),
         "LORA_STATE_DIR": str(state),
     }
-    process = Captured([sys.executable, "-m", "worker.cli", "dev"], cwd=started_in, env=env)
+    process = Captured([sys.executable, "-m", "cli", "dev"], cwd=started_in, env=env)
     dev = Dev(process, state, started_in)
     try:
         process.wait_for_line("loratrain dev is up", timeout_s=180)
@@ -123,7 +124,7 @@ def loratrain(args: list[str], cwd: Path, state: Path) -> subprocess.CompletedPr
     env = {k: v for k, v in os.environ.items() if not k.startswith("LORA_")}
     env.update({"PYTHONPATH": str(ROOT), "LORA_STATE_DIR": str(state)})
     return subprocess.run(
-        [sys.executable, "-m", "worker.cli", *args],
+        [sys.executable, "-m", "cli", *args],
         cwd=cwd,
         env=env,
         capture_output=True,
@@ -245,7 +246,7 @@ def test_after_dev_itself_is_killed_the_next_dev_stops_what_it_left_running_and_
 
         # Its dev.env says where that stack listened: this one takes the same ports.
         again = Captured(
-            [sys.executable, "-m", "worker.cli", "dev"], cwd=elsewhere, env=user_env(dev.state)
+            [sys.executable, "-m", "cli", "dev"], cwd=elsewhere, env=user_env(dev.state)
         )
         try:
             again.wait_for_line("loratrain dev is up", timeout_s=180)

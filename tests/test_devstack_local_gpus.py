@@ -9,7 +9,7 @@ from pathlib import Path
 
 from activities.providers.base import instance_label
 from activities.providers.local import LocalProvider
-from worker.settings import Settings
+from common.settings import Settings
 from workflows.models import GpuRequirements
 
 # Like a runner: fills its work folder (LORA_RUNNER_WORKDIR), then works until it is stopped.

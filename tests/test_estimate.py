@@ -19,10 +19,10 @@ from activities.estimate import (
     planned_steps,
     seconds_per_step,
 )
+from common.settings import Settings
 from gpu_runner.demo_assets import write_demo_dataset
 from gpu_runner.protocol import TrainingConfig
 from gpu_runner.trainers.sd_scripts import vram_needed_gb
-from worker.settings import Settings
 
 from .conftest import free_port
 from .fake_civitai import checkpoint_bytes

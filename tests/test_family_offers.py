@@ -11,8 +11,8 @@ import pytest
 from activities.gpu_requirements import effective_requirements, family_minimums
 from activities.providers.base import instance_label
 from activities.providers.vast import VastProvider
+from common.settings import Settings
 from gpu_runner.protocol import BaseModelFamily, TrainingConfig
-from worker.settings import Settings
 from workflows.models import GpuRequirements
 
 from .fakes.vast_api import make_offer

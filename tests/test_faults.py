@@ -15,9 +15,9 @@ from starlette.routing import Route
 from temporalio.testing import WorkflowEnvironment
 
 from activities.relay import RelayActivities
+from common.settings import Settings
 from gpu_runner.protocol import TrainingProgressData
-from worker.relay import create_app
-from worker.settings import Settings
+from relay.app import create_app
 from workflows.models import RunStatus, RunStatusName
 from workflows.training import RELAY_RECHECK, TrainingWorkflow
 

@@ -24,13 +24,13 @@ from activities import gpu
 from activities.gpu import AllocateGpuInput, GpuActivities, InstanceRef, RunRef
 from activities.providers.base import Instance, NoOfferError, instance_label
 from activities.providers.local import STOP_TIMEOUT_S, LocalProvider, local_instance_id
+from common.settings import Settings
 from gpu_runner.protocol import TrainingConfig
 from gpu_runner.runner import TERMINATE_FLUSH_S
 from gpu_runner.settings import RunnerSettings
 from tests.http_support import serve_asgi
 from tests.runner.relay_recorder import RecordingRelay
 from tests.runner.support import MASTER_SECRET, make_job
-from worker.settings import Settings
 from workflows.models import GpuRequirements
 
 STANDIN = Path(__file__).resolve().parent / "sd_scripts_standin"

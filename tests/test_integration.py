@@ -20,8 +20,8 @@ from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 
-from worker.relay import create_app
-from worker.settings import Settings
+from common.settings import Settings
+from relay.app import create_app
 from workflows.models import RunStatus, RunStatusName, UserWebhook
 from workflows.training import TrainingWorkflow
 

@@ -35,8 +35,8 @@ from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 
 from activities.storage import StorageActivities, VerifyUploadInput
+from common.settings import Settings
 from gpu_runner.protocol import HeartbeatData, JobSpec, RunFailedData, TrainingProgressData
-from worker.settings import Settings
 from workflows.models import Deadlines, RunStatus, RunStatusName, S3Location, UserWebhook
 from workflows.training import INSTANCE_CHECK_INTERVAL, TrainingWorkflow
 

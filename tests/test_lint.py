@@ -7,7 +7,32 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ["workflows", "activities", "worker", "gpu_runner", "tests", "bench"]
+# Every package of the project, tests and benchmarks included.
+PACKAGES = [
+    "workflows",
+    "activities",
+    "common",
+    "worker",
+    "relay",
+    "client",
+    "cli",
+    "devstack",
+    "gpu_runner",
+    "tests",
+    "bench",
+]
+# What mypy checks: the product, every room of it.
+TYPED = [
+    "workflows",
+    "activities",
+    "common",
+    "worker",
+    "relay",
+    "client",
+    "cli",
+    "devstack",
+    "gpu_runner",
+]
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -24,5 +49,5 @@ def test_ruff_is_clean() -> None:
 
 
 def test_mypy_is_clean() -> None:
-    result = run("mypy", "workflows", "activities", "worker", "gpu_runner")
+    result = run("mypy", *TYPED)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -14,9 +14,9 @@ import httpx
 import pytest
 from botocore.exceptions import ClientError
 
-from worker.devstack import free_local_s3_ports, local_s3_server
-from worker.main import s3_client
-from worker.settings import Settings
+from common.s3 import s3_client
+from common.settings import Settings
+from devstack.stack import free_local_s3_ports, local_s3_server
 
 from .conftest import S3_ACCESS_KEY_ID, S3_SECRET_ACCESS_KEY, s3_client_for
 

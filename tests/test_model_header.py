@@ -40,7 +40,7 @@ from activities.model_header import (
     read_header_local,
     read_header_s3,
 )
-from worker.settings import Settings
+from common.settings import Settings
 
 from .http_support import serve_asgi
 

@@ -21,11 +21,11 @@ from activities.civitai import (
     check_local_model,
 )
 from activities.storage import ImagesZip, JobSpecInput, StorageActivities
+from common.settings import Settings
 from gpu_runner.protocol import JobSpec, TrainingConfig
 from tests.fake_civitai import FakeCivitai, checkpoint_bytes, flux_version, pony_v7_version
 from tests.fake_hf import FakeHub
 from tests.http_support import serve_asgi
-from worker.settings import Settings
 from workflows.models import OutputLocation, S3Location
 
 if TYPE_CHECKING:

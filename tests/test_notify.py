@@ -13,11 +13,11 @@ import pytest
 from temporalio.exceptions import ApplicationError
 
 from activities.notify import NotifyActivities, UserWebhookInput
+from common.settings import Settings
 from gpu_runner.protocol import sign_payload
 from tests.conftest import free_port
 from tests.http_support import serve_asgi
 from tests.webhook_receiver import WebhookReceiver
-from worker.settings import Settings
 
 Receiver = tuple[WebhookReceiver, str]
 SECRET = "whsec_" + base64.b64encode(b"user-secret-0123456789abcdef!!").decode()

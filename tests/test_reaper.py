@@ -30,12 +30,12 @@ from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
 from activities.providers.base import Instance, instance_label
 from activities.providers.procfs import read_stat
+from common.settings import Settings
 from worker.main import (
     REAPER_INTERVAL,
     REAPER_SCHEDULE_ID,
     ensure_reaper_schedule,
 )
-from worker.settings import Settings
 from workflows.models import GpuRequirements
 from workflows.reaper import REAP_INCOMPLETE, ReaperSummary, ReaperWorkflow
 

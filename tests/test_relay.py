@@ -21,13 +21,13 @@ from temporalio.client import WorkflowExecutionStatus, WorkflowHandle
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
+from common.converter import codec_from_settings
+from common.settings import Settings
 from gpu_runner import protocol
 from gpu_runner.protocol import ImagesReadyData, RunnerEvent
+from relay.app import RECONNECT_INTERVAL_S, create_app
 from tests.conftest import free_port
 from tests.http_support import serve_asgi
-from worker.converter import codec_from_settings
-from worker.relay import RECONNECT_INTERVAL_S, create_app
-from worker.settings import Settings
 
 
 @workflow.defn(sandboxed=False)  # a test stand-in; the sandbox would re-import this whole module

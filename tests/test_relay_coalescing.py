@@ -24,6 +24,7 @@ from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
+from common.settings import Settings
 from gpu_runner import protocol
 from gpu_runner.protocol import (
     EventType,
@@ -34,8 +35,7 @@ from gpu_runner.protocol import (
     TrainingCompletedData,
     TrainingProgressData,
 )
-from worker.relay import RELAYED_EVENT_SIGNAL, create_app
-from worker.settings import Settings
+from relay.app import RELAYED_EVENT_SIGNAL, create_app
 from workflows.models import RelayedEvent, RunStatus, RunStatusName
 from workflows.training import TrainingWorkflow
 

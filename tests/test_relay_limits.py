@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from pydantic import SecretStr
 
-from worker.relay import RunEventRate, check_codec_exposure
-from worker.settings import Settings
+from common.settings import Settings
+from relay.app import RunEventRate, check_codec_exposure
 
 
 def test_a_run_gets_its_allowance_per_minute_and_other_runs_are_unaffected() -> None:

@@ -17,11 +17,11 @@ from temporalio.client import WorkflowExecutionStatus, WorkflowHandle
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
+from common.settings import Settings
 from gpu_runner import protocol
 from gpu_runner.protocol import UploadUrls, UploadUrlsRequest
+from relay.app import create_app
 from tests.http_support import serve_asgi
-from worker.relay import create_app
-from worker.settings import Settings
 from workflows.models import RunStatus, RunStatusName
 
 

@@ -13,9 +13,9 @@ import pytest
 from temporalio.client import WorkflowHistory
 from temporalio.worker import Replayer
 
-from worker.converter import data_converter
+from common.converter import data_converter
+from common.settings import Settings
 from worker.main import WORKFLOWS
-from worker.settings import Settings
 
 from .workflow_support import CODE_VERSION
 

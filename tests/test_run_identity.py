@@ -13,10 +13,10 @@ from temporalio.client import WorkflowHandle
 from temporalio.testing import WorkflowEnvironment
 
 from activities.providers.base import execution_tag, parse_label
+from common.settings import Settings
 from gpu_runner import protocol
 from gpu_runner.protocol import GpuReadyData, JobSpec, make_event
-from worker.relay import create_app
-from worker.settings import Settings
+from relay.app import create_app
 from workflows.models import RelayedEvent, RunStatus, RunStatusName
 from workflows.reaper import ReaperWorkflow
 from workflows.training import TrainingWorkflow

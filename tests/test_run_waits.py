@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from temporalio.testing import WorkflowEnvironment
 
-from worker.settings import Settings
+from common.settings import Settings
 from workflows.models import RunStatus, RunStatusName, TrainingRequest
 
 from .fake_civitai import FakeCivitai
@@ -142,7 +142,7 @@ async def test_a_model_lookup_that_keeps_failing_shows_its_attempt_and_last_erro
         ), logs.output
 
         process_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
-        command = [sys.executable, "-m", "worker.cli", "watch", handle.id]
+        command = [sys.executable, "-m", "cli", "watch", handle.id]
         watch = Captured(command, cwd=workdir, env=process_env)
         watch_json = Captured([*command, "--json"], cwd=workdir, env=process_env)
         try:

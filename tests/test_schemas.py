@@ -18,7 +18,7 @@ from temporalio.api.common.v1 import Payload
 from temporalio.contrib.pydantic import pydantic_data_converter
 
 from activities.notify import UserWebhookInput, webhook_body
-from worker.converter import EncryptionCodec
+from common.converter import EncryptionCodec
 from workflows import schemas
 from workflows.models import (
     GpuInfo,
@@ -44,7 +44,7 @@ CODE_VERSION_PREFIX = f"{CODE_VERSION}-"
 
 
 # --------------------------------------------------------------------------------------------
-# The codec, implemented from docs/codec.md alone (no import of worker.converter here)
+# The codec, implemented from docs/codec.md alone (no import of common.converter here)
 # --------------------------------------------------------------------------------------------
 
 

@@ -28,8 +28,8 @@ from activities.storage import (
     VerifyUploadInput,
     _safe_name,
 )
+from common.settings import Settings
 from gpu_runner.protocol import JobSpec, TrainingConfig, derive_run_secret
-from worker.settings import Settings
 from workflows.models import OutputLocation, S3Location, S3Prefix
 
 from .images import encoded

@@ -34,10 +34,10 @@ import pytest
 from temporalio.api.common.v1 import Payload
 
 from activities.notify import UserWebhookInput, webhook_body
+from common.converter import EncryptionCodec, load_codec_key
+from devstack.stack import read_dev_env
 from gpu_runner.demo_assets import TINY_MODEL_FILENAME, demo_training_config, write_demo_dataset
 from gpu_runner.protocol import sign_payload
-from worker.converter import EncryptionCodec, load_codec_key
-from worker.devstack import read_dev_env
 from workflows.models import RunStatus, RunStatusName
 
 from .conftest import free_port
@@ -154,7 +154,7 @@ class Stack:
         """`loratrain ARGS` as a user runs it next to the stack: only its state dir given."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("LORA_")}
         return subprocess.run(
-            [sys.executable, "-m", "worker.cli", *args],
+            [sys.executable, "-m", "cli", *args],
             cwd=self.state.parent,
             env={**env, "PYTHONPATH": str(ROOT), "LORA_STATE_DIR": str(self.state)},
             capture_output=True,

@@ -23,8 +23,8 @@ from temporalio.client import Client, WorkflowFailureError
 from temporalio.testing import WorkflowEnvironment
 
 from activities.providers.vast import VastProvider
-from worker.relay import create_app
-from worker.settings import Settings
+from common.settings import Settings
+from relay.app import create_app
 from workflows.models import Deadlines, RunStatus, RunStatusName, TrainingRequest
 from workflows.training import TrainingWorkflow
 

@@ -22,7 +22,7 @@ from vastai.api.client import VastClient
 
 from activities.providers.base import instance_label, run_label_prefix
 from activities.providers.vast import PaceTimeout, VastProvider, _EndpointPace
-from worker.settings import Settings
+from common.settings import Settings
 from workflows.models import GpuRequirements
 
 from .fakes.vast_api import VAST_LIMITS, FakeVast, make_offer

@@ -24,8 +24,8 @@ from activities.providers.vast import (
     offer_query,
     rank_offers,
 )
+from common.settings import Settings
 from worker.main import ProviderConfigError, gpu_provider, vast_settings_problem
-from worker.settings import Settings
 from workflows.models import GpuRequirements
 
 from .fakes.vast_api import PULL_ERROR, FakeVast, make_offer
@@ -423,7 +423,7 @@ def test_loratrain_worker_names_the_unreachable_address_in_one_line(tmp_path: Pa
         }
     )
     done = subprocess.run(
-        [sys.executable, "-m", "worker.cli", "worker"],
+        [sys.executable, "-m", "cli", "worker"],
         env=env,
         cwd=tmp_path,
         capture_output=True,

@@ -10,7 +10,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from activities.providers.base import instance_label
 from activities.providers.vast import VastProvider
-from worker.settings import Settings
+from common.settings import Settings
 from workflows.models import GpuRequirements
 
 from .fakes.vast_api import make_offer

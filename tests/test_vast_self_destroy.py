@@ -17,9 +17,9 @@ import pytest
 
 from activities.providers.base import instance_label
 from activities.providers.vast import VastProvider
+from common.settings import Settings
 from gpu_runner.protocol import RunnerLimits
 from gpu_runner.self_destroy import destroy_own_instance, instance_credentials
-from worker.settings import Settings
 from workflows.models import GpuRequirements
 
 from .fakes.vast_api import FakeVast, make_offer

@@ -12,7 +12,7 @@ import pytest
 from temporalio.client import WorkflowUpdateFailedError
 from temporalio.testing import WorkflowEnvironment
 
-from worker.settings import Settings
+from common.settings import Settings
 from workflows.models import RunStatus, RunStatusName
 from workflows.training import MAX_WATCH_WAIT_S, TrainingWorkflow
 

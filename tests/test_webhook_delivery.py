@@ -16,7 +16,7 @@ from temporalio.client import WorkflowExecutionStatus
 from temporalio.testing import WorkflowEnvironment
 
 from activities.notify import UserWebhookInput
-from worker.settings import Settings
+from common.settings import Settings
 from workflows.models import RunStatusName, UserWebhook, WebhookDelivery
 from workflows.notify import DELIVERY_SCHEDULE, UserWebhookWorkflow
 

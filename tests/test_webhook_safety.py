@@ -18,10 +18,10 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 
 from activities.notify import NotifyActivities, refusal_reason
+from common.settings import Settings
 from tests.http_support import serve_asgi
 from tests.test_notify import SECRET, message
 from tests.webhook_receiver import WebhookReceiver
-from worker.settings import Settings
 from workflows.models import RunStatusName, UserWebhook
 
 from .test_workflow import MODEL_BYTES, assert_no_instance_left, finish, send_all, upload_model

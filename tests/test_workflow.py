@@ -15,9 +15,9 @@ from temporalio.exceptions import ApplicationError, CancelledError
 from temporalio.testing import WorkflowEnvironment
 
 from activities.providers.base import Instance
+from common.settings import Settings
 from gpu_runner.protocol import RunFailedData, RunnerEvent
 from gpu_runner.trainers.sd_scripts import disk_needed_gb, vram_needed_gb
-from worker.settings import Settings
 from workflows.models import GpuRequirements, RunStatus, RunStatusName, S3Prefix
 from workflows.training import TrainingWorkflow
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from worker.settings import Settings
+from common.settings import Settings
 
 from .fakes.vast_api import VAST_LIMITS, FakeVast
 from .http_support import serve_asgi

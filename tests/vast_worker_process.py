@@ -12,8 +12,9 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 
 from activities.providers.vast import VastProvider
-from worker.main import build_worker, connect_client
-from worker.settings import Settings
+from common.settings import Settings
+from common.temporal import connect_client
+from worker.main import build_worker
 
 
 async def main() -> None:

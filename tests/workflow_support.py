@@ -24,6 +24,8 @@ from temporalio.worker import Replayer, Worker
 
 from activities.providers.base import Instance
 from activities.providers.local import LocalProvider
+from common.converter import data_converter
+from common.settings import SEARCH_ATTRIBUTE, Settings
 from gpu_runner.protocol import (
     EventType,
     FilesReadyData,
@@ -36,9 +38,7 @@ from gpu_runner.protocol import (
     TrainingProgressData,
     make_event,
 )
-from worker.converter import data_converter
 from worker.main import WORKFLOWS, build_worker
-from worker.settings import SEARCH_ATTRIBUTE, Settings
 from workflows.models import (
     Deadlines,
     RelayedEvent,

@@ -11,8 +11,6 @@ from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
-import boto3
-from botocore.config import Config
 from temporalio.client import (
     Client,
     Schedule,
@@ -34,14 +32,15 @@ from activities.notify import NotifyActivities
 from activities.providers.base import GpuProvider
 from activities.relay import RelayActivities
 from activities.storage import StorageActivities
+from common.logs import configure_logging
+from common.s3 import s3_client
+from common.settings import Settings
+from common.temporal import connect_client
 from workflows.notify import UserWebhookWorkflow
 from workflows.reaper import ReaperWorkflow
 from workflows.training import TrainingWorkflow
 
-from .converter import data_converter
-from .logs import configure_logging
 from .memory import return_large_buffers_to_the_os
-from .settings import Settings
 
 log = logging.getLogger("loratrain.worker")
 
@@ -55,35 +54,8 @@ REAPER_RUN_TIMEOUT = timedelta(minutes=30)
 SCHEDULE_RPC_TIMEOUT = timedelta(seconds=10)
 
 
-async def connect_client(settings: Settings) -> Client:
-    """A Temporal client with the project's data converter (pydantic + encryption)."""
-    return await Client.connect(
-        settings.temporal_address,
-        namespace=settings.temporal_namespace,
-        data_converter=data_converter(settings),
-    )
-
-
 class ProviderConfigError(ValueError):
     """The GPU provider cannot work with these settings; the message says what to set."""
-
-
-def s3_client(settings: Settings, endpoint_url: str | None = None) -> Any:
-    """The S3 client; `endpoint_url` overrides the worker's own (for presigning)."""
-    secret = settings.s3_secret_access_key
-    return boto3.client(
-        "s3",
-        endpoint_url=endpoint_url or settings.s3_endpoint_url,
-        region_name=settings.s3_region,
-        aws_access_key_id=settings.s3_access_key_id,
-        aws_secret_access_key=secret.get_secret_value() if secret else None,
-        config=Config(
-            connect_timeout=settings.http_timeout_s,
-            read_timeout=settings.http_timeout_s,
-            retries={"max_attempts": 3, "mode": "standard"},
-            signature_version="s3v4",
-        ),
-    )
 
 
 def _is_loopback(host: str) -> bool:

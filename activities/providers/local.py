@@ -39,7 +39,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from worker.settings import Settings
+from common.settings import Settings
 from workflows.models import GpuRequirements
 
 from .base import Instance

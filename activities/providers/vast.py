@@ -61,7 +61,7 @@ from vastai.api import instances as vast_instances
 from vastai.api import offers as vast_offers
 from vastai.api.client import VastClient, VastSession, is_search_quota_exceeded
 
-from worker.settings import Settings
+from common.settings import Settings
 from workflows.models import GpuRequirements
 
 from .base import Instance, InstanceState, NoOfferError

@@ -1,0 +1,1 @@
+"""The `loratrain` command line: the embedded stack, the services, and runs through `client`."""

@@ -1,0 +1,5 @@
+"""`python -m cli`: the `loratrain` command."""
+
+from cli.app import main
+
+main()
