@@ -277,7 +277,7 @@ class RunError(_Model):
 
 class WaitingOn(_Model):
     """One activity of the run that has failed at least once and is being retried, as Temporal
-    describes it (see worker/waiting.py)."""
+    describes it (see client/waiting.py)."""
 
     activity: str  # the activity type
     waiting_for: str  # what it does, in words

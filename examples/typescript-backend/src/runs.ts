@@ -1,6 +1,6 @@
 // Training runs through Temporal: start, read, wait for a change, cancel. The conventions are
-// the Python CLI's (worker/cli.py): workflow type TrainingWorkflow, workflow id = run id, one run
-// per id ever, the worker's task queue, payloads through the codec.
+// the Python client's (client/runs.py): workflow type TrainingWorkflow, workflow id = run id,
+// one run per id ever, the worker's task queue, payloads through the codec.
 import {
   Client,
   Connection,

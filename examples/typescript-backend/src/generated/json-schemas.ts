@@ -449,7 +449,7 @@ export const runStatusSchema: Record<string, unknown> = {
     },
     "WaitingOn": {
       "additionalProperties": false,
-      "description": "One activity of the run that has failed at least once and is being retried, as Temporal\ndescribes it (see worker/waiting.py).",
+      "description": "One activity of the run that has failed at least once and is being retried, as Temporal\ndescribes it (see client/waiting.py).",
       "properties": {
         "activity": {
           "title": "Activity",

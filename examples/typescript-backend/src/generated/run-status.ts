@@ -142,7 +142,7 @@ export interface S3Location {
 }
 /**
  * One activity of the run that has failed at least once and is being retried, as Temporal
- * describes it (see worker/waiting.py).
+ * describes it (see client/waiting.py).
  */
 export interface WaitingOn {
   activity: string;
