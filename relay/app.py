@@ -62,7 +62,8 @@ from common.settings import Settings
 from gpu_runner import protocol
 from workflows.models import RelayedEvent, RunStatus
 
-log = logging.getLogger(__name__)
+# Named for the service, as the worker's `loratrain.worker`: log lines do not follow module moves.
+log = logging.getLogger("loratrain.relay")
 
 RUNNER_EVENT_SIGNAL = "runner_event"
 RELAYED_EVENT_SIGNAL = "relayed_event"

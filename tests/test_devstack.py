@@ -403,7 +403,7 @@ def check_service_logs(state: Path, run_id: str) -> None:
     """Timestamped, levelled lines; the relay's INFO line for each delivered event; no secret."""
     relay = (state / "logs" / "relay.log").read_text()
     delivered = re.findall(
-        rf"^{STAMP} INFO worker\.relay: delivered run={run_id} attempt=1 seq=(\d+) "
+        rf"^{STAMP} INFO loratrain\.relay: delivered run={run_id} attempt=1 seq=(\d+) "
         r"type=([a-z.]+) latency_ms=\d+ age_ms=-?\d+$",
         relay,
         re.MULTILINE,
