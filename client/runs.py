@@ -377,8 +377,8 @@ class LoraClient:
         `dest`, checked against the size and sha256 the run recorded; the file's absolute path.
 
         `dest` is a folder when `into_folder` says so (default: when it is an existing
-        folder): the model is then `<run>-<file name>`, an epoch `<run>-<output name>-eNNNN
-        .safetensors` in it.
+        folder): the model is then `<run>-<file name>` in it, an epoch's LoRA
+        `<run>-<output name>-eNNNN.safetensors`.
 
         >>> path = await client.download(run_id, Path("outputs"), epoch=3)
 
