@@ -534,7 +534,17 @@ def test_the_python_receiver_accepts_genuine_webhooks_and_refuses_tampered_ones(
 ) -> None:
     run_id = f"receiver-{uuid.uuid4().hex[:8]}"
     assert_verifies_signatures(python_receiver.url, run_id)
-    handled = python_receiver.webhooks(run_id)
+
+    # The receiver logs each webhook it handled; its output reaches this process a moment later.
+    def both() -> list[dict[str, Any]] | None:
+        found = python_receiver.webhooks(run_id)
+        return found if len(found) >= 2 else None
+
+    handled = poll(
+        both,
+        "the receiver's two handled webhooks",
+        details=lambda: python_receiver.process.output,
+    )
     assert [w["type"] for w in handled] == ["training.completed"] * 2
     assert handled[1]["data"]["added"] == 1
 
