@@ -234,6 +234,14 @@ async def cancel_requested(events: list[HistoryEvent]) -> bool:
     return any(e.event_type == requested for e in events)
 
 
+async def allocation_cancel_requested(events: list[HistoryEvent]) -> bool:
+    """The run asked its allocation to stop. Only then may the slow create finish: an activity
+    that completes while the workflow task asking to cancel it is in flight makes the
+    time-skipping test server reject that task ("ACTIVITY_UNKNOWN") and stop the run."""
+    requested = EventType.EVENT_TYPE_ACTIVITY_TASK_CANCEL_REQUESTED
+    return any(e.event_type == requested for e in events)
+
+
 def timer_fired(
     client: Client, summary_prefix: str
 ) -> Callable[[list[HistoryEvent]], Awaitable[bool]]:
@@ -268,6 +276,7 @@ async def test_cancel_during_allocation_leaves_no_instance(
             await handle.cancel()
             # The cancel is in the run's history while the instance is still being created.
             await wait_for_history(handle, cancel_requested, "cancel request")
+            await wait_for_history(handle, allocation_cancel_requested, "allocation cancel")
         finally:
             provider.create_may_finish.set()
         status, _ = await finish(handle)
@@ -291,6 +300,7 @@ async def test_pending_deadline_during_allocation_leaves_no_instance(
             await wait_for_history(
                 handle, timer_fired(client, "stall deadline: pending "), "pending deadline"
             )
+            await wait_for_history(handle, allocation_cancel_requested, "allocation cancel")
         finally:
             provider.create_may_finish.set()
         status, _ = await finish(handle)
