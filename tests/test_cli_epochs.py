@@ -25,7 +25,12 @@ from typer.testing import Result
 from activities.providers.local import LocalProvider
 from cli import display
 from common.settings import Settings
-from gpu_runner.demo_assets import TINY_MODEL_FILENAME, build_tiny_model, write_demo_dataset
+from gpu_runner.demo_assets import (
+    TINY_MODEL_FILENAME,
+    build_tiny_model,
+    demo_training_config,
+    write_demo_dataset,
+)
 from relay.app import create_app
 from workflows.models import RunStatus, RunStatusName, S3Prefix
 
@@ -40,17 +45,9 @@ ROOT = Path(__file__).resolve().parent.parent
 EPOCHS = 3
 # 12 demo images x 2 repeats / batch 4: 6 steps an epoch at 64 px, a few seconds on a CPU.
 TRAINING = {
+    **demo_training_config().model_dump(exclude_none=True),
     "epochs": EPOCHS,
     "repeats": 2,
-    "batch_size": 4,
-    "resolution": 64,
-    "network_dim": 4,
-    "network_alpha": 4,
-    "unet_lr": 1e-3,
-    "text_encoder_lr": 1e-4,
-    "optimizer": "AdamW",
-    "lr_scheduler": "constant",
-    "trigger_word": "lrtdemo",
     "output_name": "shapes",
     "seed": 7,
 }

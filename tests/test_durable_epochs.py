@@ -21,7 +21,12 @@ import httpx
 import pytest
 from safetensors.torch import load
 
-from gpu_runner.demo_assets import TINY_MODEL_FILENAME, build_tiny_model, write_demo_dataset
+from gpu_runner.demo_assets import (
+    TINY_MODEL_FILENAME,
+    build_tiny_model,
+    demo_training_config,
+    write_demo_dataset,
+)
 from gpu_runner.protocol import EpochManifest
 from workflows.models import RunStatus, RunStatusName, S3Prefix, UserWebhook
 from workflows.training import TrainingWorkflow
@@ -38,17 +43,9 @@ from .workflow_support import (
 
 EPOCHS = 6
 TRAINING = {
+    **demo_training_config().model_dump(exclude_none=True),
     "epochs": EPOCHS,
     "repeats": 5,
-    "batch_size": 4,
-    "resolution": 64,
-    "network_dim": 4,
-    "network_alpha": 4,
-    "unet_lr": 1e-3,
-    "text_encoder_lr": 1e-4,
-    "optimizer": "AdamW",
-    "lr_scheduler": "constant",
-    "trigger_word": "lrtdemo",
     "output_name": "shapes",
     "seed": 11,
 }
