@@ -43,6 +43,7 @@ from gpu_runner.protocol import (
     derive_run_secret,
     describe_invalid,
 )
+from gpu_runner.trainers.base import kept_epoch
 from gpu_runner.trainers.builtin import family_refusal
 from gpu_runner.trainers.sd_scripts import blocks_to_swap_problem
 from workflows.models import OutputLocation, S3Location, S3Prefix, SavedEpochInfo
@@ -429,7 +430,7 @@ class StorageActivities:
         assert last.state is not None
         by_epoch = {info.epoch: info for info, _ in complete}
         losses = manifest.epoch_losses
-        best = min(range(1, len(losses) + 1), key=lambda e: losses[e - 1])
+        best = kept_epoch(losses, "lowest_loss")
         keepable = {last.epoch} | ({best} if keep == "lowest_loss" and best in by_epoch else set())
         return ResumeSource(
             epoch=last.epoch,

@@ -612,10 +612,11 @@ class Runner:
         if source is None:
             return None
         folder = self.run_dir / "resume"
+        loras = {epoch: folder / "loras" / f"{epoch:06d}.safetensors" for epoch in source.loras}
         files = [(source.state, folder / "state.tar", f"epoch {source.epoch}'s training state")]
         files += [
-            (lora, folder / "loras" / f"{epoch:06d}.safetensors", f"epoch {epoch}'s LoRA")
-            for epoch, lora in sorted(source.loras.items())
+            (source.loras[epoch], path, f"epoch {epoch}'s LoRA")
+            for epoch, path in sorted(loras.items())
         ]
         try:
             await _all_or_none_of(
@@ -657,7 +658,7 @@ class Runner:
             step=source.step,
             state_dir=state_dir,
             epoch_losses=list(source.epoch_losses),
-            loras={epoch: folder / "loras" / f"{epoch:06d}.safetensors" for epoch in source.loras},
+            loras=loras,
         )
 
     async def _check_machine(self) -> None:

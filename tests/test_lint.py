@@ -6,33 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .test_import_graph import PRODUCT
+
 ROOT = Path(__file__).resolve().parent.parent
-# Every package of the project, tests and benchmarks included.
-PACKAGES = [
-    "workflows",
-    "activities",
-    "common",
-    "worker",
-    "relay",
-    "client",
-    "cli",
-    "devstack",
-    "gpu_runner",
-    "tests",
-    "bench",
-]
-# What mypy checks: the product, every room of it.
-TYPED = [
-    "workflows",
-    "activities",
-    "common",
-    "worker",
-    "relay",
-    "client",
-    "cli",
-    "devstack",
-    "gpu_runner",
-]
+# What mypy checks: the product, every room of it (the import graph test's list).
+TYPED = PRODUCT
+# What ruff checks: every package of the project, tests and benchmarks included.
+PACKAGES = [*PRODUCT, "tests", "bench"]
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
