@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field, ValidationError
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.threads import submit
 from common.settings import Settings
 from gpu_runner.protocol import (
     EPOCH_LORA,
@@ -682,7 +683,7 @@ class StorageActivities:
             try:
                 while True:
                     for item in pending:
-                        ahead.append((item, pool.submit(read, item)))
+                        ahead.append((item, submit(pool, read, item)))
                         ahead_bytes += item.size
                         if ahead_bytes >= _READ_AHEAD_BYTES:
                             break
@@ -872,7 +873,7 @@ class _MultipartUpload:
             )["UploadId"]
         self._settle()
         number = len(self._parts) + 1
-        self._in_flight = self._sender.submit(self._send_part, self._upload_id, number, part)
+        self._in_flight = submit(self._sender, self._send_part, self._upload_id, number, part)
         _heartbeat(self.bytes)
 
     def _send_part(self, upload_id: str, number: int, part: bytes) -> dict[str, Any]:
