@@ -140,6 +140,9 @@ class Settings(BaseSettings):
 
     # GPU providers
     gpu_provider: Literal["local", "vast"] = "local"
+    # The deployment's fleet watch lists its instances once per this many seconds and tells
+    # the runs whose host exited or went (one provider call per interval for all runs).
+    fleet_watch_interval_s: float = Field(default=10.0, gt=0)
     local_runner_command: list[str] = Field(
         default_factory=lambda: [sys.executable, "-m", "gpu_runner"]
     )

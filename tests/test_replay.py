@@ -61,21 +61,23 @@ _FAULTS = [
 ]
 # tests/test_durable_epochs.py: the durable-epochs patch's own paths (v10 on).
 _EPOCHS = ["resumed-run", "epochs-saved"]
+_FLEET = ["host-exits-told", "host-goes-told", "fleet-watch"]
 REQUIRED = (
     {"completed-run-1", "baddata-run-1", "reaper-pass-1"}
     | {
         f"{v}-{name}"
-        for v in ("v2", "v3", "v4", "v6", "v7", "v8", "v9", CODE_VERSION)
+        for v in ("v2", "v3", "v4", "v6", "v7", "v8", "v9", "v10", CODE_VERSION)
         for name in _PER_VERSION
     }
-    | {f"{version}-bad-dataset" for version in ("v4", "v6", "v7", "v8", "v9", CODE_VERSION)}
+    | {f"{version}-bad-dataset" for version in ("v4", "v6", "v7", "v8", "v9", "v10", CODE_VERSION)}
     | {
         f"{v}-{name}"
-        for v in ("v5", "v6", "v7", "v8", "v9", CODE_VERSION)
+        for v in ("v5", "v6", "v7", "v8", "v9", "v10", CODE_VERSION)
         for name in _CANCEL_ANYWHERE
     }
-    | {f"{v}-{name}" for v in ("v7", "v8", "v9", CODE_VERSION) for name in _FAULTS}
-    | {f"{CODE_VERSION}-{name}" for name in _EPOCHS}
+    | {f"{v}-{name}" for v in ("v7", "v8", "v9", "v10", CODE_VERSION) for name in _FAULTS}
+    | {f"{v}-{name}" for v in ("v10", CODE_VERSION) for name in _EPOCHS}
+    | {f"{CODE_VERSION}-{name}" for name in _FLEET}
 )
 
 

@@ -234,7 +234,7 @@ class ScriptedEvents:
 HISTORIES = Path(__file__).parent / "histories"
 # The workflow code version that recordings made now belong to: bump it with every change that
 # alters the commands a run issues (a new `workflow.patched` id), so new files join the corpus.
-CODE_VERSION = "v10"
+CODE_VERSION = "v11"
 
 
 async def check_replays(

@@ -24,9 +24,11 @@ from temporalio.client import (
     ScheduleUpdate,
     ScheduleUpdateInput,
 )
+from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.worker import Worker
 
 from activities.civitai import ModelActivities
+from activities.fleet import FleetWatchActivities, FleetWatchInput
 from activities.gpu import GpuActivities, RunLookupActivities
 from activities.notify import NotifyActivities
 from activities.providers.base import GpuProvider
@@ -36,6 +38,7 @@ from common.logs import configure_logging
 from common.s3 import s3_client
 from common.settings import Settings
 from common.temporal import connect_client
+from workflows.fleet import FLEET_WATCH_ID, FleetWatchWorkflow
 from workflows.notify import UserWebhookWorkflow
 from workflows.reaper import ReaperWorkflow
 from workflows.training import TrainingWorkflow
@@ -44,7 +47,7 @@ from .memory import return_large_buffers_to_the_os
 
 log = logging.getLogger("loratrain.worker")
 
-WORKFLOWS: list[type] = [TrainingWorkflow, UserWebhookWorkflow, ReaperWorkflow]
+WORKFLOWS: list[type] = [TrainingWorkflow, UserWebhookWorkflow, ReaperWorkflow, FleetWatchWorkflow]
 
 REAPER_SCHEDULE_ID = "loratrain-reaper"
 # Cheap (one list call when nothing is orphaned), so a terminated run's GPU goes within a minute.
@@ -140,11 +143,17 @@ def build_worker(
     **worker_options: Any,
 ) -> Worker:
     """The worker for `settings`; `worker_options` go to temporalio's Worker as they are."""
+    provider = provider or gpu_provider(settings)
+    fleet = FleetWatchActivities(client, GpuActivities(provider, settings), settings)
     return Worker(
         client,
         task_queue=settings.task_queue,
         workflows=WORKFLOWS,
-        activities=[*activities_for(settings, provider), RunLookupActivities(client).run_is_open],
+        activities=[
+            *activities_for(settings, provider),
+            RunLookupActivities(client).run_is_open,
+            fleet.watch_fleet,
+        ],
         activity_executor=executor,
         max_concurrent_activities=32,
         **worker_options,
@@ -163,6 +172,11 @@ async def run_worker(settings: Settings) -> None:
     except Exception:
         # The worker is still useful without it; the next worker start tries again.
         log.exception("could not create or update the reaper schedule %s", REAPER_SCHEDULE_ID)
+    try:
+        await ensure_fleet_watch(client, settings)
+    except Exception:
+        # Runs still check their own instance now and then; the next worker start tries again.
+        log.exception("could not start the fleet watch %s", fleet_watch_id(settings))
     with ThreadPoolExecutor(max_workers=32, thread_name_prefix="activity") as executor:
         worker = build_worker(client, settings, executor, provider)
         log.info(
@@ -210,3 +224,21 @@ async def ensure_reaper_schedule(client: Client, settings: Settings) -> Schedule
     handle = client.get_schedule_handle(REAPER_SCHEDULE_ID)
     await handle.update(update, rpc_timeout=SCHEDULE_RPC_TIMEOUT)
     return handle
+
+
+def fleet_watch_id(settings: Settings) -> str:
+    return f"{FLEET_WATCH_ID}:{settings.task_queue}"
+
+
+async def ensure_fleet_watch(client: Client, settings: Settings) -> str:
+    """Start the deployment's fleet watch unless it runs; safe to call from every worker."""
+    handle = await client.start_workflow(
+        FleetWatchWorkflow.run,
+        FleetWatchInput(),
+        id=fleet_watch_id(settings),
+        task_queue=settings.task_queue,
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+        rpc_timeout=SCHEDULE_RPC_TIMEOUT,
+    )
+    return handle.id

@@ -22,6 +22,7 @@ from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
     from activities.civitai import ModelActivities, ResolveModelInput
+    from activities.fleet import HOST_DOWN_SIGNAL, HostDown
     from activities.gpu import AllocateGpuInput, GpuActivities, InstanceRef, RunRef
     from activities.gpu_requirements import effective_requirements
     from activities.providers.base import Instance
@@ -101,6 +102,10 @@ FAMILY_SIZED_GPU = "family-sized-gpu"
 # ends and reports epoch.saved; the run lists them, and a replacement GPU resumes from the last
 # complete one instead of training from the start.
 DURABLE_EPOCHS = "durable-epochs"
+# The fleet watch (one provider listing per interval for all runs) tells a run when its host
+# exited or went; the run asks the provider itself only then, and every INSTANCE_BACKSTOP in
+# case the watch is down, instead of every INSTANCE_CHECK_INTERVAL.
+FLEET_WATCH = "fleet-watch"
 
 # Named retry policies: side effects retry until the status deadline calls a stall; giving a
 # GPU back never gives up.
@@ -115,6 +120,10 @@ INSTANCE_CHECK_RETRY = RetryPolicy(maximum_attempts=3)
 # How often the provider is asked whether the instance still lives, in every status: a dead
 # host is replaced within this (DESIGN.md: under 30 s from death to the next allocation).
 INSTANCE_CHECK_INTERVAL = timedelta(seconds=20)
+# With the fleet watch: the run looks itself once soon after it rents (a host gone before
+# the watch's first listing of it is not missed by the watch), then every INSTANCE_BACKSTOP.
+FIRST_INSTANCE_CHECK = timedelta(seconds=30)
+INSTANCE_BACKSTOP = timedelta(minutes=10)
 VERIFY_WINDOW = timedelta(minutes=30)
 WEBHOOK_HANDOVER = timedelta(minutes=1)
 # The longest a watcher's wait_for_change may ask to wait before it is answered unchanged.
@@ -209,6 +218,8 @@ class TrainingWorkflow:
         self._closing = False
         # Set once the run stops waiting for work in flight (deadline or cancel).
         self._giving_up = False
+        # The fleet watch said this instance exited or went: asked at the loop's next turn.
+        self._host_reported_down: str | None = None
 
     # ----------------------------------------------------------------------------------------
     # The run
@@ -441,8 +452,13 @@ class TrainingWorkflow:
         self._state.status.epochs = sorted([*epochs, info], key=lambda e: e.epoch)
 
     async def _follow_gpu_until_uploaded(self) -> _Followed:
-        """pendingGpu .. training: one deadline per status, the instance checked all along."""
-        next_check = workflow.now() + INSTANCE_CHECK_INTERVAL
+        """pendingGpu .. training: one deadline per status, the instance checked all along:
+        when the fleet watch says its host is down, and every INSTANCE_BACKSTOP."""
+        fleet_watch = workflow.patched(FLEET_WATCH)
+        check_interval = INSTANCE_BACKSTOP if fleet_watch else INSTANCE_CHECK_INTERVAL
+        next_check = workflow.now() + (
+            FIRST_INSTANCE_CHECK if fleet_watch else INSTANCE_CHECK_INTERVAL
+        )
         while Fact.MODEL_UPLOADED not in self._facts:
             if self._should_continue_as_new():
                 return "hand over"
@@ -465,10 +481,11 @@ class TrainingWorkflow:
             cost_cap_at = self._cost_cap_at()
             if cost_cap_at is not None and now >= cost_cap_at:
                 raise _CostCap()
-            if now >= next_check:
+            if now >= next_check or self._host_reported_down_now():
+                self._host_reported_down = None
                 if lost := await self._check_instance():
                     return lost
-                next_check = workflow.now() + INSTANCE_CHECK_INTERVAL
+                next_check = workflow.now() + check_interval
                 continue
             wake, summary = min(
                 (deadline.at, deadline.summary),
@@ -477,6 +494,10 @@ class TrainingWorkflow:
             )
             await self._sleep_until_woken(wake, summary)
         return self._host_lost_before_ready() or "uploaded"
+
+    def _host_reported_down_now(self) -> bool:
+        instance = self._state.instance
+        return instance is not None and self._host_reported_down == instance.instance_id
 
     async def _sleep_until_woken(self, wake: datetime, summary: str) -> None:
         """Until `wake` (in the future) or until something wakes the loop. The timer for a
@@ -803,6 +824,24 @@ class TrainingWorkflow:
             )
             return
         self._take(relayed.event)
+
+    @workflow.signal(name=HOST_DOWN_SIGNAL)
+    def host_down(self, report: HostDown) -> None:
+        """Sent by the fleet watch (activities/fleet.py) when this run's host exited or went
+        from the provider's listing; the run confirms with the provider before it acts."""
+        instance = self._state.instance
+        if self._legacy is not None or instance is None:
+            return
+        if report.instance_id != instance.instance_id:
+            return  # an earlier attempt's host, already replaced
+        workflow.logger.info(
+            "run %s: the fleet watch saw instance %s %s",
+            self._run_id,
+            report.instance_id,
+            report.state,
+        )
+        self._host_reported_down = report.instance_id
+        self._wake += 1
 
     @workflow.signal
     def runner_event(self, event: RunnerEvent) -> None:
