@@ -28,6 +28,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "P8": ("bench.demo", "p8_demo_wall_time"),
     "P6": ("bench.scale", "p6_concurrent_runs"),
     "P9": ("bench.resume", "p9_gpu_time_lost_to_a_host_failure"),
+    "P10": ("bench.budget", "p10_events_per_run_hour"),
 }
 COLUMNS = ("id", "what", "figure", "compared with", "ratio", "target", "verdict")
 

@@ -1,0 +1,116 @@
+"""P10: history events per run-hour in training, with and without one watch attached.
+
+The real workflow on the time-skipping test server, the real worker (local provider, a host
+that only sleeps), SeaweedFS. The run reaches training, then one simulated hour passes with
+what the relay delivers: one coalesced progress signal per `relay_progress_interval_s`
+(default 10 s; progress and heartbeats together). With a watch, a task follows the run as
+`loratrain watch` does (wait_for_change, answered on every change). Counted: the events the
+run's history gained over the hour (continue-as-new held off for the count).
+
+`python -m bench P10`. The same script measures an older commit's code: `git worktree add
+/tmp/old <commit> && cd /tmp/old && PYTHONPATH=. python <this checkout>/bench/budget.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+from bench.common import Row, bench_settings, local_s3, s3_client
+
+HOUR_S = 3600
+PROGRESS_INTERVAL_S = 10.0
+GOAL = 120
+
+
+async def events_in_a_training_hour(watched: bool) -> int:
+    from temporalio.testing import WorkflowEnvironment
+
+    from common.converter import data_converter
+    from gpu_runner.protocol import TrainingProgressData
+    from tests.workflow_support import (
+        SLEEPING_RUNNER,
+        RecordingProvider,
+        ScriptedEvents,
+        local_model,
+        make_request,
+        put_dataset,
+        relay_event,
+        running_worker,
+        start_run,
+        wait_for_status,
+    )
+    from workflows.models import Deadlines, RunStatusName
+
+    with local_s3() as endpoint, tempfile.TemporaryDirectory(prefix="bench-budget-") as tmp:
+        settings = bench_settings(
+            endpoint,
+            Path(tmp) / "state",
+            local_runner_command=SLEEPING_RUNNER,
+            relay_health_check=False,
+        )
+        s3_client(endpoint).create_bucket(Bucket=settings.bucket)
+        images = put_dataset(s3_client(endpoint), settings.bucket, "uploads/cats/")
+        request = make_request(
+            images,
+            local_model(Path(tmp)),
+            deadlines=Deadlines(training_idle_s=HOUR_S, training_total_s=4 * HOUR_S),
+            continue_as_new_after_events=1_000_000,
+        )
+        env = await WorkflowEnvironment.start_time_skipping(data_converter=data_converter(settings))
+        try:
+            async with running_worker(env.client, settings, RecordingProvider(settings)):
+                handle = await start_run(env.client, settings, request, f"budget-{uuid.uuid4()}")
+                await wait_for_status(handle, RunStatusName.PENDING_GPU)
+                script = ScriptedEvents(handle.id)
+                for event in script.happy_path("unused", b"")[:4]:
+                    await relay_event(handle, event)
+                await wait_for_status(handle, RunStatusName.TRAINING)
+                watcher = asyncio.create_task(follow(handle)) if watched else None
+                await asyncio.sleep(0.5)  # the watch's first wait is in before the hour starts
+                before = (await handle.describe()).raw_description.workflow_execution_info
+                steps = int(HOUR_S / PROGRESS_INTERVAL_S)
+                for step in range(1, steps + 1):
+                    await env.sleep(PROGRESS_INTERVAL_S)
+                    progress = TrainingProgressData(step=step, total=10 * steps, loss=0.1)
+                    await relay_event(handle, script.next("training.progress", progress))
+                after = (await handle.describe()).raw_description.workflow_execution_info
+                if watcher is not None:
+                    watcher.cancel()
+                await handle.terminate("measured")
+        finally:
+            await env.shutdown()
+    return after.history_length - before.history_length
+
+
+async def follow(handle: Any) -> None:
+    """What `loratrain watch` asks of the run: wait_for_change, again after every answer."""
+    from workflows.training import TrainingWorkflow
+
+    version = (await handle.query(TrainingWorkflow.status)).version
+    while True:
+        status = await handle.execute_update(
+            TrainingWorkflow.wait_for_change, args=[version, 600.0]
+        )
+        version = status.version
+
+
+def p10_events_per_run_hour() -> Row:
+    alone = asyncio.run(events_in_a_training_hour(watched=False))
+    watched = asyncio.run(events_in_a_training_hour(watched=True))
+    return Row(
+        "P10",
+        "history events per run-hour in training (progress every 10 s)",
+        f"{alone} alone, {watched} watched",
+        "goal",
+        f"{alone / GOAL:.1f} x",
+        f"<= {GOAL}",
+        alone <= GOAL,
+    )
+
+
+if __name__ == "__main__":
+    print(p10_events_per_run_hour())
