@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -33,17 +32,15 @@ async def events_in_a_training_hour(watched: bool) -> int:
     from tests.workflow_support import (
         SLEEPING_RUNNER,
         RecordingProvider,
-        ScriptedEvents,
         local_model,
         make_request,
         put_dataset,
         relay_event,
         running_worker,
-        start_run,
+        started_in_training,
         time_skipping_server,
-        wait_for_status,
     )
-    from workflows.models import Deadlines, RunStatusName
+    from workflows.models import Deadlines
 
     with local_s3() as endpoint, tempfile.TemporaryDirectory(prefix="bench-budget-") as tmp:
         settings = bench_settings(
@@ -63,12 +60,7 @@ async def events_in_a_training_hour(watched: bool) -> int:
             time_skipping_server(settings) as env,
             running_worker(env.client, settings, RecordingProvider(settings)),
         ):
-            handle = await start_run(env.client, settings, request, f"budget-{uuid.uuid4()}")
-            await wait_for_status(handle, RunStatusName.PENDING_GPU)
-            script = ScriptedEvents(handle.id)
-            for event in script.happy_path("unused", b"lora")[:4]:
-                await relay_event(handle, event)
-            await wait_for_status(handle, RunStatusName.TRAINING)
+            handle, script = await started_in_training(env.client, settings, request)
             watcher = asyncio.create_task(follow(handle)) if watched else None
             await asyncio.sleep(0.5)  # the watch's first wait is in before the hour starts
             before = (await handle.describe()).raw_description.workflow_execution_info

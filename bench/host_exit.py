@@ -28,18 +28,15 @@ async def _kill_to_allocation_s(work: Path, endpoint: str) -> list[float]:
     from tests.workflow_support import (
         SLEEPING_RUNNER,
         RecordingProvider,
-        ScriptedEvents,
         dev_server,
         local_model,
         make_request,
         put_dataset,
-        relay_event,
         running_worker,
-        start_run,
-        wait_for_status,
+        started_in_training,
     )
     from worker.main import ensure_fleet_watch
-    from workflows.models import Deadlines, RunStatusName
+    from workflows.models import Deadlines
 
     class Timed(RecordingProvider):
         def __init__(self, settings: Any) -> None:
@@ -70,11 +67,7 @@ async def _kill_to_allocation_s(work: Path, endpoint: str) -> list[float]:
         watch = env.client.get_workflow_handle(await ensure_fleet_watch(env.client, settings))
         try:
             for _ in range(KILLS):
-                handle = await start_run(env.client, settings, request)
-                await wait_for_status(handle, RunStatusName.PENDING_GPU)
-                for event in ScriptedEvents(handle.id).happy_path("unused", b"lora")[:4]:
-                    await relay_event(handle, event)
-                await wait_for_status(handle, RunStatusName.TRAINING)
+                handle, _ = await started_in_training(env.client, settings, request)
                 created = len(provider.created)
                 record = provider._record(provider.created[-1])
                 assert record is not None

@@ -141,6 +141,11 @@ class Settings(BaseSettings):
     hf_base_url: str = "https://huggingface.co"
     hf_token: SecretStr | None = None
 
+    # Workflows one worker keeps in memory (about 0.35 MB each): past it, every signal, timer
+    # and query of an evicted run replays its history. Above the runs one worker carries, with
+    # room for their webhook children and the fleet watch.
+    worker_max_cached_workflows: int = Field(default=2000, ge=10)
+
     # GPU providers
     gpu_provider: Literal["local", "vast"] = "local"
     # The deployment's fleet watch lists its instances once per this many seconds and tells

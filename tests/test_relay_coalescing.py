@@ -331,6 +331,45 @@ def job_of(s3: Any, settings: Settings, handle: WorkflowHandle[Any, Any]) -> Job
     return JobSpec.model_validate_json(body)
 
 
+READY_EVENTS = 4  # gpu, images, model and files ready
+
+
+@dataclass
+class RelayedRun:
+    """A real run in training whose GPU events the test posts to the relay, signed as its
+    runner signs them."""
+
+    handle: WorkflowHandle[Any, Any]
+    script: ScriptedEvents
+    post: Callable[[RunnerEvent], Awaitable[int]]
+
+    @classmethod
+    async def in_training(
+        cls,
+        relay: str,
+        http: httpx.AsyncClient,
+        client: Client,
+        settings: Settings,
+        request: Any,
+        s3: Any,
+    ) -> RelayedRun:
+        handle = await start_run(client, settings, request)
+        await wait_for_status(handle, RunStatusName.PENDING_GPU, timeout_s=30)
+        job = job_of(s3, settings, handle)
+        url = f"{relay}{urlsplit(job.events_url).path}"
+
+        async def post(event: RunnerEvent) -> int:
+            body, headers = protocol.sign_event(job.webhook_secret, event)
+            return (await http.post(url, content=body, headers=headers)).status_code
+
+        script = ScriptedEvents(handle.id)
+        ready = script.happy_path("unused", b"x")[:READY_EVENTS]
+        script.seq = READY_EVENTS
+        assert [await post(e) for e in ready] == [202] * READY_EVENTS
+        await wait_for_status(handle, RunStatusName.TRAINING, timeout_s=30)
+        return cls(handle, script, post)
+
+
 @contextlib.asynccontextmanager
 async def watching(handle: WorkflowHandle[Any, Any]) -> AsyncIterator[None]:
     """Someone follows the run as `loratrain watch` does (wait_for_change, again and again)."""
@@ -367,20 +406,10 @@ async def test_a_training_run_shows_the_last_step_of_a_coalesced_burst(
     client = dev_env.client
     with relay_with(run_settings, client, INTERVAL_S) as relay:
         async with running_worker(client, run_settings, provider), httpx.AsyncClient() as http:
-            handle = await start_run(client, run_settings, request_factory())
-            await wait_for_status(handle, RunStatusName.PENDING_GPU, timeout_s=30)
-            job = job_of(s3, run_settings, handle)
-            url = f"{relay}{urlsplit(job.events_url).path}"
-            script = ScriptedEvents(handle.id)
-
-            async def post(event: RunnerEvent) -> int:
-                body, headers = protocol.sign_event(job.webhook_secret, event)
-                return (await http.post(url, content=body, headers=headers)).status_code
-
-            ready = script.happy_path("unused", b"x")[:4]  # gpu, images, model, files ready
-            script.seq = len(ready)
-            assert [await post(e) for e in ready] == [202] * 4
-            await wait_for_status(handle, RunStatusName.TRAINING, timeout_s=30)
+            run = await RelayedRun.in_training(
+                relay, http, client, run_settings, request_factory(), s3
+            )
+            handle, script, post = run.handle, run.script, run.post
 
             async with watching(handle):
                 burst = [
@@ -419,7 +448,7 @@ async def test_a_training_run_shows_the_last_step_of_a_coalesced_burst(
                     return completed.seq in [e.seq for e in await relayed(client, handle)]
 
                 await eventually(has_completed, SLACK_S)
-                signalled = [e for e in await relayed(client, handle) if e.seq > len(ready)]
+                signalled = [e for e in await relayed(client, handle) if e.seq > READY_EVENTS]
                 progress_signals = [e for e in signalled if e.type == "training.progress"]
                 # Step 40 was held (step 30's interval had not passed, or it went alone) and went
                 # out just before the milestone, which was signalled before its 202.
@@ -456,15 +485,8 @@ async def test_a_run_nobody_watches_gets_its_progress_at_its_own_pace_until_a_wa
             running_worker(client, settings, RecordingProvider(settings)),
             httpx.AsyncClient() as http,
         ):
-            handle = await start_run(client, settings, request_factory())
-            await wait_for_status(handle, RunStatusName.PENDING_GPU, timeout_s=30)
-            job = job_of(s3, settings, handle)
-            url = f"{relay}{urlsplit(job.events_url).path}"
-            script = ScriptedEvents(handle.id)
-
-            async def post(event: RunnerEvent) -> int:
-                body, headers = protocol.sign_event(job.webhook_secret, event)
-                return (await http.post(url, content=body, headers=headers)).status_code
+            run = await RelayedRun.in_training(relay, http, client, settings, request_factory(), s3)
+            handle, script, post = run.handle, run.script, run.post
 
             async def stream(steps: range) -> None:
                 for step in steps:
@@ -479,10 +501,6 @@ async def test_a_run_nobody_watches_gets_its_progress_at_its_own_pace_until_a_wa
                     if e.type == "training.progress"
                 ]
 
-            ready = script.happy_path("unused", b"x")[:4]
-            script.seq = len(ready)
-            assert [await post(e) for e in ready] == [202] * 4
-            await wait_for_status(handle, RunStatusName.TRAINING, timeout_s=30)
             assert await handle.query("progress_every_s") == 100.0
 
             await stream(range(1, 31))  # 6 intervals of the relay's pace

@@ -141,6 +141,20 @@ async def start_run(
     )
 
 
+async def started_in_training(
+    client: Client, settings: Settings, request: TrainingRequest
+) -> tuple[WorkflowHandle[TrainingWorkflow, RunStatus], ScriptedEvents]:
+    """A run started and played into training: its GPU's four ready events signalled as the
+    relay signals them; the script goes on from there."""
+    handle = await start_run(client, settings, request)
+    await wait_for_status(handle, RunStatusName.PENDING_GPU)
+    script = ScriptedEvents(handle.id)
+    for event in script.happy_path("unused", b"lora")[:4]:
+        await relay_event(handle, event)
+    await wait_for_status(handle, RunStatusName.TRAINING)
+    return handle, script
+
+
 async def wait_for_status(
     handle: WorkflowHandle[Any, Any], status: RunStatusName, timeout_s: float = 20.0
 ) -> RunStatus:

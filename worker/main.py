@@ -156,6 +156,7 @@ def build_worker(
         ],
         activity_executor=executor,
         max_concurrent_activities=32,
+        max_cached_workflows=settings.worker_max_cached_workflows,
         **worker_options,
     )
 
