@@ -30,6 +30,7 @@ HOST_DOWN_SIGNAL = "host_down"
 # reaper) is told again this often, not at every pass.
 RETELL_AFTER_S = 120.0
 SIGNAL_RPC_TIMEOUT = timedelta(seconds=10)
+HEARTBEAT_S = 10.0
 
 log = logging.getLogger("loratrain.fleet")
 
@@ -47,6 +48,8 @@ class WatchedHost(BaseModel):
     run_id: str
     state: str
     message: str | None = None
+    # Passes in a row that did not list it: gone only at 2 (one short listing is not enough).
+    missed: int = 0
 
 
 class FleetWatchInput(BaseModel):
@@ -80,28 +83,32 @@ class FleetWatchActivities:
         told: dict[tuple[str, str], float] = {}
         ends_at = time.monotonic() + input.round_s
         interval_s = self.settings.fleet_watch_interval_s
-        while True:
-            started = time.monotonic()
-            try:
-                instances = await asyncio.to_thread(self.gpu.list_labelled_instances)
-            except Exception:
-                # The next pass asks again; a run's own rare check still stands behind this.
-                log.warning("fleet watch: listing the instances failed", exc_info=True)
-            else:
-                down = _hosts_down(result.seen, instances)
-                result.seen = _watched(instances)
-                result.passes += 1
-                now = time.monotonic()
-                for host in down:
-                    key = (host.run_id, host.instance_id)
-                    if now - told.get(key, -RETELL_AFTER_S) >= RETELL_AFTER_S:
-                        told[key] = now
-                        result.hosts_reported += 1
-                        await self._tell(host)
-            activity.heartbeat(result.model_dump(mode="json"))
-            if time.monotonic() >= ends_at:
-                return result
-            await asyncio.sleep(max(0.0, interval_s - (time.monotonic() - started)))
+        heartbeats = asyncio.create_task(_heartbeat_every(HEARTBEAT_S, result))
+        try:
+            while True:
+                started = time.monotonic()
+                try:
+                    instances = await asyncio.to_thread(self.gpu.list_labelled_instances)
+                except Exception:
+                    # The next pass asks again; a run's own rare check still stands behind it.
+                    log.warning("fleet watch: listing the instances failed", exc_info=True)
+                else:
+                    down, result.seen = _hosts_down(result.seen, instances)
+                    result.passes += 1
+                    now = time.monotonic()
+                    news = []
+                    for host in down:
+                        key = (host.run_id, host.instance_id)
+                        if now - told.get(key, -RETELL_AFTER_S) >= RETELL_AFTER_S:
+                            told[key] = now
+                            news.append(host)
+                    result.hosts_reported += len(news)
+                    await asyncio.gather(*(self._tell(host) for host in news))
+                if time.monotonic() >= ends_at:
+                    return result
+                await asyncio.sleep(max(0.0, interval_s - (time.monotonic() - started)))
+        finally:
+            heartbeats.cancel()
 
     async def _tell(self, host: WatchedHost) -> None:
         log.info("fleet watch: run %s: instance %s %s", host.run_id, host.instance_id, host.state)
@@ -115,6 +122,14 @@ class FleetWatchActivities:
         except RPCError as e:
             if e.status != RPCStatusCode.NOT_FOUND:  # closed: the reaper's business now
                 log.warning("fleet watch: could not tell run %s: %s", host.run_id, e.message)
+
+
+async def _heartbeat_every(every_s: float, result: FleetWatchRound) -> None:
+    """The round's heartbeat, whatever one listing takes (a provider call waiting its turn at
+    Vast's pace can take longer than the heartbeat timeout): what it saw last goes with it."""
+    while True:
+        activity.heartbeat(result.model_dump(mode="json"))
+        await asyncio.sleep(every_s)
 
 
 def _watched(instances: list[Instance]) -> list[WatchedHost]:
@@ -133,13 +148,21 @@ def _watched(instances: list[Instance]) -> list[WatchedHost]:
     return watched
 
 
-def _hosts_down(seen: list[WatchedHost], instances: list[Instance]) -> list[WatchedHost]:
-    """Hosts listed as exited or gone now, and those listed before and missing now."""
-    current = {host.instance_id: host for host in _watched(instances)}
-    down = [host for host in current.values() if host.state in ("exited", "gone")]
-    down += [
-        WatchedHost(instance_id=host.instance_id, run_id=host.run_id, state="gone")
-        for host in seen
-        if host.instance_id not in current and host.state not in ("exited", "gone")
-    ]
-    return down
+def _hosts_down(
+    seen: list[WatchedHost], instances: list[Instance]
+) -> tuple[list[WatchedHost], list[WatchedHost]]:
+    """(hosts down, what to remember for the next pass): hosts listed as exited or gone now,
+    and those listed alive before and missing from two listings in a row."""
+    current = _watched(instances)
+    listed = {host.instance_id for host in current}
+    down = [host for host in current if host.state in ("exited", "gone")]
+    remembered = list(current)
+    for host in seen:
+        if host.instance_id in listed or host.state in ("exited", "gone"):
+            continue
+        missing = host.model_copy(update={"missed": host.missed + 1})
+        if missing.missed >= 2:
+            down.append(missing.model_copy(update={"state": "gone"}))
+        else:
+            remembered.append(missing)
+    return down, remembered

@@ -40,7 +40,6 @@ async def events_in_a_training_hour(watched: bool) -> int:
         started_in_training,
         time_skipping_server,
     )
-    from workflows.models import Deadlines
 
     with local_s3() as endpoint, tempfile.TemporaryDirectory(prefix="bench-budget-") as tmp:
         settings = bench_settings(
@@ -53,7 +52,6 @@ async def events_in_a_training_hour(watched: bool) -> int:
         request = make_request(
             images,
             local_model(Path(tmp)),
-            deadlines=Deadlines(training_idle_s=HOUR_S, training_total_s=4 * HOUR_S),
             continue_as_new_after_events=9000,
         )
         async with (

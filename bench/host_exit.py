@@ -68,13 +68,13 @@ async def _kill_to_allocation_s(work: Path, endpoint: str) -> list[float]:
         try:
             for _ in range(KILLS):
                 handle, _ = await started_in_training(env.client, settings, request)
-                created = len(provider.created)
+                created = len(provider.created_at)
                 record = provider._record(provider.created[-1])
                 assert record is not None
                 killed_at = time.monotonic()
                 os.killpg(record.pid, signal.SIGKILL)
                 while True:  # the create runs on an activity thread: polled
-                    if len(provider.created) > created:
+                    if len(provider.created_at) > created:
                         break
                     await asyncio.sleep(0.01)
                 seconds.append(provider.created_at[-1] - killed_at)

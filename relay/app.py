@@ -425,6 +425,8 @@ class _RunLane:
         self.wanted_s = 0.0
         self.asked_at = float("-inf")
         self.asking: asyncio.Task[None] | None = None
+        # Set when the run asks for its progress sooner (a watch came): the timer looks again.
+        self.sooner = asyncio.Event()
 
     def take(self) -> _Held | None:
         """What the next signal carries: the newest progress (a heartbeat it makes redundant
@@ -446,6 +448,7 @@ class _RunLane:
         return (
             not self.held
             and self.timer is None
+            and self.asking is None
             and not self.lock.locked()
             and now - self.last_signal >= interval_s
         )
@@ -458,7 +461,8 @@ class ProgressCoalescer:
     milestone never overtakes the progress sent before it. A progress or heartbeat event is
     signalled at once when the run had no such signal for `interval_s`; otherwise it is held
     (the newest of each type wins) and signalled when the interval is up. So a run gets at most
-    one progress or heartbeat signal per interval, and its status is never staler than that.
+    one progress or heartbeat signal per interval, and the status of a run someone watches is
+    never staler than that.
     State is per process and per run (id and execution); N relays send at most N times as many.
     With `interval_s` 0 every event is signalled as it comes.
 
@@ -551,14 +555,19 @@ class ProgressCoalescer:
     async def _ask(self, lane: _RunLane, execution: str | None) -> None:
         assert self._wanted is not None
         try:
-            lane.wanted_s = max(0.0, await self._wanted(lane.run_id, execution))
+            wanted_s = max(0.0, await self._wanted(lane.run_id, execution))
         except asyncio.CancelledError:
             raise
-        except Exception as e:  # an older worker, a closed run, Temporal busy: the relay's pace
+        except Exception as e:
+            # An older worker (no such query: the lane stays at the relay's pace), a closed
+            # run, or Temporal busy: what the run last said stands.
             log.debug("run %s did not say how often it wants progress: %s", lane.run_id, e)
-            lane.wanted_s = 0.0
+            return
         finally:
             lane.asking = None
+        if wanted_s < lane.wanted_s:
+            lane.sooner.set()
+        lane.wanted_s = wanted_s
 
     async def _send_held(self, lane: _RunLane, execution: str | None) -> None:
         """Signal what the lane holds, if anything; the caller holds `lane.lock`."""
@@ -603,7 +612,9 @@ class ProgressCoalescer:
                 self._ask_wanted(lane, execution, now)  # a watch may have come meanwhile
                 wait_s = lane.last_signal + self._interval(lane) - now
                 if wait_s > 0:
-                    await asyncio.sleep(min(wait_s, self.recheck_s))
+                    lane.sooner.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(lane.sooner.wait(), min(wait_s, self.recheck_s))
                     continue
                 await self._flush(lane, execution, when_due=True)
         finally:

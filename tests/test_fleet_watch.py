@@ -16,6 +16,7 @@ import pytest
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.testing import WorkflowEnvironment
 
+from activities.fleet import HOST_DOWN_SIGNAL
 from activities.providers.base import Instance
 from common.settings import Settings
 from worker.main import ensure_fleet_watch
@@ -72,6 +73,15 @@ def watched_settings(run_settings: Settings) -> Settings:
     )
 
 
+async def told_host_down(handle: Any) -> bool:
+    """Whether the fleet watch's `host_down` reached the run (its history has the signal)."""
+    async for event in handle.fetch_history_events():
+        signalled = event.workflow_execution_signaled_event_attributes
+        if signalled.signal_name == HOST_DOWN_SIGNAL:
+            return True
+    return False
+
+
 @asynccontextmanager
 async def fleet_watch(client: Client, settings: Settings) -> AsyncIterator[str]:
     watch_id = await ensure_fleet_watch(client, settings)
@@ -114,10 +124,12 @@ async def test_a_host_that_dies_is_told_by_the_fleet_watch_and_replaced(
             await wait_until(lambda: len(provider.created) == 2, timeout_s=60)
             seconds_to_replacement = time.monotonic() - died_at
             status: RunStatus = await handle.query(TrainingWorkflow.status)
+            told = await told_host_down(handle)
         finally:
             await handle.terminate("test over")
         await check_replays(settings, handle, name=f"{CODE_VERSION}-host-{how}-told")
 
+    assert told  # the watch, not the run's own first look (FIRST_INSTANCE_CHECK), found it
     assert status.attempt == 2
     assert len(status.gpu_failures) == 1
     assert ("exited" if how == "exits" else "gone") in status.gpu_failures[0]
@@ -149,13 +161,14 @@ async def test_the_watch_goes_on_on_the_next_worker(
                 kill_instance(second, first.created[0])
                 await wait_until(lambda: len(second.created) == 1, timeout_s=60)
                 status: RunStatus = await handle.query(TrainingWorkflow.status)
+                told = await told_host_down(handle)
         finally:
             await handle.terminate("test over")
         watch = client.get_workflow_handle(watch_id)
         described = await watch.describe()
     await check_replays(settings, watch, name=f"{CODE_VERSION}-fleet-watch")
 
-    assert status.attempt == 2 and "exited" in status.gpu_failures[0]
+    assert told and status.attempt == 2 and "exited" in status.gpu_failures[0]
     assert described.status == WorkflowExecutionStatus.RUNNING
     # A round is one activity: the watch's history stays a handful of events.
     assert described.history_length < 20

@@ -504,7 +504,10 @@ async def test_a_run_nobody_watches_gets_its_progress_at_its_own_pace_until_a_wa
             assert await handle.query("progress_every_s") == 100.0
 
             await stream(range(1, 31))  # 6 intervals of the relay's pace
-            assert await progress_signals() == [1]  # the first at once, then the run's pace
+            # The first at once, then the run's pace (one more if the relay's first question
+            # was answered only after an interval had passed, on a loaded machine).
+            unwatched = await progress_signals()
+            assert unwatched[0] == 1 and len(unwatched) <= 2
 
             async with watching(handle):
 

@@ -228,6 +228,9 @@ class TrainingWorkflow:
         self._watchers = 0
         self._watched_at: datetime | None = None
         # The fleet watch said this instance exited or went: asked at the loop's next turn.
+        # Heard only by runs that follow their GPU with the fleet watch (patch FLEET_WATCH):
+        # one from before it never checks its instance on a signal.
+        self._fleet_watch = False
         self._host_reported_down: str | None = None
 
     # ----------------------------------------------------------------------------------------
@@ -463,10 +466,10 @@ class TrainingWorkflow:
     async def _follow_gpu_until_uploaded(self) -> _Followed:
         """pendingGpu .. training: one deadline per status, the instance checked all along:
         when the fleet watch says its host is down, and every INSTANCE_BACKSTOP."""
-        fleet_watch = workflow.patched(FLEET_WATCH)
-        check_interval = INSTANCE_BACKSTOP if fleet_watch else INSTANCE_CHECK_INTERVAL
+        self._fleet_watch = workflow.patched(FLEET_WATCH)
+        check_interval = INSTANCE_BACKSTOP if self._fleet_watch else INSTANCE_CHECK_INTERVAL
         next_check = workflow.now() + (
-            FIRST_INSTANCE_CHECK if fleet_watch else INSTANCE_CHECK_INTERVAL
+            FIRST_INSTANCE_CHECK if self._fleet_watch else INSTANCE_CHECK_INTERVAL
         )
         while Fact.MODEL_UPLOADED not in self._facts:
             if self._should_continue_as_new():
@@ -839,7 +842,7 @@ class TrainingWorkflow:
         """Sent by the fleet watch (activities/fleet.py) when this run's host exited or went
         from the provider's listing; the run confirms with the provider before it acts."""
         instance = self._state.instance
-        if self._legacy is not None or instance is None:
+        if self._legacy is not None or instance is None or not self._fleet_watch:
             return
         if report.instance_id != instance.instance_id:
             return  # an earlier attempt's host, already replaced
