@@ -473,7 +473,7 @@ async def test_a_training_run_shows_the_last_step_of_a_coalesced_burst(
 async def test_a_run_nobody_watches_gets_its_progress_at_its_own_pace_until_a_watch_comes(
     dev_env: WorkflowEnvironment, run_settings: Settings, request_factory: Any, s3: Any
 ) -> None:
-    """Unwatched, a run in training asks for its progress every third of its idle deadline (100
+    """Unwatched, a run in training asks for its progress every half of its idle deadline (150
     s here), so a steady stream of progress is one signal; a watch brings it back to the
     relay's interval within one recheck."""
     settings = run_settings.model_copy(
@@ -501,7 +501,7 @@ async def test_a_run_nobody_watches_gets_its_progress_at_its_own_pace_until_a_wa
                     if e.type == "training.progress"
                 ]
 
-            assert await handle.query("progress_every_s") == 100.0
+            assert await handle.query("progress_every_s") == 150.0
 
             await stream(range(1, 31))  # 6 intervals of the relay's pace
             # The first at once, then the run's pace (one more if the relay's first question

@@ -129,7 +129,7 @@ WEBHOOK_HANDOVER = timedelta(minutes=1)
 # The longest a watcher's wait_for_change may ask to wait before it is answered unchanged.
 MAX_WATCH_WAIT_S = 3600.0
 # How often a run wants its GPU's progress and heartbeats while nobody watches it (the relay
-# asks, `progress_every_s`): liveness and the last step, at a third of the training idle
+# asks, `progress_every_s`): liveness and the last step, at half the training idle
 # deadline at most. A watch (wait_for_change) gets them at the relay's own pace, and for
 # WATCH_LINGER after its last wait, so a watcher between two waits is still one.
 UNWATCHED_PROGRESS_S = 300.0
@@ -1011,7 +1011,7 @@ class TrainingWorkflow:
     @workflow.query
     def progress_every_s(self) -> float:
         """How often this run wants its GPU's progress and heartbeats relayed: 0 (at the
-        relay's own pace) while someone watches it, else UNWATCHED_PROGRESS_S, at most a third
+        relay's own pace) while someone watches it, else UNWATCHED_PROGRESS_S, at most half
         of its training idle deadline. Asked by the relay; a progress signal is most of a
         training run's history, so an unwatched run costs a few events an hour."""
         if self._legacy is not None:
@@ -1021,7 +1021,7 @@ class TrainingWorkflow:
         )
         if self._watchers or lingering:
             return 0.0
-        return min(UNWATCHED_PROGRESS_S, self._request.deadlines.training_idle_s / 3)
+        return min(UNWATCHED_PROGRESS_S, self._request.deadlines.training_idle_s / 2)
 
     @wait_for_change.validator
     def _validate_wait_for_change(self, after_version: int, wait_s: float | None = None) -> None:
