@@ -5,17 +5,16 @@ that only sleeps), SeaweedFS. The run reaches training, then one simulated hour 
 what the relay delivers: the runner's progress every 10 s, coalesced as the relay does (one
 signal per `relay_progress_interval_s`, default 10 s, or per the longer interval the run asks
 for while nobody watches it: its `progress_every_s` query, asked every 30 s). With a watch, a
-task follows the run as `loratrain watch` does (wait_for_change, answered on every change).
-Counted: the events the run's histories gained over the hour, across continue-as-new.
-
-`python -m bench P10`. The same script measures an older commit's code: `git worktree add
-/tmp/old <commit> && cd /tmp/old && PYTHONPATH=. python <this checkout>/bench/budget.py`.
+task follows the run as `loratrain watch` does (`LoraClient.watch`: wait_for_change, answered
+on every change). Counted: the events the run's histories gained over the hour, across
+continue-as-new. `python -m bench P10`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +38,7 @@ async def events_in_a_training_hour(watched: bool) -> int:
         running_worker,
         started_in_training,
         time_skipping_server,
+        watching,
     )
 
     with local_s3() as endpoint, tempfile.TemporaryDirectory(prefix="bench-budget-") as tmp:
@@ -59,27 +59,26 @@ async def events_in_a_training_hour(watched: bool) -> int:
             running_worker(env.client, settings, RecordingProvider(settings)),
         ):
             handle, script = await started_in_training(env.client, settings, request)
-            watcher = asyncio.create_task(follow(handle)) if watched else None
-            await asyncio.sleep(0.5)  # the watch's first wait is in before the hour starts
-            before = (await handle.describe()).raw_description.workflow_execution_info
-            first_run = before.execution.run_id
-            steps = int(HOUR_S / PROGRESS_INTERVAL_S)
-            # The relay's rule (relay/app.py ProgressCoalescer), in the skipped time: the
-            # runner posts every 10 s; a signal goes when the run's interval (the longer of
-            # the relay's and what the run asks for, asked every 30 s) is up, with the newest.
-            every_s, asked_at, signalled_at = 0.0, -RECHECK_S, -HOUR_S
-            for step in range(1, steps + 1):
-                await env.sleep(PROGRESS_INTERVAL_S)
-                now = step * PROGRESS_INTERVAL_S
-                if now - asked_at >= RECHECK_S:
-                    every_s, asked_at = await wanted(handle), now
-                if now - signalled_at >= max(PROGRESS_INTERVAL_S, every_s):
-                    progress = TrainingProgressData(step=step, total=10 * steps, loss=0.1)
-                    await relay_event(handle, script.next("training.progress", progress))
-                    signalled_at = now
-            if watcher is not None:
-                watcher.cancel()
-            gained = await events_since(env.client, handle.id, first_run) - before.history_length
+            following = watching(env.client, settings, handle.id) if watched else nullcontext()
+            async with following:
+                before = (await handle.describe()).raw_description.workflow_execution_info
+                first_run = before.execution.run_id
+                steps = int(HOUR_S / PROGRESS_INTERVAL_S)
+                # The relay's rule (relay/app.py ProgressCoalescer), in the skipped time: the
+                # runner posts every 10 s; a signal goes when the run's interval (the longer of
+                # the relay's and what the run asks for, asked every 30 s) is up.
+                every_s, asked_at, signalled_at = 0.0, -RECHECK_S, -HOUR_S
+                for step in range(1, steps + 1):
+                    await env.sleep(PROGRESS_INTERVAL_S)
+                    now = step * PROGRESS_INTERVAL_S
+                    if now - asked_at >= RECHECK_S:
+                        every_s, asked_at = await wanted(handle), now
+                    if now - signalled_at >= max(PROGRESS_INTERVAL_S, every_s):
+                        progress = TrainingProgressData(step=step, total=10 * steps, loss=0.1)
+                        await relay_event(handle, script.next("training.progress", progress))
+                        signalled_at = now
+                gained = await events_since(env.client, handle.id, first_run)
+            gained -= before.history_length
             await handle.terminate("measured")
     return gained
 
@@ -103,18 +102,6 @@ async def wanted(handle: Any) -> float:
         return float(await handle.query("progress_every_s"))
     except Exception:
         return 0.0
-
-
-async def follow(handle: Any) -> None:
-    """What `loratrain watch` asks of the run: wait_for_change, again after every answer."""
-    from workflows.training import TrainingWorkflow
-
-    version = (await handle.query(TrainingWorkflow.status)).version
-    while True:
-        status = await handle.execute_update(
-            TrainingWorkflow.wait_for_change, args=[version, 600.0]
-        )
-        version = status.version
 
 
 def p10_events_per_run_hour() -> Row:

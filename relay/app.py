@@ -374,12 +374,13 @@ def _delivery(connection: TemporalConnection) -> Deliver:
     return deliver
 
 
-# How often a run wants its progress and heartbeats signalled (seconds; 0: as they come).
-Wanted = Callable[[str, str | None], Awaitable[float]]
+# How often a run (by id: its current execution answers) wants its progress and heartbeats
+# signalled (seconds; 0: as they come).
+Wanted = Callable[[str], Awaitable[float]]
 
 
 def _progress_wanted(connection: TemporalConnection) -> Wanted:
-    async def wanted(run_id: str, execution: str | None) -> float:
+    async def wanted(run_id: str) -> float:
         handle = (await connection.get()).get_workflow_handle(run_id)
         every_s = await handle.query(PROGRESS_EVERY_QUERY, rpc_timeout=TEMPORAL_RPC_TIMEOUT)
         return float(every_s)
@@ -507,7 +508,7 @@ class ProgressCoalescer:
             return
         now = time.monotonic()
         lane = self._lane(key, now)
-        self._ask_wanted(lane, execution, now)
+        self._ask_wanted(lane, now)
         lane.held[event.type] = _Held(event, received)
         if lane.answer_next or now - lane.last_signal >= self._interval(lane):
             async with lane.lock:
@@ -543,19 +544,17 @@ class ProgressCoalescer:
     def _interval(self, lane: _RunLane) -> float:
         return max(self.interval_s, lane.wanted_s)
 
-    def _ask_wanted(self, lane: _RunLane, execution: str | None, now: float) -> None:
+    def _ask_wanted(self, lane: _RunLane, now: float) -> None:
         """Ask the run how often it wants progress, in the background, every `recheck_s`."""
         if self._wanted is None or lane.asking is not None or now - lane.asked_at < self.recheck_s:
             return
         lane.asked_at = now
-        lane.asking = asyncio.create_task(
-            self._ask(lane, execution), name=f"progress-wanted-{lane.run_id}"
-        )
+        lane.asking = asyncio.create_task(self._ask(lane), name=f"progress-wanted-{lane.run_id}")
 
-    async def _ask(self, lane: _RunLane, execution: str | None) -> None:
+    async def _ask(self, lane: _RunLane) -> None:
         assert self._wanted is not None
         try:
-            wanted_s = max(0.0, await self._wanted(lane.run_id, execution))
+            wanted_s = max(0.0, await self._wanted(lane.run_id))
         except asyncio.CancelledError:
             raise
         except Exception as e:
@@ -609,7 +608,7 @@ class ProgressCoalescer:
         try:
             while lane.held:
                 now = time.monotonic()
-                self._ask_wanted(lane, execution, now)  # a watch may have come meanwhile
+                self._ask_wanted(lane, now)  # a watch may have come meanwhile
                 wait_s = lane.last_signal + self._interval(lane) - now
                 if wait_s > 0:
                     lane.sooner.clear()

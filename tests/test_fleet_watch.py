@@ -20,17 +20,16 @@ from activities.fleet import HOST_DOWN_SIGNAL
 from activities.providers.base import Instance
 from common.settings import Settings
 from worker.main import ensure_fleet_watch
-from workflows.models import Deadlines, RunStatus, RunStatusName
+from workflows.models import Deadlines, RunStatus
 from workflows.training import INSTANCE_BACKSTOP, TrainingWorkflow
 
-from .test_lifecycle import kill_instance, reach_training, wait_until
+from .test_lifecycle import kill_instance, wait_until
 from .workflow_support import (
     CODE_VERSION,
     RecordingProvider,
     check_replays,
     running_worker,
-    start_run,
-    wait_for_status,
+    started_in_training,
 )
 
 # Every deadline past the test: only the fleet watch can end attempt 1.
@@ -109,10 +108,10 @@ async def test_a_host_that_dies_is_told_by_the_fleet_watch_and_replaced(
     settings, client = watched_settings, dev_env.client
     provider = CountingProvider(settings)
     async with running_worker(client, settings, provider), fleet_watch(client, settings):
-        handle = await start_run(client, settings, request_factory(deadlines=LONG_DEADLINES))
+        handle, _ = await started_in_training(
+            client, settings, request_factory(deadlines=LONG_DEADLINES)
+        )
         try:
-            await wait_for_status(handle, RunStatusName.PENDING_GPU)
-            await reach_training(handle)
             # Once the watch has listed the host (one gone before that is the run's own first
             # look's to find, FIRST_INSTANCE_CHECK after it rents).
             listed = provider.listings
@@ -149,9 +148,9 @@ async def test_the_watch_goes_on_on_the_next_worker(
     first = CountingProvider(settings)
     async with fleet_watch(client, settings) as watch_id:
         async with running_worker(client, settings, first):
-            handle = await start_run(client, settings, request_factory(deadlines=LONG_DEADLINES))
-            await wait_for_status(handle, RunStatusName.PENDING_GPU)
-            await reach_training(handle)
+            handle, _ = await started_in_training(
+                client, settings, request_factory(deadlines=LONG_DEADLINES)
+            )
             await wait_until(lambda: first.listings >= 2)
         # The first worker stopped; the same watch (one workflow) now runs on the second.
         second = CountingProvider(settings)

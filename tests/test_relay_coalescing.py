@@ -47,6 +47,7 @@ from .workflow_support import (
     running_worker,
     start_run,
     wait_for_status,
+    watching,
 )
 
 INTERVAL_S = 0.5
@@ -370,33 +371,6 @@ class RelayedRun:
         return cls(handle, script, post)
 
 
-@contextlib.asynccontextmanager
-async def watching(handle: WorkflowHandle[Any, Any]) -> AsyncIterator[None]:
-    """Someone follows the run as `loratrain watch` does (wait_for_change, again and again)."""
-
-    async def follow() -> None:
-        version = (await handle.query(TrainingWorkflow.status)).version
-        while True:
-            status = await handle.execute_update(
-                TrainingWorkflow.wait_for_change, args=[version, 60.0]
-            )
-            version = status.version
-
-    task = asyncio.create_task(follow())
-
-    async def followed() -> bool:
-        every_s: float = await handle.query("progress_every_s")
-        return every_s == 0.0
-
-    try:
-        await eventually(followed, SLACK_S)
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(BaseException):
-            await task
-
-
 async def test_a_training_run_shows_the_last_step_of_a_coalesced_burst(
     dev_env: WorkflowEnvironment, run_settings: Settings, request_factory: Any, s3: Any
 ) -> None:
@@ -411,7 +385,7 @@ async def test_a_training_run_shows_the_last_step_of_a_coalesced_burst(
             )
             handle, script, post = run.handle, run.script, run.post
 
-            async with watching(handle):
+            async with watching(client, run_settings, handle.id):
                 burst = [
                     script.next(
                         "training.progress",
@@ -509,7 +483,7 @@ async def test_a_run_nobody_watches_gets_its_progress_at_its_own_pace_until_a_wa
             unwatched = await progress_signals()
             assert unwatched[0] == 1 and len(unwatched) <= 2
 
-            async with watching(handle):
+            async with watching(client, settings, handle.id):
 
                 async def shows(step: int) -> bool:
                     status: RunStatus = await handle.query(TrainingWorkflow.status)

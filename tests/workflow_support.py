@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -26,6 +27,7 @@ from temporalio.worker import Replayer, Worker
 
 from activities.providers.base import Instance
 from activities.providers.local import LocalProvider
+from client import LoraClient
 from common.converter import data_converter
 from common.settings import SEARCH_ATTRIBUTE, Settings
 from gpu_runner.protocol import (
@@ -153,6 +155,32 @@ async def started_in_training(
         await relay_event(handle, event)
     await wait_for_status(handle, RunStatusName.TRAINING)
     return handle, script
+
+
+@asynccontextmanager
+async def watching(client: Client, settings: Settings, run_id: str) -> AsyncIterator[None]:
+    """Someone follows the run as `loratrain watch` does (`LoraClient.watch`), from the moment
+    the run counts itself watched (it wants its progress at the relay's pace: its
+    `progress_every_s` is 0) until the block ends."""
+
+    async def follow() -> None:
+        async for _ in LoraClient(client, settings).watch(run_id, waiting=False):
+            pass
+
+    task = asyncio.create_task(follow())
+    handle = client.get_workflow_handle(run_id)
+    try:
+        async with asyncio.timeout(20):
+            while True:
+                if await handle.query("progress_every_s") == 0.0:
+                    break
+                assert not task.done(), "the watch ended before the run counted it"
+                await asyncio.sleep(0.02)
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
 
 
 async def wait_for_status(
