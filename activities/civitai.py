@@ -34,6 +34,7 @@ from pydantic import BaseModel, Field
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from common.http import tls_context
 from gpu_runner.protocol import (
     FAMILY_COMPONENTS,
     BaseModelFamily,
@@ -447,7 +448,9 @@ class ModelActivities:
             for role, ref in sorted(input.model_files.items())
         }
         key = self._civitai_key(input.civitai_api_key)
-        async with httpx.AsyncClient(timeout=self.settings.http_timeout_s) as client:
+        async with httpx.AsyncClient(
+            timeout=self.settings.http_timeout_s, verify=tls_context()
+        ) as client:
             extras: list[_CivitaiExtra] = []
             if reference.civitai_version is not None:
                 main, claim, extras = await self._locate_civitai(

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import httpx
 from botocore.exceptions import ClientError
 
+from common.http import tls_context
 from gpu_runner.protocol import FAMILY_COMPONENTS, BaseModelFamily, ComponentRole
 
 if TYPE_CHECKING:
@@ -202,7 +203,7 @@ def read_header_http(
     raise httpx.HTTPStatusError, transport failures httpx.TransportError."""
     # identity: a compressed body would make byte ranges meaningless.
     base = {**(headers or {}), "Accept-Encoding": "identity"}
-    with httpx.Client(follow_redirects=True, timeout=timeout_s) as client:
+    with httpx.Client(follow_redirects=True, timeout=timeout_s, verify=tls_context()) as client:
         try:
             with client.stream("GET", url, headers={**base, "Range": "bytes=0-7"}) as first:
                 body = _Body(first, 0)

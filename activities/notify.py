@@ -23,6 +23,7 @@ from pydantic import BaseModel, Field
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from common.http import tls_context
 from gpu_runner.protocol import sign_payload
 from workflows.models import UserEventType
 
@@ -118,7 +119,7 @@ class NotifyActivities:
         extensions = {"sni_hostname": urlsplit(input.url).hostname}
         try:
             async with httpx.AsyncClient(
-                timeout=self.settings.http_timeout_s, follow_redirects=False
+                timeout=self.settings.http_timeout_s, follow_redirects=False, verify=tls_context()
             ) as client:
                 response = await _post_to_first_reachable(
                     client, urls, content=body, headers=headers, extensions=extensions

@@ -9,6 +9,8 @@ import httpx
 from pydantic import BaseModel
 from temporalio import activity
 
+from common.http import tls_context
+
 if TYPE_CHECKING:
     from common.settings import Settings
 
@@ -35,7 +37,9 @@ class RelayActivities:
         )
         try:
             # Well under the activity's own timeout, so a relay that drops packets reads as down.
-            async with httpx.AsyncClient(timeout=min(5.0, self.settings.http_timeout_s)) as client:
+            async with httpx.AsyncClient(
+                timeout=min(5.0, self.settings.http_timeout_s), verify=tls_context()
+            ) as client:
                 response = await client.get(url)
         except httpx.HTTPError as e:
             return RelayHealth(up=False, detail=f"{url} unreachable: {type(e).__name__}")
