@@ -25,7 +25,7 @@ from temporalio.client import (
     ScheduleUpdateInput,
 )
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
-from temporalio.worker import Worker
+from temporalio.worker import PollerBehaviorAutoscaling, Worker
 
 from activities.civitai import ModelActivities
 from activities.fleet import FleetWatchActivities, FleetWatchInput
@@ -145,6 +145,12 @@ def build_worker(
     """The worker for `settings`; `worker_options` go to temporalio's Worker as they are."""
     provider = provider or gpu_provider(settings)
     fleet = FleetWatchActivities(client, GpuActivities(provider, settings), settings)
+    # Pollers follow the backlog, as the server advises, instead of the SDK's fixed five per
+    # kind, of which one polls for new runs' first workflow tasks: at 10 run starts a second
+    # that one poller left tasks waiting 14 s on average, and every status query of a run with
+    # a task waiting waits too (bench P6).
+    worker_options.setdefault("workflow_task_poller_behavior", PollerBehaviorAutoscaling())
+    worker_options.setdefault("activity_task_poller_behavior", PollerBehaviorAutoscaling())
     return Worker(
         client,
         task_queue=settings.task_queue,
