@@ -4,10 +4,15 @@ cost, and the expected time and dollars, with every assumption named.
     steps          = max_train_steps, or ceil(images x repeats / batch_size) x epochs
     s/step         = SECONDS_PER_STEP[family] x GPU class factor x (resolution / family's)^2
                      x batch_size          (batching gains ignored: an upper estimate)
-    download_s     = 8 x (GPU image + model + its components + images) / offer's inet_down
-    overhead_s     = container boot + model load + caching latents (per image)
-    hours          = (download_s + overhead_s + steps x s/step) / 3600
-    cost           = $/h x hours + the offer's metered download ($/GB)
+    upload         = epochs x LoRA + (epochs - 1) x training state + samples + the kept LoRA
+                     (`upload_bytes`: each saved epoch goes up as it ends, see gpu_runner/epochs)
+    cost           = run_cost(GPU image, boot, model + its components + images,
+                              work = model load + caching latents + steps x s/step, upload)
+    hours          = (image pull + boot + download + work) / 3600     (wall time)
+
+`run_cost` (activities/providers/vast_cost.py) is the formula the Vast provider ranks offers by:
+the image pull and container boot bill only the disk, the GPU's $/h counts from `running`, and
+bandwidth is billed both ways at the offer's $/GiB.
 
 Offers come from the configured provider, through the same code that rents: Vast's offer search
 (`VastProvider.ranked_offers`, filters and re-checks included); the local provider's only offer
@@ -27,10 +32,11 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, Field
 
-from gpu_runner.protocol import BaseModelFamily, ComponentRole, TrainingConfig
+from gpu_runner.protocol import BaseModelFamily, ComponentRole, SampleSettings, TrainingConfig
 from workflows.models import GpuRequirements
 
 from .gpu_requirements import effective_requirements, family_minimums, filled_config
+from .providers.vast_cost import OfferPrices, run_cost, transfer_s
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -77,6 +83,25 @@ GPU_CLASSES: list[tuple[str, str, float]] = [
 ]
 UNKNOWN_CLASS = ("unknown (taken as the reference)", 1.0)
 
+# Bytes of a saved LoRA (kohya format, fp16/bf16 weights) per unit of network_dim, for the
+# modules each family trains by default (SDXL, Flux and SD 3: UNet / transformer only).
+# Estimates from the sizes of common files: SD 1.5 about 144 MB at rank 128, SDXL about 190 MB
+# at rank 32, Flux.1 about 160 MB at rank 16; SD 3 is taken as 3.5 large (2/3 of Flux.1's
+# parameters; medium is about a third of that).
+LORA_BYTES_PER_RANK: dict[str, float] = {
+    "sd15": 1.15e6,
+    "sd2": 1.3e6,
+    "sdxl": 6.0e6,
+    "flux": 10.0e6,
+    "sd3": 6.7e6,
+}
+# A training state (sd-scripts' save_state) holds the network in fp32 (twice the LoRA file) and
+# Adam's two moments: one byte each for an 8-bit optimizer, four for the others (an upper
+# estimate for those that keep one or a factored moment: Lion, Adafactor, SGD).
+STATE_LORAS_8BIT = 3.0
+STATE_LORAS = 6.0
+SAMPLE_BYTES_PER_PIXEL = 1.5  # estimate: a PNG of a generated image, about half its raw RGB
+
 # Container start once the image is there (Vast); the local runner starts in seconds.
 MODEL_LOAD_S = 60.0  # estimate: load the checkpoint and its components, build the network
 CACHE_S_PER_IMAGE = 0.5  # estimate: VAE-encode one image (and its captions) once
@@ -109,10 +134,13 @@ class OfferEstimate(BaseModel):
     country: str | None = None
     gpu_class: str
     seconds_per_step: float
-    download_s: float
-    overhead_s: float
+    download_s: float  # GPU image + the run's inputs
+    overhead_s: float  # boot + model load + caching
     training_s: float
-    hours: float
+    hours: float  # wall time from create to the last step
+    billed_hours: float  # GPU time billed: from `running`, so without the image pull and boot
+    upload_bytes: int
+    bandwidth_usd: float
     cost_usd: float
     note: str | None = None
 
@@ -151,6 +179,32 @@ def planned_steps(config: TrainingConfig, images: int) -> tuple[int, str]:
     )
 
 
+def upload_bytes(
+    family: BaseModelFamily, config: TrainingConfig, samples: SampleSettings
+) -> tuple[int, str]:
+    """Bytes the run uploads (formula in the module doc), and how that number was reached."""
+    lora = LORA_BYTES_PER_RANK.get(family, LORA_BYTES_PER_RANK["sdxl"]) * (config.network_dim or 32)
+    per_state = STATE_LORAS_8BIT if "8bit" in config.optimizer.lower() else STATE_LORAS
+    epochs = config.epochs
+    reference = DEFAULT_RESOLUTION.get(family, _OTHER_RESOLUTION)
+    pixels = (samples.width or config.resolution or reference) * (
+        samples.height or config.resolution or reference
+    )
+    images = sum(samples.due(e, epochs) for e in range(1, epochs + 1)) * (
+        len(samples.prompts) or samples.count
+    )
+    total = (
+        (epochs + 1) * lora
+        + (epochs - 1) * per_state * lora
+        + images * pixels * SAMPLE_BYTES_PER_PIXEL
+    )
+    return round(total), (
+        f"uploads: {epochs} epochs' LoRA ({lora / 1e6:.0f} MB each) and {epochs - 1} training "
+        f"states ({per_state:g} LoRAs each), {images} sample images and the kept LoRA: "
+        f"{total / 1e9:.2f} GB at the offer's upload price"
+    )
+
+
 def gpu_class(gpu_name: str) -> tuple[str, float]:
     """(class name, time per step relative to the RTX 3090 class) for a GPU's name."""
     for pattern, name, factor in GPU_CLASSES:
@@ -178,12 +232,12 @@ def estimate_offer(
     offer: str,
     gpu_name: str,
     vram_gb: float | None,
-    dollars_per_hour: float,
-    download_mbps: float | None,
-    dollars_per_gb: float,
+    prices: OfferPrices,
     reliability: float | None,
     country: str | None,
+    image_bytes: int,
     download_bytes: int,
+    uploads: int,
     boot_s: float,
     images: int,
     steps: int,
@@ -194,26 +248,34 @@ def estimate_offer(
 ) -> OfferEstimate:
     """Time and cost of the whole run on one offer (formula in the module doc)."""
     per_step, class_name = seconds_per_step(family, variant, gpu_name, config)
-    download_s = download_bytes * 8 / (max(download_mbps, 1.0) * 1e6) if download_mbps else 0.0
-    overhead_s = boot_s + MODEL_LOAD_S + CACHE_S_PER_IMAGE * images
     training_s = steps * per_step
-    hours = (download_s + overhead_s + training_s) / 3600
-    cost = dollars_per_hour * hours + dollars_per_gb * download_bytes / 1e9
+    load_s = MODEL_LOAD_S + CACHE_S_PER_IMAGE * images
+    cost = run_cost(
+        prices,
+        image_bytes=image_bytes,
+        boot_s=boot_s,
+        download_bytes=download_bytes,
+        work_s=load_s + training_s,
+        upload_bytes=uploads,
+    )
     return OfferEstimate(
         offer=offer,
         gpu_name=gpu_name,
         vram_gb=vram_gb,
-        dollars_per_hour=dollars_per_hour,
-        download_mbps=download_mbps,
+        dollars_per_hour=prices.dollars_per_hour,
+        download_mbps=prices.download_mbps or None,
         reliability=reliability,
         country=country,
         gpu_class=class_name,
         seconds_per_step=per_step,
-        download_s=download_s,
-        overhead_s=overhead_s,
+        download_s=transfer_s(image_bytes, prices.download_mbps) + cost.download_s,
+        overhead_s=boot_s + load_s,
         training_s=training_s,
-        hours=hours,
-        cost_usd=cost,
+        hours=cost.wall_s / 3600,
+        billed_hours=cost.billed_s / 3600,
+        upload_bytes=uploads,
+        bandwidth_usd=cost.bandwidth_usd,
+        cost_usd=cost.usd,
         note=note,
     )
 
@@ -251,12 +313,14 @@ def estimate_run(
     trainer: str,
     training: TrainingConfig,
     request_gpu: GpuRequirements,
+    samples: SampleSettings | None = None,
     top: int = 5,
 ) -> Estimate:
     """The estimate for one run: requirements, offers from the configured provider, time, cost.
 
     Raises NoQualifyingOffer when the provider has nothing that fits, ValueError when the
     provider is not configured, and the Vast provider's errors when Vast cannot be asked.
+    `samples`: the request's (None: a request's default).
     """
     family, variant = model.family, model.variant
     config = filled_config(training, family)
@@ -264,13 +328,16 @@ def estimate_run(
     requirements = effective_requirements(request_gpu, family, variant, training, model.bytes)
     family_vram_gb, _ = family_minimums(family, variant, training, model.bytes)
     inputs = dataset.bytes + (model.bytes or 0) + model.component_bytes
+    uploads, uploads_line = upload_bytes(family, config, samples or SampleSettings())
     local = settings.gpu_provider == "local"
     # The local runner needs no image and starts at once; a Vast host pulls the GPU image.
     image_bytes = 0 if local else settings.vast_image_bytes
     boot_s = 0.0 if local else settings.vast_boot_overhead_s
     on_offer = partial(
         estimate_offer,
-        download_bytes=inputs + image_bytes,
+        image_bytes=image_bytes,
+        download_bytes=inputs,
+        uploads=uploads,
         boot_s=boot_s,
         images=dataset.images,
         steps=steps,
@@ -289,9 +356,7 @@ def estimate_run(
                     offer=str(o.id),
                     gpu_name=o.gpu_name,
                     vram_gb=o.gpu_ram / 1024,  # MiB, as Vast reports it
-                    dollars_per_hour=o.dph_total,
-                    download_mbps=o.inet_down,
-                    dollars_per_gb=o.inet_down_cost or 0.0,
+                    prices=o.prices,
                     reliability=o.reliability,
                     country=o.country,
                 )
@@ -314,6 +379,9 @@ def estimate_run(
         f"images {dataset.bytes / 1e6:.1f} MB{image} at the offer's download speed",
         f"overheads: boot {boot_s:.0f} s + model load {MODEL_LOAD_S:.0f} s + caching "
         f"{CACHE_S_PER_IMAGE:g} s per image",
+        uploads_line,
+        "billing: the GPU's $/h from the container running (not the image pull or boot, which "
+        "bill only the disk), bandwidth both ways at the offer's $/GiB",
         f"GPU: at least {requirements.min_vram_gb} GB VRAM ({family} needs {family_vram_gb} GB "
         f"with these settings; the request asks {request_gpu.min_vram_gb} GB) and "
         f"{requirements.disk_gb} GB disk",
@@ -352,9 +420,7 @@ def _local_offers(
             offer="local",
             gpu_name=name,
             vram_gb=vram,
-            dollars_per_hour=0.0,
-            download_mbps=None,
-            dollars_per_gb=0.0,
+            prices=OfferPrices(dollars_per_hour=0.0),
             reliability=None,
             country=None,
             note=note,

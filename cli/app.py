@@ -623,6 +623,7 @@ def _show_estimate(checked: _CheckedRequest, *, as_json: bool, top: int) -> None
             trainer=request.trainer,
             training=request.training,
             request_gpu=request.gpu,
+            samples=request.samples,
             top=top,
         )
     except NoQualifyingOffer as e:

@@ -163,9 +163,12 @@ class Settings(BaseSettings):
     vast_min_cuda: float = 12.4
     # Free disk beyond the image and twice the downloads (unzipped copy), for checkpoints.
     vast_disk_margin_gb: int = 10
-    # Ranking estimate: training seconds on a GPU with dlperf = vast_reference_dlperf.
+    # Ranking estimate: training seconds on a GPU with dlperf = vast_reference_dlperf, and the
+    # bytes a run uploads: activities/estimate.py's `upload_bytes` for 10 epochs of an SDXL LoRA
+    # at its defaults (rank 32, AdamW8bit, 2 samples an epoch), each epoch's LoRA and state.
     vast_reference_training_s: float = 3600.0
     vast_reference_dlperf: float = 30.0
+    vast_reference_upload_bytes: int = Field(default=7_300_000_000, ge=0)
     # Container start after the image is on the host, seconds.
     vast_boot_overhead_s: float = 60.0
     # How many ranked offers one allocation tries before it gives up (and retries later).

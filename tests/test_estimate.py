@@ -13,15 +13,17 @@ from typing import Any
 import pytest
 
 from activities.estimate import (
+    LORA_BYTES_PER_RANK,
     SECONDS_PER_STEP,
     Estimate,
     gpu_class,
     planned_steps,
     seconds_per_step,
+    upload_bytes,
 )
 from common.settings import Settings
 from gpu_runner.demo_assets import write_demo_dataset
-from gpu_runner.protocol import TrainingConfig
+from gpu_runner.protocol import SampleSettings, TrainingConfig
 from gpu_runner.trainers.sd_scripts import vram_needed_gb
 
 from .conftest import free_port
@@ -127,7 +129,12 @@ def test_estimate_json_ranks_offers_by_expected_cost(stack: Stack, workdir: Path
     assert all(o.vram_gb and o.vram_gb >= 16 for o in estimate.offers)
     best = estimate.offers[0]
     assert best.hours * 3600 == pytest.approx(best.download_s + best.overhead_s + best.training_s)
-    assert best.cost_usd == pytest.approx(best.dollars_per_hour * best.hours)
+    # The GPU is billed from `running`: not while the 1 GB image is pulled and the container
+    # boots (the fake's offers price neither the disk nor bandwidth).
+    pull_s = stack.settings.vast_boot_overhead_s + 1e9 * 8 / (best.download_mbps or 0) / 1e6
+    assert (best.hours - best.billed_hours) * 3600 == pytest.approx(pull_s)
+    assert best.cost_usd == pytest.approx(best.dollars_per_hour * best.billed_hours)
+    assert best.upload_bytes > 0 and best.bandwidth_usd == 0
 
 
 def test_train_dry_run_prints_the_estimate_and_starts_nothing(stack: Stack, workdir: Path) -> None:
@@ -243,6 +250,27 @@ def test_steps_and_seconds_per_step() -> None:
         > seconds_per_step("sd3", "medium", "RTX 3090", config)[0]
     )
     assert gpu_class("Some Future GPU")[1] == 1.0
+
+
+def test_uploads_count_every_epochs_lora_state_and_samples() -> None:
+    config = TrainingConfig().for_family("sdxl")
+    lora = LORA_BYTES_PER_RANK["sdxl"] * 32
+    quiet = SampleSettings(enabled=False)
+
+    uploads, line = upload_bytes("sdxl", config, quiet)
+
+    # Ten epochs' LoRAs, the kept one again, and nine states (none after the last epoch) of
+    # three LoRAs each with an 8-bit optimizer, six with a 32-bit one.
+    assert uploads == pytest.approx(11 * lora + 9 * 3 * lora)
+    assert "10 epochs" in line
+    adamw = config.model_copy(update={"optimizer": "AdamW"})
+    assert upload_bytes("sdxl", adamw, quiet)[0] == pytest.approx(11 * lora + 9 * 6 * lora)
+    # Two 1024 px samples an epoch by default.
+    sampled = upload_bytes("sdxl", config, SampleSettings())[0]
+    assert sampled - uploads == pytest.approx(20 * 1024 * 1024 * 1.5, rel=1e-6)
+    # The Vast ranking's reference run is this estimate's default SDXL run.
+    reference = Settings.model_fields["vast_reference_upload_bytes"].default
+    assert reference == pytest.approx(sampled, rel=0.01)
 
 
 def test_a_flux_estimate_takes_its_files_from_model_file_and_sizes_the_gpu(

@@ -20,10 +20,12 @@ from activities.providers.base import NoOfferError, instance_label, run_label_pr
 from activities.providers.vast import (
     VastApiError,
     VastProvider,
+    _Offer,
     disk_gb_for,
     offer_query,
     rank_offers,
 )
+from activities.providers.vast_cost import GIB, OfferPrices, run_cost
 from common.settings import Settings
 from worker.main import ProviderConfigError, gpu_provider, vast_settings_problem
 from workflows.models import GpuRequirements
@@ -98,8 +100,6 @@ def test_the_query_carries_names_countries_and_failed_machines(settings: Setting
 
 
 def test_offers_rank_by_expected_cost_of_the_whole_run(settings: Settings) -> None:
-    from activities.providers.vast import _Offer
-
     settings = settings.model_copy(update={"vast_image_bytes": 8 * GB})
     offers = [
         _Offer.model_validate(o)
@@ -108,7 +108,7 @@ def test_offers_rank_by_expected_cost_of_the_whole_run(settings: Settings) -> No
             make_offer(11, gpu_name="RTX 3060", dph_total=0.12, dlperf=12, inet_down=200),
             make_offer(12, gpu_name="RTX 3090", dph_total=0.22, dlperf=30, inet_down=900),
             make_offer(13, gpu_name="RTX 4090", dph_total=0.38, dlperf=60, inet_down=1500),
-            # Same as 13 but its link is metered at $0.02/GB.
+            # Same as 13 but its download is metered at $0.02/GiB.
             make_offer(
                 14,
                 gpu_name="RTX 4090",
@@ -131,13 +131,77 @@ def test_offers_rank_by_expected_cost_of_the_whole_run(settings: Settings) -> No
         print("  " + entry.describe())
     assert [r.offer.id for r in ranked] == [13, 15, 12, 11, 14]
     by_id = {r.offer.id: r for r in ranked}
-    # The formula, spelled out for one offer: 12 GB over 900 Mbps + boot, 3600 s x 30/30.
-    setup_s = settings.vast_boot_overhead_s + 12 * GB * 8 / 900e6
-    assert by_id[12].setup_s == pytest.approx(setup_s)
+    # The formula, spelled out for one offer: the 8 GB image over 900 Mb/s and the boot come
+    # before `running` (no disk price here: unbilled), then 4 GB of inputs and 3600 s x 30/30
+    # at the GPU's $/h.
+    pull_s = settings.vast_boot_overhead_s + 8 * GB * 8 / 900e6
+    download_s = 4 * GB * 8 / 900e6
+    assert by_id[12].cost.pull_s == pytest.approx(pull_s)
+    assert by_id[12].cost.billed_s == pytest.approx(download_s + 3600)
     assert by_id[12].training_s == pytest.approx(3600)
-    assert by_id[12].run_usd == pytest.approx(0.22 * (setup_s + 3600) / 3600)
+    assert by_id[12].run_usd == pytest.approx(0.22 * (download_s + 3600) / 3600)
     assert by_id[12].expected_usd == pytest.approx(by_id[12].run_usd / 0.99)
-    assert by_id[14].run_usd == pytest.approx(0.35 * (by_id[14].setup_s + 1800) / 3600 + 0.02 * 12)
+    # The image and the inputs both come down the metered link, priced per GiB.
+    assert by_id[14].run_usd == pytest.approx(
+        0.35 * (by_id[14].cost.download_s + 1800) / 3600 + 0.02 * 12 * GB / GIB
+    )
+
+
+def test_a_metered_upload_ranks_an_offer_below_an_otherwise_equal_one(
+    settings: Settings, tmp_path: Path
+) -> None:
+    offers = [
+        # A cent an hour cheaper, but every epoch's LoRA and state go up at $0.02/GiB.
+        make_offer(21, dph_total=0.40, inet_up_cost=0.02),
+        make_offer(22, dph_total=0.41),
+    ]
+    with fake_vast(settings, tmp_path / "hosts", offers, runner_command=SLEEPER) as (_, s):
+        ranked = VastProvider(s).ranked_offers(GpuRequirements(), download_bytes=GB)
+
+    for entry in ranked:
+        print("  " + entry.describe())
+    assert [r.offer.id for r in ranked] == [22, 21]
+    metered, free = ranked[1].cost, ranked[0].cost
+    assert metered.bandwidth_usd - free.bandwidth_usd == pytest.approx(
+        0.02 * s.vast_reference_upload_bytes / GIB
+    )
+
+
+def test_the_image_pull_and_boot_bill_the_disk_not_the_gpu(settings: Settings) -> None:
+    settings = settings.model_copy(update={"vast_image_bytes": 20 * GB})
+    offers = [
+        _Offer.model_validate(o)
+        for o in [
+            # A slow link pulls the 20 GB image for 1,600 s, at the disk's $0.01/h only.
+            make_offer(31, dph_total=2.00, inet_down=100, storage_total_cost=0.01),
+            make_offer(32, dph_total=2.04, inet_down=2000, storage_total_cost=0.01),
+        ]
+    ]
+
+    ranked = rank_offers(offers, settings, download_bytes=GB // 10)
+
+    for entry in ranked:
+        print("  " + entry.describe())
+    assert [r.offer.id for r in ranked] == [31, 32]
+    slow = ranked[0]
+    pull_s = settings.vast_boot_overhead_s + 20 * GB * 8 / 100e6
+    assert slow.cost.pull_s == pytest.approx(pull_s)
+    assert slow.run_usd == pytest.approx(
+        0.01 * pull_s / 3600 + 2.00 * (GB // 10 * 8 / 100e6 + slow.training_s) / 3600
+    )
+
+
+def test_bandwidth_prices_are_per_gib() -> None:
+    prices = OfferPrices(
+        dollars_per_hour=1.0, download_dollars_per_gib=0.01, upload_dollars_per_gib=0.02
+    )
+
+    cost = run_cost(
+        prices, image_bytes=GIB, boot_s=0, download_bytes=GIB, work_s=0, upload_bytes=3 * GIB
+    )
+
+    # 2 GiB down at $0.01 and 3 GiB up at $0.02; read per GB (1e9) it would be 7.4 % more.
+    assert cost.bandwidth_usd == pytest.approx(0.08)
 
 
 def test_create_rents_the_best_offer_with_the_runner_image_label_and_job_url(

@@ -20,12 +20,14 @@ the GPU names, allowed/blocked countries and the machines that already failed in
 verified + rentable + not rented are the SDK's defaults. Every answer is checked again here
 (Vast's filters are a convenience, not a guarantee), so an offer that slips through is dropped.
 
-Ranking, by the expected dollars of the whole run on that offer:
+Ranking, by the expected dollars of the whole run on that offer (`vast_cost.run_cost`, where the
+formula and Vast's billing rules it follows are written down):
 
-    setup_s    = boot_overhead_s + 8 x (image_bytes + download_bytes) / (inet_down Mbps x 1e6)
     training_s = reference_training_s x reference_dlperf / dlperf      (reference_s if no dlperf)
-    run_usd    = dph_total x (setup_s + training_s) / 3600
-               + inet_down_cost ($/GB) x (image_bytes + download_bytes) / 1e9
+    run_usd    = run_cost(image_bytes, boot_overhead_s, download_bytes, work_s = training_s,
+                          upload_bytes = reference_upload_bytes)
+               (the image pull and boot at the disk's $/h only, the GPU's dph_total from
+                `running`, bandwidth both ways at the offer's $/GiB)
     expected   = run_usd / reliability
 
 A host that fails with probability (1 - reliability) costs the run another attempt, so
@@ -65,6 +67,7 @@ from common.settings import Settings
 from workflows.models import GpuRequirements
 
 from .base import Instance, InstanceState, NoOfferError
+from .vast_cost import OfferPrices, RunCost, run_cost
 
 log = logging.getLogger("loratrain.vast")
 
@@ -99,8 +102,12 @@ class _Offer(BaseModel):
     reliability: float = Field(
         default=0.0, validation_alias=AliasChoices("reliability", "reliability2")
     )
-    inet_down: float = Field(default=0.0, description="Mbps")
-    inet_down_cost: float | None = Field(default=None, description="$/GB")
+    inet_down: float = Field(default=0.0, description="Mb/s")
+    inet_down_cost: float | None = Field(default=None, description="$/GiB")
+    inet_up_cost: float | None = Field(default=None, description="$/GiB")
+    storage_total_cost: float | None = Field(
+        default=None, description="$/h for the disk the search asked for"
+    )
     geolocation: str | None = None
     cuda_max_good: float | None = None
     dlperf: float | None = None
@@ -109,6 +116,16 @@ class _Offer(BaseModel):
     @property
     def country(self) -> str | None:
         return country_of(self.geolocation)
+
+    @property
+    def prices(self) -> OfferPrices:
+        return OfferPrices(
+            dollars_per_hour=self.dph_total,
+            storage_dollars_per_hour=self.storage_total_cost or 0.0,
+            download_mbps=self.inet_down,
+            download_dollars_per_gib=self.inet_down_cost or 0.0,
+            upload_dollars_per_gib=self.inet_up_cost or 0.0,
+        )
 
 
 class _InstanceRow(BaseModel):
@@ -131,18 +148,22 @@ class _InstanceRow(BaseModel):
 @dataclass(frozen=True)
 class RankedOffer:
     offer: _Offer
-    setup_s: float
     training_s: float
-    run_usd: float
+    cost: RunCost
     expected_usd: float
 
+    @property
+    def run_usd(self) -> float:
+        return self.cost.usd
+
     def describe(self) -> str:
-        o = self.offer
+        o, c = self.offer, self.cost
         return (
-            f"offer {o.id} {o.gpu_name} ${o.dph_total:.3f}/h {o.inet_down:.0f} Mbps "
-            f"${o.inet_down_cost or 0:.4f}/GB dlperf {o.dlperf or 0:.1f} rel {o.reliability:.3f}"
-            f" {o.country or '??'}: setup {self.setup_s:.0f} s + training {self.training_s:.0f}"
-            f" s -> ${self.run_usd:.3f}, expected ${self.expected_usd:.3f}"
+            f"offer {o.id} {o.gpu_name} ${o.dph_total:.3f}/h {o.inet_down:.0f} Mb/s "
+            f"${o.inet_down_cost or 0:.4f}/${o.inet_up_cost or 0:.4f} per GiB down/up "
+            f"dlperf {o.dlperf or 0:.1f} rel {o.reliability:.3f} {o.country or '??'}: pull "
+            f"{c.pull_s:.0f} s, billed {c.download_s:.0f} s download + {self.training_s:.0f} s "
+            f"training -> ${c.usd:.3f}, expected ${self.expected_usd:.3f}"
         )
 
 
@@ -231,22 +252,24 @@ def rank_offers(
     offers: Sequence[_Offer], settings: Settings, download_bytes: int
 ) -> list[RankedOffer]:
     """Offers by expected cost of the whole run, cheapest first (formula in the module doc)."""
-    fetch_bytes = settings.vast_image_bytes + download_bytes
     ranked = []
     for offer in offers:
-        mbps = max(offer.inet_down, 1.0)
-        setup_s = settings.vast_boot_overhead_s + fetch_bytes * 8 / (mbps * 1e6)
         if offer.dlperf and offer.dlperf > 0:
             training_s = (
                 settings.vast_reference_training_s * settings.vast_reference_dlperf / offer.dlperf
             )
         else:
             training_s = settings.vast_reference_training_s
-        run_usd = offer.dph_total * (setup_s + training_s) / 3600 + (
-            offer.inet_down_cost or 0.0
-        ) * (fetch_bytes / 1e9)
-        expected = run_usd / max(offer.reliability, 0.01)
-        ranked.append(RankedOffer(offer, setup_s, training_s, run_usd, expected))
+        cost = run_cost(
+            offer.prices,
+            image_bytes=settings.vast_image_bytes,
+            boot_s=settings.vast_boot_overhead_s,
+            download_bytes=download_bytes,
+            work_s=training_s,
+            upload_bytes=settings.vast_reference_upload_bytes,
+        )
+        expected = cost.usd / max(offer.reliability, 0.01)
+        ranked.append(RankedOffer(offer, training_s, cost, expected))
     return sorted(ranked, key=lambda r: (r.expected_usd, r.offer.id))
 
 

@@ -4,8 +4,10 @@ Endpoints (paths, bodies and fields from the SDK 1.9.1 source and Vast's API ref
 - `POST /api/v0/bundles/` (search_offers): body `{<field>: {op: value}, "order", "limit",
   "type", "allocated_storage"}`; ops eq/neq/gt/gte/lt/lte/in/notin; answers `{"offers": [...]}`
   with `id, machine_id, host_id, gpu_name, num_gpus, gpu_ram (MB), dph_total, reliability,
-  inet_down, inet_down_cost, geolocation ("Sweden, SE"), cuda_max_good, dlperf, disk_space,
-  verified, rentable, rented`. An offer held by a live instance is `rented`.
+  inet_down, inet_up (Mb/s), inet_down_cost, inet_up_cost ($/GiB), storage_total_cost ($/h; a
+  fixed figure here, where Vast prices the search's allocated_storage), geolocation ("Sweden,
+  SE"), cuda_max_good, dlperf, disk_space, verified, rentable, rented`. An offer held by a live
+  instance is `rented`.
 - `PUT /api/v0/asks/{offer_id}/` (create_instance): `{"success": true, "new_contract": id,
   "instance_api_key": key}`; an offer already taken answers 400 `no_such_ask`.
 - `GET /api/v1/instances/?select_filters=&order_by=&limit=&after_token=` (show_instances):
@@ -94,6 +96,8 @@ def make_offer(
     reliability: float = 0.99,
     inet_down: float = 800.0,
     inet_down_cost: float = 0.0,
+    inet_up_cost: float = 0.0,
+    storage_total_cost: float = 0.0,
     geolocation: str = "Sweden, SE",
     cuda_max_good: float = 12.6,
     dlperf: float = 60.0,
@@ -118,6 +122,8 @@ def make_offer(
         "inet_down": inet_down,
         "inet_down_cost": inet_down_cost,
         "inet_up": inet_down / 2,
+        "inet_up_cost": inet_up_cost,
+        "storage_total_cost": storage_total_cost,
         "geolocation": geolocation,
         "cuda_max_good": cuda_max_good,
         "dlperf": dlperf,
