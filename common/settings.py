@@ -173,6 +173,9 @@ class Settings(BaseSettings):
     vast_boot_overhead_s: float = 60.0
     # How many ranked offers one allocation tries before it gives up (and retries later).
     vast_offers_per_allocation: int = Field(default=5, ge=1, le=50)
+    # Offers within this fraction of the best expected cost are near-equals: allocations start
+    # at different ones (by label), so runs renting at once rarely ask for the same offer.
+    vast_offer_tier_tolerance: float = Field(default=0.05, ge=0, le=1)
     vast_offer_search_limit: int = Field(default=64, ge=1, le=1000)
     # Tries per call on 502/503/504 and connection errors (never for a create, which is looked
     # up by its label instead of being sent again).

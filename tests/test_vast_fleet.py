@@ -110,3 +110,7 @@ async def test_fifty_runs_at_once_within_vasts_limits(
     assert reaped.unsettled == [] and reaped.destroyed == []
     # One paced client kept every call inside Vast's limits.
     assert fake.limit_429s == []
+    # Allocations start at different near-equal offers, so few creates find theirs taken.
+    creates = len(fake.calls_to("create"))
+    print(f"{creates} creates for {RUNS} rentals")
+    assert creates < 2 * RUNS

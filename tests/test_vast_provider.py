@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -24,6 +25,7 @@ from activities.providers.vast import (
     disk_gb_for,
     offer_query,
     rank_offers,
+    spread_order,
 )
 from activities.providers.vast_cost import GIB, OfferPrices, run_cost
 from common.settings import Settings
@@ -262,6 +264,60 @@ def test_an_offer_taken_at_create_moves_to_the_next_offer(
 
     assert [i.offer["id"] for i in fake.created()] == [1]
     assert instance.machine_id == "10001"
+
+
+def test_near_equal_offers_form_a_tier_each_label_starts_at_its_own_place(
+    settings: Settings,
+) -> None:
+    offers = [_Offer.model_validate(make_offer(n, dph_total=0.300 + n / 1000)) for n in range(20)]
+    ranked = rank_offers(offers, settings, download_bytes=GB)
+    best = ranked[0].expected_usd
+    tier = [r.offer.id for r in ranked if r.expected_usd <= best * 1.05]
+    assert 10 < len(tier) < 20
+
+    orders = {n: [r.offer.id for r in spread_order(ranked, f"run-{n}", 0.05)] for n in range(50)}
+
+    starts = {order[0] for order in orders.values()}
+    print(f"{len(starts)} first offers for 50 labels in a tier of {len(tier)}")
+    assert len(starts) > len(tier) // 2
+    for order in orders.values():
+        # Every offer once: the tier round from the start, then the rest as ranked.
+        assert sorted(order) == sorted(r.offer.id for r in ranked)
+        assert set(order[: len(tier)]) == set(tier)
+        assert order[len(tier) :] == [r.offer.id for r in ranked[len(tier) :]]
+    # The same label starts at the same offer in every worker; no tolerance, no spreading.
+    assert [r.offer.id for r in spread_order(ranked, "run-7", 0.05)] == orders[7]
+    assert [r.offer.id for r in spread_order(ranked, "run-7", 0.0)] == [r.offer.id for r in ranked]
+
+
+def test_concurrent_allocations_rarely_ask_for_the_same_offer(
+    settings: Settings, tmp_path: Path
+) -> None:
+    runs = 12
+    # Near-equal offers (within 5 % of the best), then clearly dearer ones.
+    offers = [make_offer(n, dph_total=0.300 + n / 1000) for n in range(1, 17)]
+    offers += [make_offer(n, dph_total=0.50) for n in range(17, 23)]
+    with fake_vast(settings, tmp_path / "hosts", offers, runner_command=SLEEPER, limits=True) as (
+        fake,
+        s,
+    ):
+        provider = VastProvider(s.model_copy(update={"vast_offers_per_allocation": runs}))
+        with ThreadPoolExecutor(runs) as pool:
+            rented = list(
+                pool.map(
+                    lambda n: provider.create(label(s, f"run-{n}"), JOB_URL, GpuRequirements()),
+                    range(runs),
+                )
+            )
+
+    creates = len(fake.calls_to("create"))
+    print(f"{creates} creates for {runs} concurrent allocations")
+    assert len({i.instance_id for i in rented}) == runs
+    # Walking one list from the top, each allocation would ask for every offer taken before.
+    assert creates < 2 * runs
+    # Nobody rented a clearly dearer offer while near-equal ones were free.
+    assert all(i.dollars_per_hour < 0.5 for i in rented)
+    assert fake.limit_429s == []
 
 
 def test_excluded_machines_and_unfit_offers_are_never_rented(
