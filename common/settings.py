@@ -151,6 +151,8 @@ class Settings(BaseSettings):
     # The deployment's fleet watch lists its instances once per this many seconds and tells
     # the runs whose host exited or went (one provider call per interval for all runs).
     fleet_watch_interval_s: float = Field(default=10.0, gt=0)
+    # Every worker starts the fleet watch again within this many seconds once it stops.
+    fleet_watch_ensure_s: float = Field(default=60.0, gt=0)
     local_runner_command: list[str] = Field(
         default_factory=lambda: [sys.executable, "-m", "gpu_runner"]
     )

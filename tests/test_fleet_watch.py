@@ -7,6 +7,8 @@ FIRST_INSTANCE_CHECK after it rents, then every INSTANCE_BACKSTOP) come after th
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -14,12 +16,13 @@ from typing import Any
 
 import pytest
 from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 
 from activities.fleet import HOST_DOWN_SIGNAL
 from activities.providers.base import Instance
 from common.settings import Settings
-from worker.main import ensure_fleet_watch
+from worker.main import ensure_fleet_watch, fleet_watch_id, keep_fleet_watch
 from workflows.models import Deadlines, RunStatus
 from workflows.training import INSTANCE_BACKSTOP, TrainingWorkflow
 
@@ -171,3 +174,47 @@ async def test_the_watch_goes_on_on_the_next_worker(
     assert described.status == WorkflowExecutionStatus.RUNNING
     # A round is one activity: the watch's history stays a handful of events.
     assert described.history_length < 20
+
+
+async def test_a_worker_starts_a_stopped_watch_again(
+    dev_env: WorkflowEnvironment, watched_settings: Settings
+) -> None:
+    settings = watched_settings.model_copy(update={"fleet_watch_ensure_s": 0.2})
+    client = dev_env.client
+    watch = client.get_workflow_handle(fleet_watch_id(settings))
+    runs: list[str] = []
+
+    async def watch_runs_again() -> bool:
+        try:
+            described = await watch.describe()
+        except RPCError as e:
+            if e.status == RPCStatusCode.NOT_FOUND:  # not started yet
+                return False
+            raise
+        if described.status == WorkflowExecutionStatus.RUNNING and described.run_id not in runs:
+            runs.append(described.run_id)
+        return described.status == WorkflowExecutionStatus.RUNNING
+
+    keeping = asyncio.create_task(keep_fleet_watch(client, settings))
+    try:
+        await wait_until_async(watch_runs_again)
+        await watch.terminate("an operator stopped it")
+        await wait_until_async(lambda: _new_run(watch_runs_again, runs))
+    finally:
+        keeping.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await keeping
+        await watch.terminate("test over")
+
+    assert len(runs) == 2  # the terminated watch, then the one the worker started again
+
+
+async def _new_run(running: Any, runs: list[str]) -> bool:
+    return await running() and len(runs) == 2
+
+
+async def wait_until_async(predicate: Any, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not await predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)

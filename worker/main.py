@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import ipaddress
 import logging
@@ -179,20 +180,36 @@ async def run_worker(settings: Settings) -> None:
     except Exception:
         # The worker is still useful without it; the next worker start tries again.
         log.exception("could not create or update the reaper schedule %s", REAPER_SCHEDULE_ID)
+    keeping = asyncio.create_task(keep_fleet_watch(client, settings), name="keep-fleet-watch")
     try:
-        await ensure_fleet_watch(client, settings)
-    except Exception:
-        # Runs still check their own instance now and then; the next worker start tries again.
-        log.exception("could not start the fleet watch %s", fleet_watch_id(settings))
-    with ThreadPoolExecutor(max_workers=32, thread_name_prefix="activity") as executor:
-        worker = build_worker(client, settings, executor, provider)
-        log.info(
-            "worker polling task queue %s at %s", settings.task_queue, settings.temporal_address
-        )
+        with ThreadPoolExecutor(max_workers=32, thread_name_prefix="activity") as executor:
+            worker = build_worker(client, settings, executor, provider)
+            log.info(
+                "worker polling task queue %s at %s",
+                settings.task_queue,
+                settings.temporal_address,
+            )
+            try:
+                await worker.run()
+            except asyncio.CancelledError:
+                await worker.shutdown()
+    finally:
+        keeping.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await keeping
+
+
+async def keep_fleet_watch(client: Client, settings: Settings) -> None:
+    """Start the fleet watch now, and again within `fleet_watch_ensure_s` whenever it is not
+    running (an operator terminated it, or it failed): one start call per interval, which
+    finds the running watch and changes nothing. Runs without a watch still look at their own
+    instance every 10 minutes."""
+    while True:
         try:
-            await worker.run()
-        except asyncio.CancelledError:
-            await worker.shutdown()
+            await ensure_fleet_watch(client, settings)
+        except Exception:
+            log.exception("could not start the fleet watch %s", fleet_watch_id(settings))
+        await asyncio.sleep(settings.fleet_watch_ensure_s)
 
 
 def reaper_schedule(settings: Settings) -> Schedule:
