@@ -1,23 +1,30 @@
 """Stream a file to disk: sha256 checked, resumed with HTTP Range, Bearer kept on its own host.
 
-Redirects are followed by hand: Civitai answers a download with a redirect to a signed CDN URL,
-and the API key must not travel to that other host.
+Each download receives, hashes and writes on a thread of its own (http.client), off the runner's
+event loop. Redirects are followed by hand: Civitai answers a download with a redirect to a signed
+CDN URL, and the API key must not travel to that other host.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+import functools
 import hashlib
+import http.client
 import logging
 import re
+import socket
+import ssl
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urljoin, urlsplit, urlunsplit
+from urllib.parse import quote, urljoin, urlsplit, urlunsplit
 from urllib.request import url2pathname
 
-import httpx
+import certifi
 
 log = logging.getLogger("gpu_runner.downloads")
 
@@ -153,127 +160,88 @@ def _status_error(spec: DownloadSpec, status: int) -> DownloadError:
     return DownloadError("download_failed", f"the {spec.what} download failed with HTTP {status}")
 
 
-async def _open(
-    client: httpx.AsyncClient, spec: DownloadSpec, headers: dict[str, str]
-) -> httpx.Response:
-    """GET with redirects followed by hand; Authorization only ever goes to the first origin."""
-    url = spec.url
-    auth_origin = _origin(url)
-    for _ in range(MAX_REDIRECTS + 1):
-        request_headers = dict(headers)
-        if spec.bearer and _origin(url) == auth_origin:
-            request_headers["Authorization"] = f"Bearer {spec.bearer}"
-        request = client.build_request("GET", url, headers=request_headers)
-        response = await client.send(request, stream=True, follow_redirects=False)
-        location = response.headers.get("location")
-        if response.status_code in _REDIRECTS and location:
-            await response.aclose()
-            url = urljoin(url, location)
-            continue
-        return response
-    raise DownloadError("download_failed", f"the {spec.what} download redirected too many times")
+class _Stopped(Exception):
+    """The download was cancelled: its thread ends without another read or retry."""
 
 
-async def _attempt(client: httpx.AsyncClient, partial: _PartialFile) -> None:
-    spec = partial.spec
-    # identity: Range offsets must count the file's bytes, not a compressed stream's.
-    headers = {"Accept-Encoding": "identity"}
-    if partial.written:
-        headers["Range"] = f"bytes={partial.written}-"
-    try:
-        response = await _open(client, spec, headers)
-    except httpx.HTTPError as e:
-        raise _Retry(f"{type(e).__name__}: {e}") from None
-    try:
-        status = response.status_code
-        if status == 206 and partial.written:
-            match = _CONTENT_RANGE.match(response.headers.get("content-range", ""))
-            if not match or int(match.group(1)) != partial.written:
-                partial.restart()
-                raise _Retry("the server resumed from a different offset; starting over")
-            if match.group(3) != "*":
-                partial.total = int(match.group(3))
-        elif status == 200:
-            if partial.written:
-                log.info("%s: the server ignored Range; starting over", spec.what)
-                partial.restart()
-            length = response.headers.get("content-length")
-            if length and length.isdigit():
-                partial.total = int(length)
-        elif status == 416 and partial.written and partial.written == partial.total:
-            return  # everything had arrived before the connection broke
-        elif status >= 500 or status in _RETRYABLE:
-            raise _Retry(f"HTTP {status}")
-        else:
-            raise _status_error(spec, status)
-        if spec.max_bytes is not None and partial.total and partial.total > spec.max_bytes:
-            raise DownloadError(
-                "download_too_large",
-                f"the {spec.what} is {partial.total} bytes, more than the {spec.max_bytes} "
-                "bytes expected or free on disk",
-            )
-        # Raw bytes as they arrive: a buffered chunk would be lost when the connection breaks.
-        async for chunk in response.aiter_raw():
-            partial.write(chunk)
-    except httpx.HTTPError as e:
-        raise _Retry(f"{type(e).__name__}: {e}") from None
-    finally:
-        await response.aclose()
-    if partial.total is not None and partial.written < partial.total:
-        raise _Retry(f"connection ended at {partial.written} of {partial.total} bytes")
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    # certifi's CA bundle, as httpx trusts for the runner's other calls.
+    return ssl.create_default_context(cafile=certifi.where())
 
 
-def _verify(spec: DownloadSpec, digest: str) -> bool:
-    if spec.sha256 is None:
-        return False
-    if digest != spec.sha256.lower():
-        raise DownloadError(
-            "checksum_mismatch",
-            f"the {spec.what} has sha256 {digest}, expected {spec.sha256}: the file is corrupt "
-            "or not the one requested",
-        )
-    return True
+def _request_target(url: str) -> str:
+    """Path and query as sent on the request line; characters a URL may not hold are quoted."""
+    parts = urlsplit(url)
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return quote(target, safe="!#$%&'()*+,/:;=?@[]~")
 
 
-def _copy_local(source: Path, spec: DownloadSpec, on_progress: ProgressFn | None) -> DownloadResult:
-    if not source.is_file():
-        code = "model_not_found" if spec.what == "model" else "download_failed"
-        raise DownloadError(code, f"the {spec.what} file {source} does not exist")
-    part = spec.dest.with_name(spec.dest.name + ".part")
-    partial = _PartialFile(part, spec, on_progress)
-    partial.total = source.stat().st_size
-    try:
+class _Receiver:
+    """One download, run on a thread of its own: receives, hashes and writes. Socket reads,
+    sha256 and file writes release the GIL, so downloads at once share the cores rather than one
+    event loop; a cancel (stop) cuts the current read short."""
+
+    def __init__(self, spec: DownloadSpec, timeout_s: float) -> None:
+        self.spec = spec
+        self.timeout_s = timeout_s
+        self.stopped = threading.Event()
+        self._connection: http.client.HTTPConnection | None = None
+
+    def stop(self) -> None:
+        """From the event loop: end the thread at its next read, or its wait before a retry."""
+        self.stopped.set()
+        connection = self._connection
+        sock = connection.sock if connection is not None else None
+        if sock is not None:
+            # Wakes a read blocked on this socket; the thread then sees `stopped`.
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def _check_stopped(self) -> None:
+        if self.stopped.is_set():
+            raise _Stopped
+
+    def run(
+        self,
+        *,
+        attempts: int,
+        retry_initial_s: float,
+        retry_max_s: float,
+        on_progress: ProgressFn | None,
+    ) -> DownloadResult:
+        spec = self.spec
+        spec.dest.parent.mkdir(parents=True, exist_ok=True)
+        partial = _PartialFile(spec.dest.with_name(spec.dest.name + ".part"), spec, on_progress)
+        try:
+            source = local_path(spec.url)
+            if source is not None:
+                self._copy_local(source, partial)
+            else:
+                self._download(partial, attempts, retry_initial_s, retry_max_s)
+        finally:
+            partial.close()
+        return _finish(spec, partial)
+
+    def _copy_local(self, source: Path, partial: _PartialFile) -> None:
+        if not source.is_file():
+            code = "model_not_found" if self.spec.what == "model" else "download_failed"
+            raise DownloadError(code, f"the {self.spec.what} file {source} does not exist")
+        partial.total = source.stat().st_size
         with open(source, "rb") as f:
             while chunk := f.read(CHUNK_BYTES):
+                self._check_stopped()
                 partial.write(chunk)
-    finally:
-        partial.close()
-    return _finish(spec, part, partial)
 
-
-async def download(
-    client: httpx.AsyncClient,
-    spec: DownloadSpec,
-    *,
-    retry_initial_s: float,
-    retry_max_s: float,
-    attempts: int = DOWNLOAD_ATTEMPTS,
-    on_progress: ProgressFn | None = None,
-) -> DownloadResult:
-    """Download `spec.url` to `spec.dest`; raises DownloadError when it cannot."""
-    spec.dest.parent.mkdir(parents=True, exist_ok=True)
-    source = local_path(spec.url)
-    if source is not None:
-        return await asyncio.to_thread(_copy_local, source, spec, on_progress)
-
-    part = spec.dest.with_name(spec.dest.name + ".part")
-    partial = _PartialFile(part, spec, on_progress)
-    delay = retry_initial_s
-    try:
+    def _download(
+        self, partial: _PartialFile, attempts: int, retry_initial_s: float, retry_max_s: float
+    ) -> None:
+        spec = self.spec
+        delay = retry_initial_s
         for attempt in range(1, attempts + 1):
             try:
-                await _attempt(client, partial)
-                break
+                self._attempt(partial)
+                return
             except _Retry as e:
                 if attempt == attempts:
                     raise DownloadError(
@@ -288,15 +256,209 @@ async def download(
                     delay,
                     partial.written,
                 )
-                await asyncio.sleep(delay)
+                if self.stopped.wait(delay):
+                    raise _Stopped from None
                 delay = min(delay * 2, retry_max_s)
-    finally:
-        partial.close()
-    return _finish(spec, part, partial)
+
+    def _connect(self, url: str) -> http.client.HTTPConnection:
+        parts = urlsplit(url)
+        connection: http.client.HTTPConnection
+        if parts.scheme == "https":
+            connection = http.client.HTTPSConnection(
+                parts.hostname or "", parts.port, timeout=self.timeout_s, context=_tls_context()
+            )
+        elif parts.scheme == "http":
+            connection = http.client.HTTPConnection(
+                parts.hostname or "", parts.port, timeout=self.timeout_s
+            )
+        else:
+            raise DownloadError(
+                "download_failed",
+                f"the {self.spec.what} URL {redact_url(url)} is neither http nor https",
+            )
+        self._connection = connection
+        connection.connect()
+        # A stop that came before the socket existed could not cut it short: look again.
+        self._check_stopped()
+        return connection
+
+    def _open(
+        self, headers: dict[str, str]
+    ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+        """GET with redirects followed by hand; Authorization only ever goes to the first
+        origin."""
+        spec = self.spec
+        url = spec.url
+        auth_origin = _origin(url)
+        for _ in range(MAX_REDIRECTS + 1):
+            request_headers = dict(headers)
+            if spec.bearer and _origin(url) == auth_origin:
+                request_headers["Authorization"] = f"Bearer {spec.bearer}"
+            connection = self._connect(url)
+            try:
+                connection.request("GET", _request_target(url), headers=request_headers)
+                response = connection.getresponse()
+            except BaseException:
+                connection.close()
+                raise
+            location = response.getheader("location")
+            if response.status in _REDIRECTS and location:
+                connection.close()
+                url = urljoin(url, location)
+                continue
+            return connection, response
+        raise DownloadError(
+            "download_failed", f"the {spec.what} download redirected too many times"
+        )
+
+    def _attempt(self, partial: _PartialFile) -> None:
+        spec = self.spec
+        # identity: Range offsets must count the file's bytes, not a compressed stream's.
+        headers = {"Accept-Encoding": "identity"}
+        if partial.written:
+            headers["Range"] = f"bytes={partial.written}-"
+        try:
+            connection, response = self._open(headers)
+        except (OSError, http.client.HTTPException) as e:
+            self._check_stopped()
+            raise _Retry(f"{type(e).__name__}: {e}") from None
+        try:
+            status = response.status
+            if status == 206 and partial.written:
+                match = _CONTENT_RANGE.match(response.getheader("content-range", ""))
+                if not match or int(match.group(1)) != partial.written:
+                    partial.restart()
+                    raise _Retry("the server resumed from a different offset; starting over")
+                if match.group(3) != "*":
+                    partial.total = int(match.group(3))
+            elif status == 200:
+                if partial.written:
+                    log.info("%s: the server ignored Range; starting over", spec.what)
+                    partial.restart()
+                length = response.getheader("content-length")
+                if length and length.isdigit():
+                    partial.total = int(length)
+            elif status == 416 and partial.written and partial.written == partial.total:
+                return  # everything had arrived before the connection broke
+            elif status >= 500 or status in _RETRYABLE:
+                raise _Retry(f"HTTP {status}")
+            else:
+                raise _status_error(spec, status)
+            if spec.max_bytes is not None and partial.total and partial.total > spec.max_bytes:
+                raise DownloadError(
+                    "download_too_large",
+                    f"the {spec.what} is {partial.total} bytes, more than the {spec.max_bytes} "
+                    "bytes expected or free on disk",
+                )
+            self._receive(response, partial)
+        finally:
+            connection.close()
+        if partial.total is not None and partial.written < partial.total:
+            raise _Retry(f"connection ended at {partial.written} of {partial.total} bytes")
+
+    def _receive(self, response: http.client.HTTPResponse, partial: _PartialFile) -> None:
+        """The body's raw bytes, written as each read returns them (read1: one socket read, not
+        a full buffer), so what a broken connection leaves is kept for the Range request that
+        resumes it."""
+        while True:
+            try:
+                chunk = response.read1(CHUNK_BYTES)
+            except (OSError, http.client.HTTPException) as e:
+                self._check_stopped()
+                raise _Retry(f"{type(e).__name__}: {e}") from None
+            self._check_stopped()
+            if not chunk:
+                return
+            partial.write(chunk)
 
 
-def _finish(spec: DownloadSpec, part: Path, partial: _PartialFile) -> DownloadResult:
+def _verify(spec: DownloadSpec, digest: str) -> bool:
+    if spec.sha256 is None:
+        return False
+    if digest != spec.sha256.lower():
+        raise DownloadError(
+            "checksum_mismatch",
+            f"the {spec.what} has sha256 {digest}, expected {spec.sha256}: the file is corrupt "
+            "or not the one requested",
+        )
+    return True
+
+
+class _ProgressOnLoop:
+    """A download thread's progress, handed to `on_progress` on the event loop. At most one
+    call waits there at a time and carries the latest figures when it runs, so a fast download
+    does not wake the loop for every read."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_progress: ProgressFn) -> None:
+        self._loop = loop
+        self._on_progress = on_progress
+        self._lock = threading.Lock()
+        self._latest: tuple[int, int | None] = (0, None)
+        self._waiting = False
+
+    def __call__(self, done: int, total: int | None) -> None:
+        with self._lock:
+            self._latest = (done, total)
+            if self._waiting:
+                return
+            self._waiting = True
+        self._loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            done, total = self._latest
+            self._waiting = False
+        self._on_progress(done, total)
+
+
+async def download(
+    spec: DownloadSpec,
+    *,
+    timeout_s: float,
+    retry_initial_s: float,
+    retry_max_s: float,
+    attempts: int = DOWNLOAD_ATTEMPTS,
+    on_progress: ProgressFn | None = None,
+) -> DownloadResult:
+    """Download `spec.url` (or copy a local file) to `spec.dest` on a thread of its own; raises
+    DownloadError when it cannot. `on_progress` is called on the event loop. Cancelled, it stops
+    the thread (a read or a wait before a retry at once, a connect within `timeout_s`) and
+    returns once the thread has ended."""
+    loop = asyncio.get_running_loop()
+    receiver = _Receiver(spec, timeout_s)
+    finished: asyncio.Future[DownloadResult] = loop.create_future()
+
+    def run() -> None:
+        try:
+            result = receiver.run(
+                attempts=attempts,
+                retry_initial_s=retry_initial_s,
+                retry_max_s=retry_max_s,
+                on_progress=None if on_progress is None else _ProgressOnLoop(loop, on_progress),
+            )
+            outcome = functools.partial(finished.set_result, result)
+        except BaseException as e:
+            outcome = functools.partial(finished.set_exception, e)
+        # The loop is closed only when nobody waits for this download any more.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(outcome)
+
+    thread = threading.Thread(target=run, name=f"download: {spec.what}", daemon=True)
+    thread.start()
+    try:
+        return await asyncio.shield(finished)
+    except asyncio.CancelledError:
+        receiver.stop()
+        # No download thread outlives its run: the stop ends it within one read.
+        await asyncio.wait({finished})
+        finished.exception()  # retrieved: its _Stopped is this cancel's doing, not news
+        thread.join()  # at once: handing over the outcome was its last step
+        raise
+
+
+def _finish(spec: DownloadSpec, partial: _PartialFile) -> DownloadResult:
     """Check the finished .part file's sha256, then move it into place (or delete it)."""
+    part = partial.path
     digest = partial.hasher.hexdigest()
     try:
         verified = _verify(spec, digest)

@@ -622,7 +622,6 @@ class Runner:
             await _all_or_none_of(
                 [
                     download(
-                        self._http,
                         DownloadSpec(
                             url=remote.url,
                             dest=dest,
@@ -631,6 +630,7 @@ class Runner:
                             expected_bytes=remote.bytes,
                             max_bytes=remote.bytes,
                         ),
+                        timeout_s=self.settings.runner_http_timeout_s,
                         retry_initial_s=self.settings.runner_retry_initial_s,
                         retry_max_s=self.settings.runner_retry_max_s,
                         on_progress=self._progress(what),
@@ -720,7 +720,6 @@ class Runner:
         dataset_dir = self.run_dir / "dataset"
         try:
             await download(
-                self._http,
                 DownloadSpec(
                     url=spec.url,
                     dest=zip_path,
@@ -729,6 +728,7 @@ class Runner:
                     expected_bytes=spec.bytes,
                     max_bytes=spec.bytes,
                 ),
+                timeout_s=self.settings.runner_http_timeout_s,
                 retry_initial_s=self.settings.runner_retry_initial_s,
                 retry_max_s=self.settings.runner_retry_max_s,
                 on_progress=self._progress("images"),
@@ -831,7 +831,6 @@ class Runner:
         )
         try:
             return await download(
-                self._http,
                 DownloadSpec(
                     url=url,
                     dest=self.run_dir / "model" / filename,
@@ -842,6 +841,7 @@ class Runner:
                     bearer=bearer,
                     civitai=needs_civitai_key,
                 ),
+                timeout_s=self.settings.runner_http_timeout_s,
                 retry_initial_s=self.settings.runner_retry_initial_s,
                 retry_max_s=self.settings.runner_retry_max_s,
                 on_progress=self._progress(what),

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from gpu_runner.downloads import DownloadError, DownloadSpec, download
@@ -23,8 +25,8 @@ def files() -> Iterator[tuple[FileServer, str]]:
 
 
 async def fetch(spec: DownloadSpec, **kw: object) -> object:
-    async with httpx.AsyncClient(timeout=5) as client:
-        return await download(client, spec, retry_initial_s=0.01, retry_max_s=0.05, **kw)  # type: ignore[arg-type]
+    options: dict[str, object] = {"timeout_s": 5, "retry_initial_s": 0.01, "retry_max_s": 0.05}
+    return await download(spec, **{**options, **kw})  # type: ignore[arg-type]
 
 
 async def test_resumes_with_range_after_a_dropped_connection(
@@ -34,11 +36,17 @@ async def test_resumes_with_range_after_a_dropped_connection(
     server.add("model.bin", CONTENT, drop_after=1_000_000)
     dest = tmp_path / "model.bin"
     seen: list[tuple[int, int | None]] = []
+    callers: set[threading.Thread] = set()
+
+    def on_progress(done: int, total: int | None) -> None:
+        seen.append((done, total))
+        callers.add(threading.current_thread())
+
     result = await fetch(
         DownloadSpec(
             url=f"{base}/files/model.bin", dest=dest, what="model", sha256=sha256(CONTENT)
         ),
-        on_progress=lambda done, total: seen.append((done, total)),
+        on_progress=on_progress,
     )
     assert dest.read_bytes() == CONTENT
     assert result.sha256_verified and result.bytes == len(CONTENT)  # type: ignore[attr-defined]
@@ -47,6 +55,7 @@ async def test_resumes_with_range_after_a_dropped_connection(
     kept = int(second.headers["range"].removeprefix("bytes=").removesuffix("-"))
     assert 0 < kept <= 1_000_000  # only what arrived was kept, and asked for from there on
     assert seen[-1] == (len(CONTENT), len(CONTENT))
+    assert callers == {threading.current_thread()}  # progress reaches the event loop's thread
     assert not (tmp_path / "model.bin.part").exists()
 
 
@@ -207,3 +216,42 @@ async def test_copies_local_files(tmp_path: Path) -> None:
     with pytest.raises(DownloadError) as caught:
         await fetch(DownloadSpec(url=str(tmp_path / "absent"), dest=dest, what="model"))
     assert caught.value.code == "model_not_found"
+
+
+def download_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("download: ")]
+
+
+@pytest.mark.parametrize(
+    ("serving", "retry_initial_s"),
+    [
+        # One 64 KiB chunk every 10 s: the thread is waiting in a read when the cancel comes.
+        ({"chunk_delay_s": 10}, 0.01),
+        # Refused with 503, then 30 s before the next try: the thread is waiting to retry.
+        ({"fail_first": 5}, 30),
+    ],
+    ids=["reading", "waiting-to-retry"],
+)
+async def test_a_cancelled_download_ends_its_thread_at_once(
+    files: tuple[FileServer, str],
+    tmp_path: Path,
+    serving: dict[str, object],
+    retry_initial_s: float,
+) -> None:
+    server, base = files
+    server.add("model.bin", CONTENT, **serving)
+    spec = DownloadSpec(url=f"{base}/files/model.bin", dest=tmp_path / "m.bin", what="model")
+    task = asyncio.create_task(fetch(spec, timeout_s=60, retry_initial_s=retry_initial_s))
+    deadline = time.monotonic() + 10
+    while not server.seen("model.bin"):
+        assert time.monotonic() < deadline, "the download never reached the server"
+        await asyncio.sleep(0.01)
+    assert download_threads()
+    cancelled_at = time.monotonic()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # Neither the server's next chunk, the next try, nor the 60 s read timeout was waited for.
+    assert time.monotonic() - cancelled_at < 3
+    assert download_threads() == []
+    assert not spec.dest.exists()
