@@ -7,6 +7,7 @@ recording relay over HTTP, with bench.standin's fixed-step trainer.
 from __future__ import annotations
 
 import asyncio
+import http.client
 import io
 import json
 import os
@@ -14,15 +15,16 @@ import tempfile
 import time
 import uuid
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import httpx
+from urllib.parse import urlsplit
 
 from bench.common import MB, Row, child_pid, cpu_seconds, local_s3, median, s3_client
 from bench.shaping import shaped_proxy
 from bench.standin import FixedStepTrainer
+from gpu_runner.downloads import CHUNK_BYTES
 from gpu_runner.protocol import RunnerLimits, TrainingConfig
 from gpu_runner.settings import RunnerSettings
 from gpu_runner.trainers.base import PreparedTraining, TrainingInputs
@@ -178,26 +180,37 @@ def _builtin_with_and_without_samples(work: Path) -> tuple[float, float]:
     return per_epoch[0], per_epoch[1]
 
 
-async def _download_alone(url: str, dest: Path) -> float:
+def _download_alone(url: str, dest: Path) -> float:
+    """A plain download as the runner receives one (http.client, each read written to disk as it
+    returns), without the runner's sha256, resume or progress."""
     started = time.monotonic()
-    async with (
-        httpx.AsyncClient(timeout=60) as client,
-        client.stream("GET", url) as response,
-    ):
-        response.raise_for_status()
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=60)
+    try:
+        connection.request("GET", f"{parts.path}?{parts.query}")
+        response = connection.getresponse()
+        if response.status != 200:
+            raise RuntimeError(f"GET {parts.path}: HTTP {response.status}")
         with dest.open("wb") as out:
-            async for chunk in response.aiter_bytes(1024 * 1024):
+            while chunk := response.read1(CHUNK_BYTES):
                 out.write(chunk)
+    finally:
+        connection.close()
     return time.monotonic() - started
 
 
-async def _downloads_together(job: Job, work: Path) -> float:
-    """Both plain downloads at the same time, as the runner runs them."""
+def _downloads_together(job: Job, work: Path) -> float:
+    """Both plain downloads at the same time, each on a thread of its own, as the runner runs
+    them."""
     started = time.monotonic()
-    await asyncio.gather(
-        _download_alone(job.spec.images.url, work / "images.zip"),
-        _download_alone(job.spec.model.url, work / "model.bin"),
-    )
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        list(
+            pool.map(
+                _download_alone,
+                [job.spec.images.url, job.spec.model.url],
+                [work / "images.zip", work / "model.bin"],
+            )
+        )
     return time.monotonic() - started
 
 
@@ -241,12 +254,12 @@ def _measure_setup(
             measured.phases[name].append(received[name] - received["gpu.ready"])
         measured.slower.append(
             max(
-                asyncio.run(_download_alone(job.spec.images.url, work / "images.zip")),
-                asyncio.run(_download_alone(job.spec.model.url, work / "model.bin")),
+                _download_alone(job.spec.images.url, work / "images.zip"),
+                _download_alone(job.spec.model.url, work / "model.bin"),
             )
         )
         server_cpu, own_cpu = cpu_seconds(s3_server), time.process_time()
-        wall = asyncio.run(_downloads_together(job, work))
+        wall = _downloads_together(job, work)
         measured.together.append(wall)
         measured.together_cores.append(
             ((cpu_seconds(s3_server) - server_cpu) / wall, (time.process_time() - own_cpu) / wall)
@@ -281,13 +294,15 @@ def p5_runner_setup(model_mb: int = 200, images_mb: int = 100, link_mb_s: int = 
         f"loopback {loopback.ratio:.2f} x; {link_mb_s} MB/s {paced.ratio:.2f} x",
         "<= 1.05 x",
         loopback.ratio <= 1.05,
-        f"SeaweedFS on loopback. After gpu.ready: images.ready (downloaded, verified, unzipped)"
-        f" at {median(loopback.phases['images.ready']):.2f} s, model.ready (downloaded,"
-        f" verified) at {median(loopback.phases['model.ready']):.2f} s; both plain downloads at"
-        f" once take {median(loopback.together):.2f} s with {server_cores + client_cores:.2f} of"
-        f" {os.cpu_count()} cores busy (S3 server {server_cores:.2f}, downloader"
-        f" {client_cores:.2f}). At {link_mb_s} MB/s per connection (bench.shaping's proxy):"
-        f" images.ready at {median(paced.phases['images.ready']):.2f} s, model.ready at"
+        f"SeaweedFS on loopback. The plain downloads receive as the runner does (http.client,"
+        f" a thread each), without its sha256. After gpu.ready: images.ready (downloaded,"
+        f" verified, unzipped) at {median(loopback.phases['images.ready']):.2f} s, model.ready"
+        f" (downloaded, verified) at {median(loopback.phases['model.ready']):.2f} s; both plain"
+        f" downloads at once take {median(loopback.together):.2f} s with"
+        f" {server_cores + client_cores:.2f} of {os.cpu_count()} cores busy (S3 server"
+        f" {server_cores:.2f}, downloader {client_cores:.2f}). At {link_mb_s} MB/s per"
+        f" connection (bench.shaping's proxy): images.ready at"
+        f" {median(paced.phases['images.ready']):.2f} s, model.ready at"
         f" {median(paced.phases['model.ready']):.2f} s, both plain downloads at once"
         f" {median(paced.together):.2f} s",
     )
