@@ -45,6 +45,7 @@ from workflows.reaper import ReaperWorkflow
 from workflows.training import TrainingWorkflow
 
 from .memory import return_large_buffers_to_the_os
+from .shared_code import share_workflow_code
 
 log = logging.getLogger("loratrain.worker")
 
@@ -151,6 +152,7 @@ def build_worker(
     # that one poller left tasks waiting 14 s on average, and every status query of a run with
     # a task waiting waits too (bench P6).
     worker_options.setdefault("workflow_task_poller_behavior", PollerBehaviorAutoscaling())
+    share_workflow_code()  # one copy of the workflows' code for every cached run's sandbox
     worker_options.setdefault("activity_task_poller_behavior", PollerBehaviorAutoscaling())
     return Worker(
         client,
