@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import (
     BaseSettings,
     DotEnvSettingsSource,
@@ -32,6 +33,17 @@ def default_state_dir() -> Path:
     # The XDG spec says to ignore a relative value.
     base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".local" / "state"
     return base / "loratrain"
+
+
+def read_pem(path: Path) -> bytes:
+    """A PEM file's bytes; ValueError saying why when it cannot be read or holds no PEM block."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"cannot read {path} ({e.strerror or e})") from None
+    if b"-----BEGIN " not in data:
+        raise ValueError(f"{path} is not a PEM file (no -----BEGIN line)")
+    return data
 
 
 def dev_env_file(init_values: dict[str, Any] | None = None) -> Path:
@@ -72,6 +84,17 @@ class Settings(BaseSettings):
     # Names this deployment in instance labels (loratrain:<deployment>:<run_id>:<attempt>), so
     # deployments sharing a provider account never reap each other; default: namespace.queue.
     deployment: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")
+    # Temporal Cloud or a cluster with TLS on. TLS is on when temporal_tls is true or any of the
+    # others is set: an API key (Temporal Cloud's API-key auth, sent as a bearer token, so never
+    # in plain text), a client certificate and its key (mTLS; PEM files), the CA that signed the
+    # server's certificate (default: the system's roots), the name that certificate carries where
+    # the address does not.
+    temporal_api_key: SecretStr | None = None
+    temporal_tls: bool = False
+    temporal_tls_cert_path: Path | None = None
+    temporal_tls_key_path: Path | None = Field(default=None, validate_default=True)
+    temporal_tls_ca_path: Path | None = None
+    temporal_tls_server_name: str | None = None
     temporal_ui_url: str = "http://127.0.0.1:8233"
     # How long a CLI command waits for a run to answer its status query (a worker must be up).
     query_timeout_s: float = Field(default=10.0, gt=0, le=300)
@@ -215,6 +238,25 @@ class Settings(BaseSettings):
 
     # HTTP timeouts for every outbound call, seconds.
     http_timeout_s: float = 30.0
+
+    @field_validator("temporal_tls_cert_path", "temporal_tls_ca_path", "temporal_tls_key_path")
+    @classmethod
+    def _readable_pem(cls, path: Path | None, info: ValidationInfo) -> Path | None:
+        """A TLS file is read here, so a wrong path stops every command at once, in one line."""
+        if path is not None:
+            try:
+                read_pem(path)
+            except ValueError as e:
+                raise PydanticCustomError("tls_file", str(e)) from None
+        if info.field_name == "temporal_tls_key_path":
+            # Absent when the certificate's own check failed: that error is enough.
+            cert = info.data.get("temporal_tls_cert_path", path)
+            if (cert is None) != (path is None):
+                raise PydanticCustomError(
+                    "tls_pair",
+                    "mTLS needs both LORA_TEMPORAL_TLS_CERT_PATH and LORA_TEMPORAL_TLS_KEY_PATH",
+                )
+        return path
 
     def require_master_secret(self) -> str:
         if self.webhook_master_secret is None:
