@@ -82,7 +82,17 @@ MAX_CAPTION_BYTES = 64 * 1024
 MAX_LOG_BYTES = 16 * 1024 * 1024  # the runner uploads only the end of a longer log
 # A .tar.gz of TensorBoard scalars: a few MB for a long run; a larger one is not uploaded.
 MAX_TENSORBOARD_BYTES = 64 * 1024 * 1024
-ZIP_PART_BYTES = 16 * 1024 * 1024  # smallest multipart part: bounds memory, allows 160 GB zips
+# The zip's multipart parts: this size, or larger where the zip would need more than S3's
+# 10,000 parts. Each part in memory is one of these.
+ZIP_PART_BYTES = 8 * 1024 * 1024
+_MAX_PARTS = 10_000
+# A zip entry's bytes beyond its name and data (local header, data descriptor and central
+# directory record, with zip64 fields), and the archive's end records: a bound, not exact.
+_ZIP_ENTRY_OVERHEAD = 160
+_ZIP_END_OVERHEAD = 200
+# Parts uploading at once while the next fills: one request at a time leaves the zip waiting
+# on each part's round trip.
+_PARTS_IN_FLIGHT = 2
 READ_CHUNK_BYTES = 1024 * 1024
 # Every entry gets this timestamp so the same dataset always gives the same zip bytes.
 ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)
@@ -93,7 +103,7 @@ _COPY_CONFIG = TransferConfig(
 _CHECK_THREADS = 8  # concurrent GETs while decoding images
 # Files read (and checked) ahead of the one being zipped, in bytes: bounds memory; one file
 # larger than this is still read, alone.
-_READ_AHEAD_BYTES = 16 * 1024 * 1024
+_READ_AHEAD_BYTES = 8 * 1024 * 1024
 _MAGIC_BYTES = 16
 _MESSAGE_PROBLEMS = 200  # problems spelled out in the error message; details hold up to 1,000
 _DETAIL_PROBLEMS = 1000
@@ -250,7 +260,7 @@ class StorageActivities:
             return finished
         dataset = self._scan(input.images, read_contents=False)
         self._abort_stale_uploads(location)
-        upload = _MultipartUpload(self.s3, location, ZIP_PART_BYTES)
+        upload = _MultipartUpload(self.s3, location, _zip_part_bytes(dataset))
         if not self._stream_zip(dataset, upload):
             self._stamp_zip(location, upload, dataset.summary.image_count)
         return ImagesZip(
@@ -735,7 +745,7 @@ class StorageActivities:
         problems: list[tuple[str, str]] = []
         try:
             # zipfile writes to a stream that cannot seek with data descriptors, so each entry
-            # passes straight through; only the files read ahead and the current part are
+            # passes straight through; only the files read ahead and the parts' buffers are
             # held in memory.
             archive = zipfile.ZipFile(upload, mode="w", compression=zipfile.ZIP_STORED)
             for item, data, problem in self._read_checked(dataset.files):
@@ -788,32 +798,39 @@ class StorageActivities:
 
 
 class _MultipartUpload:
-    """A write-only file object that uploads what it is given as multipart parts of at least
+    """A write-only file object that uploads what it is given as multipart parts of
     `part_bytes` each (the last may be smaller); what never fills a part goes up as one object.
-    The multipart upload is created with the first part. One part uploads in the background
-    while the next one fills: reading the dataset does not wait for S3 to take a part."""
+    The multipart upload is created with the first part. Up to `_PARTS_IN_FLIGHT` parts upload
+    in the background while the next one fills: reading the dataset does not wait for S3 to
+    take a part. Writes are copied into one buffer per part, and a buffer is reused once its
+    part is up: the zip's memory is these few buffers, touched once."""
 
     def __init__(self, s3: S3Client, location: S3Location, part_bytes: int) -> None:
         self._s3 = s3
         self._location = location
         self._part_bytes = part_bytes
-        # What is not uploaded yet, as written: joined once per part, never copied per write.
-        self._pending: list[bytes] = []
-        self._pending_bytes = 0
+        self._filling: bytearray | None = None  # the part being written, `_filled` bytes so far
+        self._filled = 0
         self._parts: list[dict[str, Any]] = []
         self.sha256 = hashlib.sha256()
         self.bytes = 0
         self._upload_id: str | None = None
-        self._sender = ThreadPoolExecutor(1, thread_name_prefix="zip-part")
-        self._in_flight: Future[dict[str, Any]] | None = None
+        self._sender = ThreadPoolExecutor(_PARTS_IN_FLIGHT, thread_name_prefix="zip-part")
+        self._in_flight: deque[tuple[Future[dict[str, Any]], bytearray]] = deque()
 
     def write(self, data: bytes, /) -> int:
         self.sha256.update(data)
         self.bytes += len(data)
-        self._pending.append(bytes(data))  # zipfile may hand over a buffer it reuses
-        self._pending_bytes += len(data)
-        if self._pending_bytes >= self._part_bytes:
-            self._upload_pending()
+        rest = memoryview(data)
+        while rest:
+            if self._filling is None:
+                self._filling, self._filled = self._free_buffer(), 0
+            piece = rest[: self._part_bytes - self._filled]
+            self._filling[self._filled : self._filled + len(piece)] = piece
+            self._filled += len(piece)
+            rest = rest[len(piece) :]
+            if self._filled == self._part_bytes:
+                self._upload_filling()
         return len(data)
 
     def flush(self) -> None:
@@ -829,16 +846,16 @@ class _MultipartUpload:
             self._s3.put_object(
                 Bucket=self._location.bucket,
                 Key=self._location.key,
-                Body=b"".join(self._pending),
+                Body=self._take_filling(),  # type: ignore[arg-type]  # a bytearray: see _send_part
                 ContentType="application/zip",
                 Metadata=metadata,
             )
-            self._pending, self._pending_bytes = [], 0
             self._sender.shutdown()
             return True
-        if self._pending:
-            self._upload_pending()
-        self._settle()
+        if self._filled:
+            self._upload_filling()
+        while self._in_flight:
+            self._settle_oldest()
         self._s3.complete_multipart_upload(
             Bucket=self._location.bucket,
             Key=self._location.key,
@@ -849,8 +866,11 @@ class _MultipartUpload:
         return False
 
     def abort(self) -> None:
-        with contextlib.suppress(Exception):  # the error that led here matters more
-            self._settle()
+        # Parts still uploading would land after the abort; the error that led here matters
+        # more than theirs.
+        for in_flight, _buffer in self._in_flight:
+            with contextlib.suppress(Exception):
+                in_flight.result()
         self._sender.shutdown()
         if self._upload_id is None:
             return
@@ -862,40 +882,61 @@ class _MultipartUpload:
             # The original error matters more; a lifecycle rule cleans up what is left.
             log.warning("could not abort the multipart upload of %s", self._location.uri)
 
-    def _upload_pending(self) -> None:
-        """Everything written since the last part, as one part: at least `part_bytes` (but
-        the last), at most that plus one write (an entry's data)."""
-        part = b"".join(self._pending)
-        self._pending, self._pending_bytes = [], 0
+    def _free_buffer(self) -> bytearray:
+        """A part's buffer: a new one until `_PARTS_IN_FLIGHT` parts are uploading, then the
+        oldest one's, once that part is up."""
+        if len(self._in_flight) < _PARTS_IN_FLIGHT:
+            return bytearray(self._part_bytes)
+        return self._settle_oldest()
+
+    def _take_filling(self) -> bytearray:
+        """The part being written, cut to what was written (in place: a smaller last part)."""
+        part = self._filling if self._filling is not None else bytearray()
+        del part[self._filled :]
+        self._filling, self._filled = None, 0
+        return part
+
+    def _upload_filling(self) -> None:
+        """Send the part being written, in the background."""
         if self._upload_id is None:
             self._upload_id = self._s3.create_multipart_upload(
                 Bucket=self._location.bucket, Key=self._location.key, ContentType="application/zip"
             )["UploadId"]
-        self._settle()
-        number = len(self._parts) + 1
-        self._in_flight = submit(self._sender, self._send_part, self._upload_id, number, part)
+        number = len(self._parts) + len(self._in_flight) + 1
+        part = self._take_filling()
+        sent = submit(self._sender, self._send_part, self._upload_id, number, part)
+        self._in_flight.append((sent, part))
         _heartbeat(self.bytes)
 
-    def _send_part(self, upload_id: str, number: int, part: bytes) -> dict[str, Any]:
+    def _send_part(self, upload_id: str, number: int, part: bytearray) -> dict[str, Any]:
         answer = self._s3.upload_part(
             Bucket=self._location.bucket,
             Key=self._location.key,
             UploadId=upload_id,
             PartNumber=number,
-            Body=part,
+            Body=part,  # type: ignore[arg-type]  # botocore takes a bytearray
         )
         return {"PartNumber": number, "ETag": answer["ETag"]}
 
-    def _settle(self) -> None:
-        """Wait for the part in flight; its error, if any, is raised here."""
-        if self._in_flight is not None:
-            in_flight, self._in_flight = self._in_flight, None
-            self._parts.append(in_flight.result())
+    def _settle_oldest(self) -> bytearray:
+        """Wait for the oldest part in flight (its error, if any, is raised here); its buffer,
+        free again."""
+        sent, part = self._in_flight.popleft()
+        self._parts.append(sent.result())
+        return part
 
 
 # --------------------------------------------------------------------------------------------
 # Pure helpers
 # --------------------------------------------------------------------------------------------
+
+
+def _zip_part_bytes(dataset: _Dataset) -> int:
+    """`ZIP_PART_BYTES`, or the size that keeps the dataset's zip within S3's part limit."""
+    zip_bytes = _ZIP_END_OVERHEAD + sum(
+        f.size + _ZIP_ENTRY_OVERHEAD + 2 * len(f.name.encode()) for f in dataset.files
+    )
+    return max(ZIP_PART_BYTES, -(-zip_bytes // _MAX_PARTS))
 
 
 def _zip_metadata(sha256: str, image_count: int) -> dict[str, str]:

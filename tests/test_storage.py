@@ -313,7 +313,7 @@ def read_object(s3: Any, location: S3Location) -> bytes:
 
 
 def test_zip_holds_every_file_sorted_with_fixed_dates(settings: Settings, s3: Any) -> None:
-    # Two 9 MiB images cross the 16 MiB part boundary.
+    # Two 9 MiB images cross the 8 MiB part boundaries: two parts upload at once, then a last.
     files = dict(GOOD_FILES)
     files["large-1.png"] = png(9 * 1024 * 1024, seed=7)
     files["large-2.png"] = png(9 * 1024 * 1024, seed=8)
@@ -400,6 +400,40 @@ def test_bad_dataset_is_never_zipped(settings: Settings, s3: Any) -> None:
     assert "cat.gif" in error.message
     assert s3.list_objects_v2(Bucket=settings.bucket, Prefix="runs/")["KeyCount"] == 0
     assert no_pending_uploads(s3, settings.bucket)
+
+
+def test_a_bad_image_after_parts_went_up_aborts_the_multipart_upload(
+    settings: Settings, s3: Any
+) -> None:
+    files = {
+        "large-1.png": png(9 * 1024 * 1024, seed=1),
+        "large-2.png": png(9 * 1024 * 1024, seed=2),
+        "z.png": b"\x89PNG\r\n\x1a\n" + bytes(64),
+    }
+    upload_dataset(s3, settings.bucket, files)
+
+    error = rejection(StorageActivities(s3, settings).build_images_zip, dataset(settings))
+
+    assert error.message.startswith("z.png: the PNG image cannot be decoded (")
+    assert no_pending_uploads(s3, settings.bucket)
+    assert s3.list_objects_v2(Bucket=settings.bucket, Prefix="runs/")["KeyCount"] == 0
+
+
+def test_zip_parts_grow_to_stay_within_the_s3_part_limit() -> None:
+    """A dataset far over the default limits (1,000 images of 100 MiB) still fits S3's 10,000
+    parts, each part a little larger than usual."""
+    files = [
+        storage._DatasetFile("b", f"k/{i:04d}.png", f"{i:04d}.png", 100 * 1024 * 1024, "e")
+        for i in range(1000)
+    ]
+    summary = storage.DatasetSummary(image_count=1000, caption_count=0, total_bytes=0)
+    part_bytes = storage._zip_part_bytes(storage._Dataset("s3://b/k/", files, summary))
+
+    # Zip64 throughout: local header and its extra field, data descriptor, central directory
+    # record and its extra field; then the zip64 end records and the end of central directory.
+    zip_bytes = sum(f.size + 30 + 20 + 24 + 46 + 28 + 2 * len(f.name) for f in files) + 98
+    assert part_bytes > storage.ZIP_PART_BYTES
+    assert zip_bytes / part_bytes <= 10_000
 
 
 def test_image_replaced_while_zipping_aborts_the_upload(
