@@ -18,15 +18,17 @@ import re
 import socket
 import ssl
 import threading
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, urljoin, urlsplit, urlunsplit
 from urllib.request import url2pathname
 
-import certifi
+import httpx
 
 log = logging.getLogger("gpu_runner.downloads")
+USER_AGENT = "loratrain-runner/1"
 
 CHUNK_BYTES = 1024 * 1024
 MAX_REDIRECTS = 10
@@ -166,8 +168,20 @@ class _Stopped(Exception):
 
 @functools.cache
 def _tls_context() -> ssl.SSLContext:
-    # certifi's CA bundle, as httpx trusts for the runner's other calls.
-    return ssl.create_default_context(cafile=certifi.where())
+    # As httpx builds it for the runner's other calls: SSL_CERT_FILE / SSL_CERT_DIR where set
+    # (a host behind a private CA), else certifi's bundle.
+    return httpx.create_ssl_context()
+
+
+def _proxy_for(url: str) -> tuple[str, int] | None:
+    """The proxy (host, port) the environment names for this URL (HTTP(S)_PROXY, NO_PROXY), as
+    httpx honoured them for the runner's downloads; None to connect directly."""
+    parts = urlsplit(url)
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if not proxy or urllib.request.proxy_bypass(parts.hostname or ""):
+        return None
+    where = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    return where.hostname or "", where.port or 80
 
 
 def _request_target(url: str) -> str:
@@ -194,9 +208,11 @@ class _Receiver:
         connection = self._connection
         sock = connection.sock if connection is not None else None
         if sock is not None:
-            # Wakes a read blocked on this socket; the thread then sees `stopped`.
+            # Wakes a read blocked on this socket; the thread then sees `stopped`. The OS
+            # socket's own shutdown: SSLSocket.shutdown drops its TLS state first, so a request
+            # being sent on the download's thread that moment would go out unencrypted.
             with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
     def _check_stopped(self) -> None:
         if self.stopped.is_set():
@@ -262,14 +278,22 @@ class _Receiver:
 
     def _connect(self, url: str) -> http.client.HTTPConnection:
         parts = urlsplit(url)
+        host, port = parts.hostname or "", parts.port
+        proxy = _proxy_for(url)
         connection: http.client.HTTPConnection
         if parts.scheme == "https":
-            connection = http.client.HTTPSConnection(
-                parts.hostname or "", parts.port, timeout=self.timeout_s, context=_tls_context()
-            )
+            if proxy is None:
+                connection = http.client.HTTPSConnection(
+                    host, port, timeout=self.timeout_s, context=_tls_context()
+                )
+            else:  # a CONNECT tunnel through the proxy; TLS end to end with the host
+                connection = http.client.HTTPSConnection(
+                    *proxy, timeout=self.timeout_s, context=_tls_context()
+                )
+                connection.set_tunnel(host, port)
         elif parts.scheme == "http":
             connection = http.client.HTTPConnection(
-                parts.hostname or "", parts.port, timeout=self.timeout_s
+                *(proxy or (host, port)), timeout=self.timeout_s
             )
         else:
             raise DownloadError(
@@ -277,9 +301,13 @@ class _Receiver:
                 f"the {self.spec.what} URL {redact_url(url)} is neither http nor https",
             )
         self._connection = connection
-        connection.connect()
-        # A stop that came before the socket existed could not cut it short: look again.
-        self._check_stopped()
+        try:
+            connection.connect()
+            # A stop that came before the socket existed could not cut it short: look again.
+            self._check_stopped()
+        except BaseException:
+            connection.close()
+            raise
         return connection
 
     def _open(
@@ -296,7 +324,11 @@ class _Receiver:
                 request_headers["Authorization"] = f"Bearer {spec.bearer}"
             connection = self._connect(url)
             try:
-                connection.request("GET", _request_target(url), headers=request_headers)
+                # Through a plain-HTTP proxy the request line names the whole URL.
+                target = _request_target(url)
+                if url.startswith("http:") and _proxy_for(url):
+                    target = f"http://{urlsplit(url).netloc}{target}"
+                connection.request("GET", target, headers=request_headers)
                 response = connection.getresponse()
             except BaseException:
                 connection.close()
@@ -314,7 +346,7 @@ class _Receiver:
     def _attempt(self, partial: _PartialFile) -> None:
         spec = self.spec
         # identity: Range offsets must count the file's bytes, not a compressed stream's.
-        headers = {"Accept-Encoding": "identity"}
+        headers = {"Accept-Encoding": "identity", "User-Agent": USER_AGENT, "Accept": "*/*"}
         if partial.written:
             headers["Range"] = f"bytes={partial.written}-"
         try:

@@ -255,3 +255,27 @@ async def test_a_cancelled_download_ends_its_thread_at_once(
     assert time.monotonic() - cancelled_at < 3
     assert download_threads() == []
     assert not spec.dest.exists()
+
+
+async def test_an_http_proxy_named_by_the_environment_carries_the_download(
+    files: tuple[FileServer, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server, base = files
+    server.add("model.bin", CONTENT)
+    # The file server stands in for the proxy: it gets the whole URL on the request line.
+    for name in ("NO_PROXY", "no_proxy", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", base)
+    dest = tmp_path / "model.bin"
+    await fetch(
+        DownloadSpec(
+            url="http://files.invalid/files/model.bin",
+            dest=dest,
+            what="model",
+            sha256=sha256(CONTENT),
+        )
+    )
+    assert dest.read_bytes() == CONTENT
+    (request,) = server.seen("model.bin")
+    assert request.headers["host"] == "files.invalid"
+    assert request.headers["user-agent"].startswith("loratrain-runner/")
