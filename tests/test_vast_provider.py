@@ -169,6 +169,18 @@ def test_a_metered_upload_ranks_an_offer_below_an_otherwise_equal_one(
     )
 
 
+def test_an_offer_that_reports_no_download_speed_ranks_as_slow_not_instant(
+    settings: Settings,
+) -> None:
+    offers = [
+        _Offer.model_validate(make_offer(31, dph_total=0.40, inet_down=0.0)),
+        _Offer.model_validate(make_offer(32, dph_total=0.41, inet_down=500.0)),
+    ]
+    ranked = rank_offers(offers, settings, 10 * GB)
+    assert [r.offer.id for r in ranked] == [32, 31]
+    assert ranked[1].cost.download_s > 10_000  # 10 GB at 1 Mb/s, not 0 s
+
+
 def test_the_image_pull_and_boot_bill_the_disk_not_the_gpu(settings: Settings) -> None:
     settings = settings.model_copy(update={"vast_image_bytes": 20 * GB})
     offers = [
@@ -316,7 +328,7 @@ def test_concurrent_allocations_rarely_ask_for_the_same_offer(
     # Walking one list from the top, each allocation would ask for every offer taken before.
     assert creates < 2 * runs
     # Nobody rented a clearly dearer offer while near-equal ones were free.
-    assert all(i.dollars_per_hour < 0.5 for i in rented)
+    assert all(i.dollars_per_hour is not None and i.dollars_per_hour < 0.5 for i in rented)
     assert fake.limit_429s == []
 
 

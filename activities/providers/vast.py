@@ -130,7 +130,8 @@ class _Offer(BaseModel):
         return OfferPrices(
             dollars_per_hour=self.dph_total,
             storage_dollars_per_hour=self.storage_total_cost or 0.0,
-            download_mbps=self.inet_down,
+            # A Vast offer that reports no download speed is slow, not instant (0 means local).
+            download_mbps=max(self.inet_down, 1.0),
             download_dollars_per_gib=self.inet_down_cost or 0.0,
             upload_dollars_per_gib=self.inet_up_cost or 0.0,
         )
