@@ -56,10 +56,11 @@ from temporalio.client import (
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.storage import epoch_prefix
-from common.converter import EncryptionCodec, codec_from_settings, data_converter
+from common.converter import EncryptionCodec, codec_from_settings
 from common.logs import configure_logging
 from common.s3 import s3_client
 from common.settings import Settings
+from common.temporal import connect_client
 from gpu_runner import protocol
 from workflows.models import RelayedEvent, RunStatus
 
@@ -154,11 +155,8 @@ class TemporalConnection:
                 raise _temporal_unavailable(self._last_error)
             self._last_attempt = time.monotonic()
             try:
-                self._client = await Client.connect(
-                    self._settings.temporal_address,
-                    namespace=self._settings.temporal_namespace,
-                    data_converter=data_converter(self._settings),
-                    connect_timeout=TEMPORAL_CONNECT_TIMEOUT,
+                self._client = await connect_client(
+                    self._settings, connect_timeout=TEMPORAL_CONNECT_TIMEOUT
                 )
             except Exception as e:  # the core raises RuntimeError; anything else means the same
                 self._last_error = f"cannot connect to {self._settings.temporal_address}"
@@ -896,5 +894,9 @@ def run_relay(settings: Settings) -> None:
         # an access log line.
         log_config=None,
         access_log=False,
+        # The C parser and, where it installs (not Windows), the C event loop: both are
+        # dependencies, named here so a relay never falls back to the pure-Python parser.
+        loop="auto",
+        http="httptools",
     )
     uvicorn.Server(config).run()
