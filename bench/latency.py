@@ -11,12 +11,14 @@ import asyncio
 import contextlib
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ from temporalio import workflow
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from activities.storage import events_url
 from bench.common import (
     CODEC_KEY,
     MASTER_SECRET,
@@ -104,12 +107,16 @@ def _event(run_id: str, seq: int) -> RunnerEvent:
     return protocol.make_event(run_id, seq, ImagesReadyData(image_count=3, bytes=1), "images.ready")
 
 
-async def _post(http: httpx.AsyncClient, relay_url: str, event: RunnerEvent) -> None:
+async def _post(
+    http: httpx.AsyncClient, relay_url: str, execution: str, event: RunnerEvent
+) -> None:
+    """As the run's runner posts: to its execution's events URL, with its job's secret (a run
+    ignores events relayed for another execution of its id)."""
     body, headers = protocol.sign_event(
-        protocol.derive_run_secret(MASTER_SECRET, event.run_id), event
+        protocol.derive_run_secret(MASTER_SECRET, event.run_id, execution), event
     )
     response = await http.post(
-        f"{relay_url}/v1/runs/{event.run_id}/events", content=body, headers=headers
+        events_url(relay_url, event.run_id, execution), content=body, headers=headers
     )
     if response.status_code != 202:
         raise RuntimeError(f"relay answered {response.status_code}: {response.text}")
@@ -169,12 +176,12 @@ async def _p1(work: Path, endpoint: str) -> tuple[list[float], list[float]]:
                     s3.put_object(Bucket=settings.bucket, Key=key, Body=MODEL_BYTES)
                     events = ScriptedEvents(run_id).happy_path(key, MODEL_BYTES)
                     for event in events[:-1]:
-                        await _post(http, relay_url, event)
+                        await _post(http, relay_url, execution, event)
                     await _until_status(runs, run_id, RunStatusName.TRAINING)
                     await asyncio.sleep(0.3)  # training.completed handled; the worker is idle
                     instance = provider.created[-1]
                     sent = time.monotonic()
-                    await _post(http, relay_url, events[-1])
+                    await _post(http, relay_url, execution, events[-1])
                     # Set from the worker's activity thread: polled at 1 ms.
                     while instance not in provider.destroy_called:  # noqa: ASYNC110
                         await asyncio.sleep(0.001)
@@ -195,14 +202,15 @@ def p1_uploaded_to_destroy() -> Row:
         f"p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms ({len(latencies)} runs)",
         f"raw signal -> workflow task p50 {raw50 * 1000:.0f} ms, p99 {raw99 * 1000:.0f} ms",
         f"{p50 / raw50:.1f} x (p50)",
-        "p50 <= 100 ms, p99 <= 250 ms",
-        p50 <= 0.1 and p99 <= 0.25,
+        "p50 <= 3 x the raw signal's (issue 15), p50 <= 100 ms, p99 <= 250 ms",
+        p50 <= 3 * raw50 and p50 <= 0.1 and p99 <= 0.25,
     )
 
 
 P3_RUNS = 20
 P3_EVENTS_PER_RUN = 50
 P3_CONCURRENCY = 16
+P3_ROUNDS = 5
 
 
 async def _deliver(count: int, send: Any) -> float:
@@ -294,15 +302,15 @@ async def _send_over(connection: tuple[str, int], requests: list[bytes]) -> None
         writer.close()
 
 
-async def _relay_rate(handles: list[Any], relay_url: str) -> float:
+async def _relay_rate(handles: list[Any], relay_url: str, first_seq: int = 1) -> float:
     count = len(handles) * P3_EVENTS_PER_RUN
     host = relay_url.removeprefix("http://")
     name, _, port = host.partition(":")
     requests = [
-        _request_bytes(host, _event(handles[i % len(handles)].id, i // len(handles) + 1))
+        _request_bytes(host, _event(handles[i % len(handles)].id, first_seq + i // len(handles)))
         for i in range(count)
     ]
-    warm_up = _request_bytes(host, _event(handles[0].id, 10**6))
+    warm_up = _request_bytes(host, _event(handles[0].id, 10**6 + first_seq))
     await _send_over((name, int(port)), [warm_up])
     started = time.monotonic()
     await asyncio.gather(
@@ -311,7 +319,28 @@ async def _relay_rate(handles: list[Any], relay_url: str) -> float:
     return count / (time.monotonic() - started)
 
 
-async def _p3(work: Path, endpoint: str) -> tuple[float, float, float, str]:
+async def _drained(count: int, timeout_s: float = 120.0) -> None:
+    """Until the sinks have taken `count` signals in all (this process's `_HANDLED`)."""
+    deadline = time.monotonic() + timeout_s
+    while len(_HANDLED) < count:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the sinks took {len(_HANDLED)} of {count} signals")
+        await asyncio.sleep(0.01)
+
+
+@dataclass
+class _P3Figures:
+    relay_rates: list[float]
+    raw_rates: list[float]
+    thread_rate: float
+    cpu: str
+
+    @property
+    def ratios(self) -> list[float]:
+        return [relay / raw for relay, raw in zip(self.relay_rates, self.raw_rates, strict=True)]
+
+
+async def _p3(work: Path, endpoint: str) -> _P3Figures:
     # The per-run cap guards production from a runaway runner; here each run takes 50 events.
     # Every event signalled (no coalescing of progress): P3 measures the relay's signal path.
     settings = bench_settings(
@@ -338,53 +367,82 @@ async def _p3(work: Path, endpoint: str) -> tuple[float, float, float, str]:
             )
             address = client.service_client.config.target_host
             server = child_pid("temporal")
+            relay_rates: list[float] = []
+            raw_rates: list[float] = []
+            via_relay = dict.fromkeys((server, os.getpid()), 0.0)
+            raw = dict.fromkeys((server, os.getpid()), 0.0)
             with relay_process(settings, address, work / "relay.log") as relay_url:
                 relay = child_pid("cli relay")
-                before = {p: cpu_seconds(p) for p in (server, relay, os.getpid())}
-                process_rate = await _relay_rate(in_process, relay_url)
-                via_relay = {p: cpu_seconds(p) - before[p] for p in before}
+                via_relay[relay] = 0.0
+                # The two paths take turns, so a slow minute of this shared machine falls on
+                # both; the verdict is the median of the rounds' ratios.
+                handled = len(_HANDLED)  # signals the sinks have taken so far
+                per_round = P3_RUNS * P3_EVENTS_PER_RUN
+                for round_ in range(P3_ROUNDS):
+                    first_seq = 1 + round_ * P3_EVENTS_PER_RUN
+                    raw_events = [
+                        _event(raw_runs[i % P3_RUNS].id, first_seq + i // P3_RUNS)
+                        for i in range(per_round)
+                    ]
+
+                    async def raw_signal(i: int) -> None:
+                        await raw_runs[i % P3_RUNS].signal(
+                            SignalSink.runner_event,
+                            raw_events[i],  # noqa: B023 (awaited within this round)
+                        )
+
+                    # The paths take turns going first (ABBA), and each starts once the sinks
+                    # have taken every signal before it: the sink worker shares this process,
+                    # and a backlog left by one path must not slow the other's time.
+                    for path in ("relay", "raw") if round_ % 2 == 0 else ("raw", "relay"):
+                        await _drained(handled)
+                        cpu = via_relay if path == "relay" else raw
+                        before = {p: cpu_seconds(p) for p in cpu}
+                        if path == "relay":
+                            rate = await _relay_rate(in_process, relay_url, first_seq)
+                            relay_rates.append(rate)
+                            handled += per_round + 1  # and its warm-up
+                        else:
+                            raw_rates.append(await _deliver(per_round, raw_signal))
+                            handled += per_round
+                        await _drained(handled)
+                        for p in cpu:
+                            cpu[p] += cpu_seconds(p) - before[p]
             with serve_asgi(create_app(settings, client)) as relay_url:
                 thread_rate = await _relay_rate(in_thread, relay_url)
-
-            raw_events = [
-                _event(raw_runs[i % P3_RUNS].id, i // P3_RUNS + 1)
-                for i in range(P3_RUNS * P3_EVENTS_PER_RUN)
-            ]
-
-            async def raw_signal(i: int) -> None:
-                await raw_runs[i % P3_RUNS].signal(SignalSink.runner_event, raw_events[i])
-
-            before = {p: cpu_seconds(p) for p in (server, os.getpid())}
-            raw_rate = await _deliver(P3_RUNS * P3_EVENTS_PER_RUN, raw_signal)
-            raw = {p: cpu_seconds(p) - before[p] for p in before}
             for handle in handles:
                 await handle.signal(SignalSink.finish)
             delivered = sum([await h.result() for h in handles])
-    sent = 3 * P3_RUNS * P3_EVENTS_PER_RUN + 2
+    # Each round: the relay's events and its warm-up, the raw signals; then the in-thread run.
+    sent = P3_ROUNDS * (2 * P3_RUNS * P3_EVENTS_PER_RUN + 1) + P3_RUNS * P3_EVENTS_PER_RUN + 1
     if delivered != sent:
         raise RuntimeError(f"{delivered} signals handled, {sent} sent")
-    per_event = 1000 / (P3_RUNS * P3_EVENTS_PER_RUN)  # CPU ms per event
+    per_event = 1000 / (P3_ROUNDS * P3_RUNS * P3_EVENTS_PER_RUN)  # CPU ms per event
     cpu = (
         f"CPU ms per event, relay path: relay process {via_relay[relay] * per_event:.1f},"
         f" dev server {via_relay[server] * per_event:.1f}, sender + sink worker"
         f" {via_relay[os.getpid()] * per_event:.1f} (bare HTTP sender); raw path: dev server"
         f" {raw[server] * per_event:.1f}, sender + sink worker {raw[os.getpid()] * per_event:.1f}"
     )
-    return process_rate, thread_rate, raw_rate, cpu
+    return _P3Figures(relay_rates, raw_rates, thread_rate, cpu)
 
 
 def p3_relay_throughput() -> Row:
     with tempfile.TemporaryDirectory(prefix="bench-p3-") as tmp, local_s3() as endpoint:
-        process_rate, thread_rate, raw_rate, cpu = asyncio.run(_p3(Path(tmp), endpoint))
+        figures = asyncio.run(_p3(Path(tmp), endpoint))
+    ratio = statistics.median(figures.ratios)
+    raw_median = statistics.median(figures.raw_rates)
     return Row(
         "P3",
         "relay (`loratrain relay` process): signed events -> signals delivered per second",
-        f"{process_rate:.0f} events/s",
-        f"raw client signals {raw_rate:.0f}/s",
-        f"{process_rate / raw_rate:.2f} x",
-        ">= 0.9 x",
-        process_rate / raw_rate >= 0.9,
-        f"{P3_RUNS} runs x {P3_EVENTS_PER_RUN} events, {P3_CONCURRENCY} in flight, per-run cap"
-        f" raised; the same app in a thread of the benchmark process (tests' serve pattern):"
-        f" {thread_rate:.0f} events/s ({thread_rate / raw_rate:.2f} x); {cpu}",
+        ", ".join(f"{rate:.0f}" for rate in figures.relay_rates) + " events/s",
+        "raw client signals " + ", ".join(f"{rate:.0f}" for rate in figures.raw_rates) + "/s",
+        ", ".join(f"{r:.2f}" for r in figures.ratios) + f" x (median {ratio:.2f} x)",
+        f">= 0.9 x, median of {P3_ROUNDS}",
+        ratio >= 0.9,
+        f"{P3_ROUNDS} rounds, each {P3_RUNS} runs x {P3_EVENTS_PER_RUN} events through the relay"
+        f" and as raw signals (taking turns to go first, each once the sinks had taken every"
+        f" signal before it), {P3_CONCURRENCY} in flight, per-run cap raised; the same app in"
+        f" a thread of the benchmark process (tests' serve pattern): {figures.thread_rate:.0f}"
+        f" events/s ({figures.thread_rate / raw_median:.2f} x the raw median); {figures.cpu}",
     )

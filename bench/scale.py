@@ -27,8 +27,8 @@ from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-import httpx
 from temporalio.client import Client
 
 from activities.storage import events_url
@@ -63,7 +63,12 @@ from workflows.models import RunStatus, RunStatusName
 PROGRESS_INTERVAL_S = 10.0
 # Runs start at this rate (users start runs over time, not all in one instant), and each sends
 # progress until the last one has started, so every run of a level is open at the same time.
-STARTS_PER_S = 10.0
+# 4 a second is what this 2-core machine's intake carries with the rest of the level beside
+# it: at 10 a second the starts' workflow and activity tasks came faster than the dev server
+# and the worker took them (2026-12-05: 297 of 1,000 runs' first status query unanswered for
+# 10 s, the machine's 2 cores full). A service with 1,000 runs of an hour open starts one
+# every 3.6 s.
+STARTS_PER_S = 4.0
 MODEL_BYTES = b"lora-weights" * 1000
 # One run in this many is followed as `loratrain watch` follows a run (a user looking at it),
 # and its event -> status is what is measured; the rest train unwatched (their runs want
@@ -80,7 +85,11 @@ class Outcome:
     stalled: int = 0
     other: list[str] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)
+    # The same, for events posted after the level's last start was due: `runs` open at once,
+    # no more starting (the last ones' intake may take a few seconds more).
+    open_latencies: list[float] = field(default_factory=list)
     post_latencies: list[float] = field(default_factory=list)  # until the relay's 202
+    all_started_at: float = float("inf")  # monotonic time the last run's start was due
     peak_rss_mb: float = 0.0
     wall_s: float = 0.0
     cores: dict[str, float] = field(default_factory=dict)  # CPU seconds / wall, per process
@@ -91,10 +100,11 @@ class Outcome:
         if self.other:
             ends += f", other ends: {', '.join(sorted(set(self.other)))}"
         post99 = percentile(self.post_latencies, 99) * 1000 if self.post_latencies else 0.0
+        open99 = percentile(self.open_latencies, 99) * 1000 if self.open_latencies else 0.0
         return (
             f"{self.runs} runs: {ends}; worker RSS peak {self.peak_rss_mb:.0f} MB;"
-            f" event->status p99 {p99:.0f} ms (of which relay's 202 p99 {post99:.0f} ms);"
-            f" {self.wall_s:.0f} s"
+            f" event->status p99 {p99:.0f} ms (of which relay's 202 p99 {post99:.0f} ms),"
+            f" {open99:.0f} ms once all had started; {self.wall_s:.0f} s"
         )
 
     def cpu(self) -> str:
@@ -103,11 +113,15 @@ class Outcome:
 
     @property
     def healthy(self) -> bool:
+        """Issue 15's targets: every run completes, the worker under 500 MB, and event ->
+        status p99 under 1 s up to 300 runs, under 2 s at 1,000."""
+        p99_target_s = 1.0 if self.runs <= 300 else 2.0
         return (
             self.completed == self.runs
+            and self.stalled == 0
             and self.peak_rss_mb < 500
             and bool(self.latencies)
-            and percentile(self.latencies, 99) < 1.0
+            and percentile(self.latencies, 99) < p99_target_s
         )
 
 
@@ -184,25 +198,50 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-async def _post(
-    http: httpx.AsyncClient, relay_url: str, execution: str, event: protocol.RunnerEvent
-) -> None:
-    """As the run's runner posts: to its job's events URL, signed with its job's secret."""
+async def _post(relay_url: str, execution: str, event: protocol.RunnerEvent) -> None:
+    """As the run's runner posts: to its job's events URL, signed with its job's secret, on a
+    connection of its own. A bare HTTP/1.1 request over asyncio streams: a thousand runs share
+    this one process, and with one httpx client for them all (a pool of 32 connections, then
+    one per run) the posts queued in this process for up to 15 s (p99) while runs started, at
+    0.28 of a core; these take 0.09 and the relay answers in 0.4 s (p99). A GPU posts from a
+    machine of its own."""
     body, headers = protocol.sign_event(
         protocol.derive_run_secret(MASTER_SECRET, event.run_id, execution), event
     )
-    url = events_url(relay_url, event.run_id, execution)
+    url = urlsplit(events_url(relay_url, event.run_id, execution))
+    assert url.hostname is not None and url.port is not None
+    request = (
+        "".join(
+            [
+                f"POST {url.path} HTTP/1.1\r\nHost: {url.netloc}\r\n",
+                "Content-Type: application/json\r\nConnection: close\r\n",
+                f"Content-Length: {len(body)}\r\n",
+                *(f"{name}: {value}\r\n" for name, value in headers.items()),
+                "\r\n",
+            ]
+        ).encode()
+        + body
+    )
     for _ in range(30):  # as the runner does: 503, 429 and broken connections are retried
         try:
-            response = await http.post(url, content=body, headers=headers)
-        except httpx.TransportError:
-            # A keep-alive connection the relay closed as it was reused: send again.
+            reader, writer = await asyncio.open_connection(url.hostname, url.port)
+            try:
+                writer.write(request)
+                answer = await asyncio.wait_for(reader.read(), 30)  # until the relay closes
+            finally:
+                writer.close()
+        except (OSError, TimeoutError):
             await asyncio.sleep(0.1)
             continue
-        if response.status_code == 202:
+        status_line, _, rest = answer.partition(b"\r\n")
+        if not status_line.startswith(b"HTTP/"):  # closed without an answer: send again
+            await asyncio.sleep(0.1)
+            continue
+        status = int(status_line.split()[1])
+        if status == 202:
             return
-        if response.status_code not in (429, 503):
-            raise RuntimeError(f"relay answered {response.status_code}: {response.text}")
+        if status not in (429, 503):
+            raise RuntimeError(f"relay answered {status_line!r}: {rest[-200:]!r}")
         await asyncio.sleep(1)
     raise RuntimeError(f"run {event.run_id}: the relay did not take event {event.seq}")
 
@@ -271,7 +310,6 @@ async def _counted(outcome: Outcome, script: Coroutine[Any, Any, None]) -> None:
 async def _script(
     client: Client,
     settings: Settings,
-    http: httpx.AsyncClient,
     relay_url: str,
     request: Any,
     outcome: Outcome,
@@ -294,7 +332,7 @@ async def _script(
     )
     ready, progress, finished = events[:4], events[4:-2], events[-2:]
     for event in ready:
-        await _post(http, relay_url, execution, event)
+        await _post(relay_url, execution, event)
     follower = _Follower()
     following = asyncio.create_task(follower.follow(runs, run_id)) if watched else None
     if following is not None:
@@ -303,13 +341,15 @@ async def _script(
         await asyncio.sleep(PROGRESS_INTERVAL_S)
         step = TrainingProgressData.model_validate(event.data).step
         sent = time.monotonic()
-        await _post(http, relay_url, execution, event)
+        await _post(relay_url, execution, event)
         outcome.post_latencies.append(time.monotonic() - sent)
         if following is not None:
             await follower.until(lambda f: f.step >= step)  # noqa: B023
             outcome.latencies.append(time.monotonic() - sent)
+            if sent >= outcome.all_started_at:
+                outcome.open_latencies.append(time.monotonic() - sent)
     for event in finished:
-        await _post(http, relay_url, execution, event)
+        await _post(relay_url, execution, event)
     if following is not None:
         following.cancel()
     final = await runs.wait(run_id)
@@ -348,18 +388,16 @@ async def _level(runs: int, work: Path, endpoint: str) -> Outcome:
 
                 sampler = asyncio.create_task(sample())
                 started = time.monotonic()
-                async with httpx.AsyncClient(
-                    timeout=30, limits=httpx.Limits(max_connections=32)
-                ) as http:
-                    await asyncio.gather(
-                        *(
-                            _counted(outcome, _script(
-                                env.client, run_settings, http, relay_url, request, outcome,
-                                spread_s=ramp_s(runs), watched=n % WATCHED_EVERY == 0,
-                            ))
-                            for n in range(runs)
-                        )
-                    )  # fmt: skip
+                outcome.all_started_at = started + ramp_s(runs)
+                await asyncio.gather(
+                    *(
+                        _counted(outcome, _script(
+                            env.client, run_settings, relay_url, request, outcome,
+                            spread_s=ramp_s(runs), watched=n % WATCHED_EVERY == 0,
+                        ))
+                        for n in range(runs)
+                    )
+                )  # fmt: skip
                 outcome.wall_s = time.monotonic() - started
                 outcome.cores = {
                     name: (cpu_seconds(p) - cpu_before[name]) / outcome.wall_s
@@ -378,6 +416,7 @@ def p6_concurrent_runs(levels: tuple[int, ...] = (300, 1000)) -> Row:
         for runs in levels:
             outcomes.append(asyncio.run(_level(runs, work, endpoint)))
     largest = outcomes[-1]
+    healthy = all(o.healthy for o in outcomes)
     return Row(
         "P6",
         "concurrent scripted runs on one worker + one dev server, progress every 10 s",
@@ -385,8 +424,9 @@ def p6_concurrent_runs(levels: tuple[int, ...] = (300, 1000)) -> Row:
         f"1 run: RSS {alone.peak_rss_mb:.0f} MB,"
         f" p99 {percentile(alone.latencies, 99) * 1000:.0f} ms",
         f"RSS {largest.peak_rss_mb / alone.peak_rss_mb:.2f} x at {largest.runs} runs",
-        "1,000 runs: all complete, RSS < 500 MB, 0 missed deadlines, p99 < 1 s",
-        None if largest.healthy and largest.runs < 1000 else largest.healthy,
+        "1,000 runs: all complete, RSS < 500 MB, 0 missed deadlines, p99 < 2 s;"
+        " 300 runs: p99 < 1 s",
+        healthy if healthy is False or largest.runs >= 1000 else None,  # judged at 1,000
         f"runs start at {STARTS_PER_S:g} a second and send progress every"
         f" {PROGRESS_INTERVAL_S:g} s until all are open ({progress_events(largest.runs)} events"
         f" each at {largest.runs} runs); event -> status: from posting the event to a watch"
