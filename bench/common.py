@@ -12,12 +12,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import boto3
 from pydantic import SecretStr
 
+from activities.storage import events_url
 from common.settings import Settings
 from devstack.stack import local_s3_server
+from gpu_runner import protocol
 
 ROOT = Path(__file__).resolve().parent.parent
 MB = 1024 * 1024
@@ -123,3 +126,29 @@ def child_pid(command_part: str) -> int:
         if parent == me and command_part in command:
             return int(entry.name)
     raise RuntimeError(f"no child process running {command_part!r}")
+
+
+def signed_request(
+    relay_url: str,
+    event: protocol.RunnerEvent,
+    execution: str | None = None,
+    *,
+    close: bool = False,
+) -> bytes:
+    """A whole signed HTTP/1.1 POST of `event` to the relay, as its run's runner sends it (with
+    `execution`: to that execution's route, with that execution's secret); built before any
+    timing, as runners sign on their own box. `close` asks the relay to close the connection
+    after answering."""
+    body, headers = protocol.sign_event(
+        protocol.derive_run_secret(MASTER_SECRET, event.run_id, execution), event
+    )
+    url = urlsplit(events_url(relay_url, event.run_id, execution))
+    lines = [
+        f"POST {url.path} HTTP/1.1",
+        f"Host: {url.netloc}",
+        "Content-Type: application/json",
+        f"Content-Length: {len(body)}",
+        *(["Connection: close"] if close else []),
+        *(f"{name}: {value}" for name, value in headers.items()),
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body

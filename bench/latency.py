@@ -40,6 +40,7 @@ from bench.common import (
     median,
     percentile,
     s3_client,
+    signed_request,
 )
 from client import LoraClient
 from common.settings import Settings
@@ -265,21 +266,6 @@ def relay_process(settings: Settings, temporal_address: str, log_path: Path) -> 
         proc.wait(timeout=15)
 
 
-def _request_bytes(host: str, event: RunnerEvent) -> bytes:
-    """A whole signed HTTP/1.1 request, built before timing: runners sign on their own box."""
-    body, headers = protocol.sign_event(
-        protocol.derive_run_secret(MASTER_SECRET, event.run_id), event
-    )
-    lines = [
-        f"POST /v1/runs/{event.run_id}/events HTTP/1.1",
-        f"Host: {host}",
-        "Content-Type: application/json",
-        f"Content-Length: {len(body)}",
-        *(f"{name}: {value}" for name, value in headers.items()),
-    ]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
-
-
 async def _send_over(connection: tuple[str, int], requests: list[bytes]) -> None:
     """Send `requests` one after another over one keep-alive connection; each must get 202.
 
@@ -307,10 +293,12 @@ async def _relay_rate(handles: list[Any], relay_url: str, first_seq: int = 1) ->
     host = relay_url.removeprefix("http://")
     name, _, port = host.partition(":")
     requests = [
-        _request_bytes(host, _event(handles[i % len(handles)].id, first_seq + i // len(handles)))
+        signed_request(
+            relay_url, _event(handles[i % len(handles)].id, first_seq + i // len(handles))
+        )
         for i in range(count)
     ]
-    warm_up = _request_bytes(host, _event(handles[0].id, 10**6 + first_seq))
+    warm_up = signed_request(relay_url, _event(handles[0].id, 10**6 + first_seq))
     await _send_over((name, int(port)), [warm_up])
     started = time.monotonic()
     await asyncio.gather(

@@ -31,7 +31,6 @@ from urllib.parse import urlsplit
 
 from temporalio.client import Client
 
-from activities.storage import events_url
 from bench.common import (
     CODEC_KEY,
     MASTER_SECRET,
@@ -45,6 +44,7 @@ from bench.common import (
     local_s3,
     percentile,
     s3_client,
+    signed_request,
 )
 from bench.latency import relay_process
 from client import LoraClient
@@ -205,23 +205,9 @@ async def _post(relay_url: str, execution: str, event: protocol.RunnerEvent) -> 
     one per run) the posts queued in this process for up to 15 s (p99) while runs started, at
     0.28 of a core; these take 0.09 and the relay answers in 0.4 s (p99). A GPU posts from a
     machine of its own."""
-    body, headers = protocol.sign_event(
-        protocol.derive_run_secret(MASTER_SECRET, event.run_id, execution), event
-    )
-    url = urlsplit(events_url(relay_url, event.run_id, execution))
+    request = signed_request(relay_url, event, execution, close=True)
+    url = urlsplit(relay_url)
     assert url.hostname is not None and url.port is not None
-    request = (
-        "".join(
-            [
-                f"POST {url.path} HTTP/1.1\r\nHost: {url.netloc}\r\n",
-                "Content-Type: application/json\r\nConnection: close\r\n",
-                f"Content-Length: {len(body)}\r\n",
-                *(f"{name}: {value}\r\n" for name, value in headers.items()),
-                "\r\n",
-            ]
-        ).encode()
-        + body
-    )
     for _ in range(30):  # as the runner does: 503, 429 and broken connections are retried
         try:
             reader, writer = await asyncio.open_connection(url.hostname, url.port)
