@@ -276,10 +276,9 @@ class _Receiver:
                     raise _Stopped from None
                 delay = min(delay * 2, retry_max_s)
 
-    def _connect(self, url: str) -> http.client.HTTPConnection:
+    def _connect(self, url: str, proxy: tuple[str, int] | None) -> http.client.HTTPConnection:
         parts = urlsplit(url)
         host, port = parts.hostname or "", parts.port
-        proxy = _proxy_for(url)
         connection: http.client.HTTPConnection
         if parts.scheme == "https":
             if proxy is None:
@@ -322,11 +321,12 @@ class _Receiver:
             request_headers = dict(headers)
             if spec.bearer and _origin(url) == auth_origin:
                 request_headers["Authorization"] = f"Bearer {spec.bearer}"
-            connection = self._connect(url)
+            proxy = _proxy_for(url)
+            connection = self._connect(url, proxy)
             try:
                 # Through a plain-HTTP proxy the request line names the whole URL.
                 target = _request_target(url)
-                if url.startswith("http:") and _proxy_for(url):
+                if url.startswith("http:") and proxy:
                     target = f"http://{urlsplit(url).netloc}{target}"
                 connection.request("GET", target, headers=request_headers)
                 response = connection.getresponse()
