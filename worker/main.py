@@ -152,8 +152,8 @@ def build_worker(
     # that one poller left tasks waiting 14 s on average, and every status query of a run with
     # a task waiting waits too (bench P6).
     worker_options.setdefault("workflow_task_poller_behavior", PollerBehaviorAutoscaling())
-    share_workflow_code()  # one copy of the workflows' code for every cached run's sandbox
     worker_options.setdefault("activity_task_poller_behavior", PollerBehaviorAutoscaling())
+    share_workflow_code()  # one copy of the workflows' code for every cached run's sandbox
     return Worker(
         client,
         task_queue=settings.task_queue,
